@@ -1,0 +1,58 @@
+"""The `pixelwise models` table: every model in MODELS with parameters and GFLOPs."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Parameter counts the papers report (None where the paper gives none), for the comparison column.
+PAPER_PARAMS_M = {
+    "fcn8s": 134.0,       # Long et al. 2015, Table 1 (VGG16 FCN, 21 classes)
+    "segnet": 29.4,       # Badrinarayanan et al. 2017, Table 6
+    "unet": 31.0,         # commonly quoted for the 572x572 U-Net (Ronneberger et al. 2015 give no count)
+    "deeplab_v1": 20.5,   # Chen et al. 2015, DeepLab-LargeFOV, Table 2
+}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(name: str, num_classes: int, size: int) -> float:
+    """FLOPs of one eval forward pass on a (1, 3, size, size) input, counted by torch's FlopCounterMode.
+
+    Counted on the meta device (no memory, no time) where every op has a meta kernel, else on the CPU.
+    Multiply-accumulate counts as 2 FLOPs, as torch.utils.flop_counter does.
+    """
+    from pixelwise.models import MODELS
+
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = MODELS[name](num_classes=num_classes).eval()
+                x = torch.zeros(1, 3, size, size)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                model(x)
+            return float(counter.get_total_flops())
+        except (NotImplementedError, RuntimeError):
+            if device == "cpu":
+                raise
+    raise AssertionError("unreachable")
+
+
+def model_table(*, num_classes: int = 21, size: int = 512, flops: bool = True) -> str:
+    """A plain-text table: model, parameters (ours and the paper's) and GFLOPs at size x size."""
+    from pixelwise.models import MODELS
+
+    header = f"{'model':<26}{'params (M)':>12}{'paper (M)':>11}{f'GFLOPs@{size}':>14}"
+    lines = [header, "-" * len(header)]
+    for name in MODELS:
+        with torch.device("meta"):
+            n = count_params(MODELS[name](num_classes=num_classes))
+        paper = PAPER_PARAMS_M.get(name)
+        g = f"{count_flops(name, num_classes, size) / 1e9:.1f}" if flops else "-"
+        lines.append(f"{name:<26}{n / 1e6:>12.2f}{paper if paper else '-':>11}{g:>14}")
+    lines.append(f"({num_classes} classes; FLOPs = 2 x multiply-accumulates, one {size}x{size} image, eval mode)")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""The command line: help, the model table, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pixelwise.cli import main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("models", "demo", "train", "evaluate", "predict", "init-weights", "export", "serve"):
+        assert cmd in out
+
+
+def test_models_table_lists_every_model(capsys):
+    from pixelwise.models import MODELS
+
+    assert main(["models", "--no-flops"]) == 0
+    out = capsys.readouterr().out
+    for name in MODELS:
+        assert f"\n{name} " in out
+
+
+def test_unknown_model_is_one_line_error_with_suggestion(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pixelwise", "init-weights", "fcn8", "--num-classes", "3",
+                        "--out", str(tmp_path / "w.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "did you mean 'fcn8s'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "w.safetensors").exists()
