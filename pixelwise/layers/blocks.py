@@ -1,0 +1,72 @@
+"""Generic blocks: conv + norm + activation, and centre cropping for skip connections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution -> normalisation -> activation (torchvision's ``Conv2dNormActivation`` shape).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: square kernel size.
+        stride: convolution stride.
+        padding: zero padding; None gives 'same' padding ``dilation * (kernel_size - 1) // 2``,
+            0 gives the 'valid' convolutions of the original U-Net.
+        dilation: dilation (atrous rate).
+        norm_layer: normalisation type called as ``norm_layer(out_channels)``, or None for none.
+        activation: activation type called without arguments, or None for none.
+        bias: conv bias; None means "only when there is no norm layer" (a norm's shift makes it redundant).
+
+    Shape:
+        (B, in_channels, H, W) -> (B, out_channels, H', W') with H' = H for 'same' padding and
+        stride 1, H - (kernel_size - 1) * dilation for padding 0.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        dilation: int = 1,
+        norm_layer: type[nn.Module] | None = nn.BatchNorm2d,
+        activation: type[nn.Module] | None = nn.ReLU,
+        bias: bool | None = None,
+    ) -> None:
+        if padding is None:
+            padding = dilation * (kernel_size - 1) // 2
+        if bias is None:
+            bias = norm_layer is None
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, bias=bias)
+        ]
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels))
+        if activation is not None:
+            layers.append(activation())
+        super().__init__(*layers)
+        self.out_channels = out_channels
+
+
+def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Crop the centre ``size = (h, w)`` of the last two dimensions (U-Net's skip cropping).
+
+    The offset is ``(H - h) // 2`` (Caffe's Crop with a centred offset); an odd difference leaves the
+    extra row/column at the bottom/right.
+
+    Shape:
+        (..., H, W) -> (..., h, w).
+    """
+    h, w = (int(s) for s in tuple(size)[-2:])
+    big_h, big_w = x.shape[-2:]
+    if h > big_h or w > big_w:
+        raise ValueError(f"center_crop: cannot crop a {big_h}x{big_w} map to the larger size {h}x{w}")
+    top, left = (big_h - h) // 2, (big_w - w) // 2
+    return x[..., top : top + h, left : left + w]  # (..., h, w)
