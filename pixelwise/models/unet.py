@@ -1,0 +1,297 @@
+"""U-Net (Ronneberger, Fischer & Brox, "U-Net: Convolutional Networks for Biomedical Image
+Segmentation", MICCAI 2015).
+
+A contracting path of double 3x3 convs and 2x2 max pooling (64 -> 1024 channels at depth 4), an
+expanding path of 2x2 up-convolutions that halve the channels, concatenation with the (centre-cropped)
+encoder features of the same level, double 3x3 convs, and a final 1x1 conv to the class scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+from pixelwise.errors import UserError
+from pixelwise.layers import UPSAMPLE_KINDS, ConvNormAct, center_crop, make_upsample
+
+
+def _mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """Mirror (reflect) padding of any width: maps narrower than the margin are mirrored repeatedly."""
+    for dim, (before, after) in ((-1, (left, right)), (-2, (top, bottom))):
+        while before or after:
+            n = x.shape[dim]
+            if n == 1:  # nothing to reflect across: repeat the single row/column
+                step = (before, after)
+                mode = "replicate"
+            else:
+                step = (min(before, n - 1), min(after, n - 1))
+                mode = "reflect"
+            pad = step + (0, 0) if dim == -1 else (0, 0) + step
+            x = F.pad(x, pad, mode=mode)  # (B, C, H(+top+bottom), W(+left+right)), one step
+            before, after = before - step[0], after - step[1]
+    return x
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 conv (+ optional norm) + ReLU layers: one U-Net level.
+
+    Shape:
+        (B, in_channels, H, W) -> (B, out_channels, H - 4, W - 4) ('valid') or (B, out_channels, H, W) ('same').
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, padding: int, norm_layer: type[nn.Module] | None) -> None:
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, 3, padding=padding, norm_layer=norm_layer),
+            ConvNormAct(out_channels, out_channels, 3, padding=padding, norm_layer=norm_layer),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al., MICCAI 2015), with 'valid' (the paper's) or 'same' convolutions.
+
+    ``padding="valid"`` is the paper's network: unpadded 3x3 convs, so a 572x572 tile gives a
+    388x388 map of its centre (``forward_valid``). A tile is legal when every 2x2 max pooling sees
+    an even size: for depth d the valid tile sizes are ``n = 2**d * b + 4 * (2**d - 1)`` with an
+    integer ``b >= 8`` (depth 4: 188, 204, ..., 572, ...; i.e. n % 16 == 12, n >= 188), and the
+    output is ``n - margin`` with ``margin = 12 * 2**d - 8`` (184 at depth 4).
+
+    ``forward`` keeps the pixelwise model contract (logits at input size) with the paper's
+    overlap-tile strategy for one tile: the input is mirror-padded by ``margin // 2`` context pixels
+    on each side (more at the bottom/right up to the next valid tile size), run through
+    ``forward_valid``, and the map is cropped back to (H, W). So every input size works. To tile a
+    large image as in the paper's Fig. 2, mirror-pad it by ``margin // 2`` and run ``forward_valid``
+    on tiles of a legal size (``valid_input_size(out)``) whose outputs abut.
+
+    ``padding="same"`` pads every 3x3 conv by 1; inputs divisible by ``2**depth`` need no further
+    padding, others are mirror-padded at the bottom/right to the next multiple and cropped back.
+
+    Args:
+        num_classes: number of classes K.
+        in_channels: input channels (1 for the paper's grey-scale microscopy, 3 for RGB).
+        base_channels: channels of the first level (64); level i has ``base_channels * 2**i``.
+        depth: number of poolings (4 in the paper).
+        padding: "valid" or "same".
+        upsample: an ``UPSAMPLE_KINDS`` kind for the expanding path ("transposed": the paper's 2x2
+            up-convolution halving the channels); "max_unpool" needs ``padding="same"``.
+        norm_layer: normalisation after each 3x3 conv (None in the paper, which predates BatchNorm).
+
+    Shape:
+        (B, in_channels, H, W) -> (B, num_classes, H, W); ``forward_valid``:
+        (B, in_channels, n, n') -> (B, num_classes, n - margin, n' - margin).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        depth: int = 4,
+        padding: str = "valid",
+        upsample: str = "transposed",
+        norm_layer: type[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if padding not in ("valid", "same"):
+            raise UserError(f"unet padding={padding!r} is not supported; choose 'valid' (the paper's) or 'same'")
+        if upsample not in UPSAMPLE_KINDS:
+            raise UserError(f"unet upsample={upsample!r} is unknown; choose one of {', '.join(UPSAMPLE_KINDS)}")
+        if upsample == "max_unpool" and padding == "valid":
+            raise UserError(
+                "unet upsample='max_unpool' needs padding='same': with valid convs the decoder maps are smaller "
+                "than the pooled maps whose indices it would reuse"
+            )
+        if not isinstance(depth, int) or depth < 1:
+            raise UserError(f"unet depth={depth!r} must be a positive integer (4 in the paper)")
+        if base_channels < 1 or num_classes < 1:
+            raise UserError(f"unet base_channels={base_channels} and num_classes={num_classes} must be positive")
+        self.depth = depth
+        self.padding = padding
+        self.upsample_kind = upsample
+        self.margin = 12 * 2**depth - 8 if padding == "valid" else 0  # input size - output size of forward_valid
+        conv_pad = 0 if padding == "valid" else 1
+        widths = [base_channels * 2**i for i in range(depth + 1)]  # 64, 128, 256, 512, 1024
+        self.down = nn.ModuleList(
+            [DoubleConv(in_channels, widths[0], conv_pad, norm_layer)]
+            + [DoubleConv(widths[i - 1], widths[i], conv_pad, norm_layer) for i in range(1, depth + 1)]
+        )
+        self.up = nn.ModuleList([make_upsample(upsample, widths[i], widths[i - 1], 2) for i in range(depth, 0, -1)])
+        self.decode = nn.ModuleList(
+            [DoubleConv(2 * widths[i - 1], widths[i - 1], conv_pad, norm_layer) for i in range(depth, 0, -1)]
+        )
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        # The paper: Gaussian init with std sqrt(2 / N), N = k*k*C_in (He et al.'s fan-in rule).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def valid_output_size(self, size: int) -> int:
+        """The side of ``forward_valid``'s output for an input side ``size``; UserError if illegal."""
+        if self.padding == "same":
+            if size % 2**self.depth:
+                raise UserError(
+                    f"unet(padding='same', depth={self.depth}): size {size} is not divisible by {2**self.depth}"
+                )
+            return size
+        b, rest = divmod(size - 4 * (2**self.depth - 1), 2**self.depth)
+        if rest or b < 8:
+            lo = self.valid_input_size(1)
+            raise UserError(
+                f"unet(padding='valid', depth={self.depth}): input size {size} is not a valid tile size; "
+                f"valid sizes are {2**self.depth}*b + {4 * (2**self.depth - 1)} for b >= 8 ({lo}, "
+                f"{lo + 2**self.depth}, ...), e.g. {self.valid_input_size(max(size - self.margin, 1))}; "
+                f"or call forward(), which mirror-pads any size"
+            )
+        return size - self.margin
+
+    def valid_input_size(self, min_output: int) -> int:
+        """The smallest legal ``forward_valid`` input whose output side is at least ``min_output``."""
+        if self.padding == "same":
+            return -(-min_output // 2**self.depth) * 2**self.depth
+        step, offset = 2**self.depth, 4 * (2**self.depth - 1)
+        b = max(8, -(-(min_output + self.margin - offset) // step))
+        return step * b + offset
+
+    def forward_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """The network itself, without padding the input: the paper's 572 -> 388 (depth 4, 'valid')."""
+        for size in x.shape[-2:]:
+            self.valid_output_size(size)
+        skips = []
+        indices = []
+        for i, block in enumerate(self.down):
+            if i > 0:
+                if self.upsample_kind == "max_unpool":
+                    x, idx = F.max_pool2d(x, 2, 2, return_indices=True)  # (B, C, H/2, W/2)
+                    indices.append(idx)
+                else:
+                    x = F.max_pool2d(x, 2, 2)  # (B, C, H/2, W/2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottom level is not a skip
+        for up, decode in zip(self.up, self.decode, strict=True):
+            skip = skips.pop()
+            idx = indices.pop() if indices else None
+            out_size = skip.shape[-2:] if self.padding == "same" else None
+            x = up(x, indices=idx, output_size=out_size)  # (B, C_skip, 2h, 2w)
+            skip = center_crop(skip, x.shape[-2:])  # (B, C_skip, 2h, 2w)
+            x = decode(torch.cat([skip, x], dim=1))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        in_h, in_w = self.valid_input_size(h), self.valid_input_size(w)
+        before = self.margin // 2  # the context of the overlap-tile strategy (92 px at depth 4)
+        x = _mirror_pad(x, before, in_w - w - before, before, in_h - h - before)  # (B, C, in_h, in_w)
+        y = self.forward_valid(x)  # (B, K, in_h - margin, in_w - margin)
+        return y[..., :h, :w]  # (B, K, H, W)
+
+
+def unet(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    base_channels: int = 64,
+    depth: int = 4,
+    padding: str = "valid",
+    upsample: str = "transposed",
+    norm_layer: type[nn.Module] | None = None,
+) -> UNet:
+    """U-Net of the paper (depth 4, 64 -> 1024 channels, valid convs, 2x2 up-convolutions); see ``UNet``."""
+    return UNet(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        base_channels=base_channels,
+        depth=depth,
+        padding=padding,
+        upsample=upsample,
+        norm_layer=norm_layer,
+    )
+
+
+def unet_weight_map(
+    mask: np.ndarray | torch.Tensor,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: dict[int, float] | None = None,
+    *,
+    instances: bool = False,
+    ignore_index: int = 255,
+) -> np.ndarray | torch.Tensor:
+    """The U-Net loss weight map w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))**2 / (2 * sigma**2)).
+
+    Cells are the connected components (8-connectivity) of the foreground ``mask > 0``, or with
+    ``instances=True`` the ids > 0 of an instance mask (touching cells stay separate). d1 and d2
+    are the Euclidean distances from a pixel centre to the nearest pixel of the nearest and of the
+    second-nearest cell (``scipy.ndimage.distance_transform_edt``; a pixel next to a cell has
+    distance 1, so in a one-pixel gap between two cells d1 + d2 = 2, in a two-pixel gap 1 + 2 = 3).
+    Distances beyond 6 * sigma are treated as infinite (the term would be below w0 * exp(-18)).
+    As in common implementations of the paper, the separation term is added on background pixels
+    only, and only when there are at least two cells.
+
+    w_c balances the class frequencies: ``class_weights[c]`` for each class id c when given, else
+    w_c = N / (number of classes present * N_c) over the non-ignored pixels (every class then
+    carries the same total weight and the mean weight is 1). Ignored pixels get weight 0.
+
+    Args:
+        mask: (H, W) class ids (background 0) or, with ``instances=True``, instance ids.
+        w0: weight of the separation term (10 in the paper).
+        sigma: its width in pixels (about 5 in the paper).
+        class_weights: fixed class weights by class id, or None for frequency balancing.
+        instances: treat ``mask`` as an instance mask.
+        ignore_index: label of pixels that get weight 0.
+
+    Returns:
+        float32 weights of shape (H, W), a tensor when ``mask`` is a tensor.
+
+    Shape:
+        (H, W) -> (H, W).
+    """
+    as_tensor = isinstance(mask, torch.Tensor)
+    m = mask.detach().cpu().numpy() if as_tensor else np.asarray(mask)
+    if m.ndim != 2:
+        raise UserError(f"unet_weight_map: mask must be 2-D (H, W), got shape {m.shape}")
+    valid = m != ignore_index
+    classes = (m > 0).astype(np.int64) if instances else m.astype(np.int64)
+
+    weights = np.zeros(m.shape, dtype=np.float64)
+    present = np.unique(classes[valid])
+    for c in present:
+        sel = valid & (classes == c)
+        if class_weights is not None:
+            if int(c) not in class_weights:
+                raise UserError(f"unet_weight_map: class_weights has no entry for class {int(c)} found in the mask")
+            weights[sel] = class_weights[int(c)]
+        else:
+            weights[sel] = valid.sum() / (len(present) * sel.sum())
+
+    foreground = valid & (m > 0)
+    if instances:
+        ids, inverse = np.unique(np.where(foreground, m, 0), return_inverse=True)
+        cells = inverse.reshape(m.shape) if ids[0] == 0 else inverse.reshape(m.shape) + 1  # 0 = background
+        n = len(ids) - 1 if ids[0] == 0 else len(ids)
+    else:
+        cells, n = ndimage.label(foreground, structure=np.ones((3, 3)))
+    if n >= 2:
+        # Beyond 6 sigma from a cell the term is below w0 * exp(-18): each cell's distance transform is
+        # computed in its bounding box grown by that reach, and is infinite outside.
+        reach = int(math.ceil(6 * sigma))
+        d1 = np.full(m.shape, np.inf)
+        d2 = np.full(m.shape, np.inf)
+        for i, box in enumerate(ndimage.find_objects(cells), start=1):
+            if box is None:
+                continue
+            box = tuple(slice(max(b.start - reach, 0), b.stop + reach) for b in box)
+            d = ndimage.distance_transform_edt(cells[box] != i)  # distance to the nearest pixel of cell i
+            d2[box] = np.minimum(d2[box], np.maximum(d1[box], d))
+            d1[box] = np.minimum(d1[box], d)
+        background = valid & ~foreground
+        weights[background] += w0 * np.exp(-((d1 + d2)[background] ** 2) / (2 * sigma**2))
+
+    out = weights.astype(np.float32)
+    return torch.from_numpy(out) if as_tensor else out
