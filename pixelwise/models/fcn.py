@@ -1,0 +1,324 @@
+"""FCN-32s, FCN-16s and FCN-8s: Long, Shelhamer & Darrell, "Fully Convolutional Networks for Semantic
+Segmentation", CVPR 2015 (and the reference nets in shelhamer/fcn.berkeleyvision.org).
+
+VGG-16 with its classifier convolutionalized (fc6 = 7x7 conv 4096, fc7 = 1x1 conv 4096, each with
+ReLU and Dropout), a 1x1 class-scoring layer ``score_fr``, and up to two skips: ``score_pool4`` (FCN-16s)
+and ``score_pool3`` (FCN-8s) score a shallower pool, and the upsampled coarse scores are added to
+them. Upsampling is a transposed convolution initialised to bilinear interpolation; the final one is
+fixed, the intermediate 2x ones are learned (Sec. 4.3 of the paper), or any kind of
+``pixelwise.layers.make_upsample``.
+
+Two geometries:
+
+* ``"original"``: the Caffe nets exactly: conv1_1 has padding 100, pools round up, fc6 is an
+  unpadded 7x7 conv, each upsampling has the extent of Caffe's unpadded Deconvolution ((h+1)*s
+  rows) and the crops use the published offsets (FCN-32s 19; FCN-16s 5, 27; FCN-8s 5, 9, 31).
+* ``"same"``: no 100-pixel padding; fc6 has padding 3, pools round up, and each upsampled map is
+  cropped at its bottom/right to the skip's (or the input's) size. Cheaper; any input size.
+
+Staged training (Sec. 4.2): ``fcn16s(init_from=fcn32s_model)`` and ``fcn8s(init_from=fcn16s_model)``
+copy the coarser net; every scoring layer starts at zero (as in the paper and the Caffe nets), so
+the finer net starts from the coarser net's predictions. The "at-once" FCN-8s
+(``voc-fcn8s-atonce``) is trained from VGG-16 in one go and scales pool4 by 0.01 and pool3 by 1e-4
+before scoring them (``at_once=True``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.encoders.vgg import VGGEncoder, load_by_key, load_state_dict_file, vgg16_classifier
+from pixelwise.errors import UserError
+from pixelwise.layers import convolutionalize, make_upsample
+
+GEOMETRIES = ("same", "original")
+
+# Caffe crop offsets (voc-fcn{32,16,8}s/train.prototxt), relative to unpadded Deconvolution outputs:
+# (offsets of the score_pool4 and score_pool3 crops, offset of the final crop to the input).
+_CAFFE_OFFSETS: dict[int, tuple[tuple[int, ...], int]] = {32: ((), 19), 16: ((5,), 27), 8: ((5, 9), 31)}
+_AT_ONCE_SCALES = (0.01, 0.0001)  # voc-fcn8s-atonce: Scale layers on pool4 and pool3 ("for compatibility")
+
+
+def _caffe_upsample(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Upsample with the extent of Caffe's unpadded Deconvolution (kernel 2s, stride s): (h+1)*s rows.
+
+    Our upsamplers return h*s rows, row i at input coordinate (i + 0.5)/s - 0.5; Caffe's output
+    starts s/2 rows earlier and ends s/2 rows later. Upsampling the zero-padded input and cropping
+    s/2 gives exactly that extent (and exactly Caffe's values for the bilinear transposed conv).
+    """
+    s = up.scale
+    h, w = x.shape[-2:]
+    y = up(F.pad(x, (1, 1, 1, 1)))  # (B, K, (h+2)*s, (w+2)*s)
+    return y[..., s // 2 : s // 2 + (h + 1) * s, s // 2 : s // 2 + (w + 1) * s]  # (B, K, (h+1)*s, (w+1)*s)
+
+
+class FCN(nn.Module):
+    """FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long et al., CVPR 2015).
+
+    Build it with ``fcn32s``, ``fcn16s`` or ``fcn8s``.
+
+    Args:
+        encoder: a ``VGGEncoder`` returning pool1..pool5.
+        fc: fc6/fc7 as convolutions (``convolutionalize`` of VGG's classifier).
+        num_classes: K.
+        stride: 32, 16 or 8 (FCN-32s, -16s, -8s).
+        geometry: "same" or "original" (see the module docstring).
+        upsample: a ``make_upsample`` kind; "transposed" is the paper's bilinear-initialised deconvolution.
+        learnable_upsample: learn the intermediate 2x transposed convs (paper) or fix them (reference nets).
+        skip_scales: factors on pool4 and pool3 before scoring (1 and 1; 0.01 and 1e-4 "at once").
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: VGGEncoder,
+        fc: nn.Sequential,
+        num_classes: int,
+        stride: int,
+        geometry: str,
+        upsample: str,
+        learnable_upsample: bool,
+        skip_scales: tuple[float, float],
+    ) -> None:
+        super().__init__()
+        if stride not in _CAFFE_OFFSETS:
+            raise UserError(f"FCN stride={stride!r} is not supported; choose 32, 16 or 8")
+        if geometry not in GEOMETRIES:
+            raise UserError(f"FCN geometry={geometry!r} is not supported; choose 'same' or 'original'")
+        if upsample == "max_unpool":
+            raise UserError("FCN upsample='max_unpool' is not possible: FCN keeps no pooling indices; use 'transposed'")
+        self.stride, self.geometry, self.skip_scales = stride, geometry, skip_scales
+        k = num_classes
+        self.encoder = encoder
+        self.fc = fc
+        fc_out = fc[3].out_channels
+        self.score_fr = nn.Conv2d(fc_out, k, 1)
+
+        def up(scale: int, learnable: bool) -> nn.Module:
+            kw = {"init": "bilinear", "bias": False, "learnable": learnable} if upsample == "transposed" else {}
+            return make_upsample(upsample, k, k, scale, **kw)
+
+        c3, c4 = encoder.out_channels[2], encoder.out_channels[3]
+        if stride <= 16:
+            self.score_pool4 = nn.Conv2d(c4, k, 1)
+            self.upscore2 = up(2, learnable_upsample)
+        if stride == 8:
+            self.score_pool3 = nn.Conv2d(c3, k, 1)
+            self.upscore_pool4 = up(2, learnable_upsample)
+        self.upscore = up(stride, False)  # the final upsampling stays bilinear (Sec. 4.3)
+        for score in (self.score_fr, getattr(self, "score_pool4", None), getattr(self, "score_pool3", None)):
+            if score is not None:  # "zero-initialize the class scoring layer" (Sec. 4.3), skips too (Sec. 4.2)
+                nn.init.zeros_(score.weight)
+                nn.init.zeros_(score.bias)
+
+    def _skips(self) -> list[tuple[nn.Module, nn.Module, int]]:
+        """(upsampling, skip scoring layer, encoder stage) from coarse to fine."""
+        skips = []
+        if self.stride <= 16:
+            skips.append((self.upscore2, self.score_pool4, 3))
+        if self.stride == 8:
+            skips.append((self.upscore_pool4, self.score_pool3, 2))
+        return skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        offsets, final_offset = _CAFFE_OFFSETS[self.stride]
+        original = self.geometry == "original"
+        feats = self.encoder(x)  # pool1..pool5, (B, C_i, ~H/2^i, ~W/2^i)
+        y = self.score_fr(self.fc(feats[4]))  # (B, K, h, w) coarse scores
+        for j, (up, score, stage) in enumerate(self._skips()):
+            skip = score(feats[stage] * self.skip_scales[j] if self.skip_scales[j] != 1 else feats[stage])
+            if original:
+                y = _caffe_upsample(up, y)  # (B, K, (h+1)*2, (w+1)*2)
+                o = offsets[j]
+                skip = skip[..., o : o + y.shape[-2], o : o + y.shape[-1]]  # Caffe Crop to y's size
+            else:
+                # Pools round up, so 2 * h >= h_skip: crop the bottom/right overhang.
+                y = up(y)[..., : skip.shape[-2], : skip.shape[-1]]  # (B, K, h_skip, w_skip)
+            y = y + skip
+        if original:
+            y = _caffe_upsample(self.upscore, y)
+            o = final_offset
+            return y[..., o : o + height, o : o + width]  # (B, K, H, W)
+        return self.upscore(y)[..., :height, :width]  # (B, K, H, W)
+
+
+def _build(
+    stride: int,
+    *,
+    num_classes: int,
+    geometry: str,
+    upsample: str,
+    learnable_upsample: bool,
+    width_div: int,
+    fc_channels: int,
+    weights_backbone: str | os.PathLike | None,
+    init_from: FCN | None,
+    skip_scales: tuple[float, float] = (1.0, 1.0),
+) -> FCN:
+    if geometry not in GEOMETRIES:
+        raise UserError(f"FCN geometry={geometry!r} is not supported; choose 'same' or 'original'")
+    if weights_backbone is not None and init_from is not None:
+        raise UserError("pass weights_backbone or init_from, not both: init_from already carries the VGG-16 weights")
+    original = geometry == "original"
+    encoder = VGGEncoder(ceil_mode=True, conv1_padding=100 if original else 1, width_div=width_div)
+    classifier = vgg16_classifier(width_div=width_div, fc_channels=fc_channels)
+    if weights_backbone is not None:
+        state = load_state_dict_file(weights_backbone)
+        hint = "pass torchvision's vgg16-397923af.pth (with its classifier) and keep width_div=1, fc_channels=4096"
+        load_by_key(encoder.features, state, "features.", path=weights_backbone, hint=hint)
+        fc_state = {k: v for k, v in state.items() if k.startswith(("classifier.0.", "classifier.3."))}
+        load_by_key(classifier, fc_state, "classifier.", path=weights_backbone, hint=hint)
+    fc = convolutionalize(classifier, in_channels=encoder.out_channels[4], spatial=7)
+    if not original:
+        fc[0].padding = (3, 3)  # 'same' fc6: the 7x7 conv keeps pool5's size
+    model = FCN(
+        encoder=encoder,
+        fc=fc,
+        num_classes=num_classes,
+        stride=stride,
+        geometry=geometry,
+        upsample=upsample,
+        learnable_upsample=learnable_upsample,
+        skip_scales=skip_scales,
+    )
+    if init_from is not None:
+        _init_from_coarser(model, init_from)
+    return model
+
+
+def _init_from_coarser(model: FCN, coarser: FCN) -> None:
+    """Copy the coarser FCN's encoder, fc6/fc7, score_fr and intermediate upsamplings (staged training)."""
+    if not isinstance(coarser, FCN) or coarser.stride <= model.stride:
+        got = f"FCN-{coarser.stride}s" if isinstance(coarser, FCN) else type(coarser).__name__
+        raise UserError(f"init_from={got} must be a coarser FCN than FCN-{model.stride}s (FCN-32s -> 16s -> 8s)")
+    if coarser.geometry != model.geometry:
+        raise UserError(
+            f"init_from has geometry={coarser.geometry!r} but this net has {model.geometry!r}; build both alike"
+        )
+    # The final upsampling is not copied: it has a different factor in the finer net.
+    kept = ("encoder.", "fc.", "score_fr.", "score_pool4.", "upscore2.")
+    theirs = {k: v for k, v in coarser.state_dict().items() if k.startswith(kept)}
+    own = model.state_dict()
+    for key, value in theirs.items():
+        if key not in own or own[key].shape != value.shape:
+            ours = tuple(own[key].shape) if key in own else "absent"
+            raise UserError(
+                f"init_from: {key} does not fit ({tuple(value.shape)} vs {ours}); "
+                f"build the finer FCN with the same num_classes, width_div, fc_channels and upsample"
+            )
+    model.load_state_dict(theirs, strict=False)
+
+
+def fcn32s(
+    *,
+    num_classes: int,
+    geometry: str = "same",
+    upsample: str = "transposed",
+    learnable_upsample: bool = True,
+    width_div: int = 1,
+    fc_channels: int = 4096,
+    weights_backbone: str | os.PathLike | None = None,
+) -> FCN:
+    """FCN-32s: VGG-16, fc6/fc7 as convolutions, scores upsampled 32x (Long et al., CVPR 2015).
+
+    Args:
+        num_classes: K.
+        geometry: "same" (any size, no 100-pixel padding) or "original" (the Caffe net exactly).
+        upsample: a ``make_upsample`` kind for the upsampling ("transposed": bilinear-initialised deconv).
+        learnable_upsample: learn the intermediate 2x upsamplings (none in FCN-32s).
+        width_div: divide every VGG and fc width by this (tiny test networks).
+        fc_channels: width of fc6/fc7 (4096 in VGG-16), divided by ``width_div``.
+        weights_backbone: local torchvision ``vgg16-397923af.pth``; conv layers and fc6/fc7 load from it.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+    return _build(
+        32,
+        num_classes=num_classes,
+        geometry=geometry,
+        upsample=upsample,
+        learnable_upsample=learnable_upsample,
+        width_div=width_div,
+        fc_channels=fc_channels,
+        weights_backbone=weights_backbone,
+        init_from=None,
+    )
+
+
+def fcn16s(
+    *,
+    num_classes: int,
+    geometry: str = "same",
+    upsample: str = "transposed",
+    learnable_upsample: bool = True,
+    width_div: int = 1,
+    fc_channels: int = 4096,
+    weights_backbone: str | os.PathLike | None = None,
+    init_from: FCN | None = None,
+) -> FCN:
+    """FCN-16s: FCN-32s plus a pool4 skip, scores upsampled 2x + 16x (Long et al., CVPR 2015).
+
+    Args: as ``fcn32s``, and
+        init_from: an FCN-32s to start from (staged training); the new ``score_pool4`` starts at
+            zero, so at initialisation this net predicts what the FCN-32s does (up to the change
+            from one 32x to a 2x and a 16x upsampling).
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+    return _build(
+        16,
+        num_classes=num_classes,
+        geometry=geometry,
+        upsample=upsample,
+        learnable_upsample=learnable_upsample,
+        width_div=width_div,
+        fc_channels=fc_channels,
+        weights_backbone=weights_backbone,
+        init_from=init_from,
+    )
+
+
+def fcn8s(
+    *,
+    num_classes: int,
+    geometry: str = "same",
+    upsample: str = "transposed",
+    learnable_upsample: bool = True,
+    width_div: int = 1,
+    fc_channels: int = 4096,
+    weights_backbone: str | os.PathLike | None = None,
+    init_from: FCN | None = None,
+    at_once: bool = False,
+) -> FCN:
+    """FCN-8s: FCN-16s plus a pool3 skip, scores upsampled 2x + 2x + 8x (Long et al., CVPR 2015).
+
+    Args: as ``fcn16s``, and
+        init_from: an FCN-16s (or FCN-32s) to start from; the new skip scoring layers start at zero.
+        at_once: the "all-at-once" net (voc-fcn8s-atonce): pool4 and pool3 are scaled by 0.01 and
+            1e-4 before scoring, for training from VGG-16 in one stage.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+    return _build(
+        8,
+        num_classes=num_classes,
+        geometry=geometry,
+        upsample=upsample,
+        learnable_upsample=learnable_upsample,
+        width_div=width_div,
+        fc_channels=fc_channels,
+        weights_backbone=weights_backbone,
+        init_from=init_from,
+        skip_scales=_AT_ONCE_SCALES if at_once else (1.0, 1.0),
+    )

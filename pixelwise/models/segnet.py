@@ -1,0 +1,212 @@
+"""SegNet and SegNet-Basic: Badrinarayanan, Kendall & Cipolla, "SegNet: A Deep Convolutional
+Encoder-Decoder Architecture for Image Segmentation", TPAMI 2017 (and the released Caffe nets,
+alexgkendall/SegNet-Tutorial ``Models/segnet_train.prototxt``, ``segnet_basic_train.prototxt``).
+
+An encoder that keeps the argmax positions of every 2x2 max-pool, and a decoder that mirrors it:
+each decoder stage puts its input back at those positions (max-unpooling, zeros elsewhere) and
+densifies the sparse map with trainable convolutions. Pools round up as Caffe's do, and each unpooling
+is told the size its encoder stage had before pooling, so any input size (e.g. 45 x 61) round-trips.
+
+* ``segnet``: the 13 convs of VGG-16-BN (loadable from torchvision's ``vgg16_bn`` file), a
+  mirrored decoder of 13 convs, each 3x3 + BatchNorm + ReLU, except the last, ``conv1_1_D``, which is
+  a plain 3x3 conv to the K class scores (≈29.4 M parameters).
+* ``segnet_basic``: 4 encoders of 64 7x7 filters (conv, BN, ReLU, pool) on an LRN-normalised input,
+  4 decoders of 64 7x7 filters with BN and neither ReLU nor biases (Sec. 3.1), and a 1x1 classifier.
+
+The decoder's upsampling can be any ``pixelwise.layers.make_upsample`` kind, which gives the paper's
+"Bilinear-Interpolation" variant (``upsample="bilinear"``); ``segnet_basic`` also has the decoder
+width (``decoder_channels``) and SegNet-Basic-SingleChannelDecoder (``single_channel_decoder=True``,
+each decoder filter sees one channel). FCN-Basic is not offered: see the note in ``segnet_basic``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from pixelwise.encoders.vgg import VGGEncoder
+from pixelwise.errors import UserError
+from pixelwise.layers import ConvNormAct, make_upsample
+
+Features = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]
+
+
+def _decoder_upsample(kind: str, channels: int) -> nn.Module:
+    """A 2x upsampling of the family; the transposed conv starts as bilinear interpolation."""
+    kw = {"init": "bilinear"} if kind == "transposed" else {}
+    return make_upsample(kind, channels, channels, 2, **kw)
+
+
+class SegNetDecoder(nn.Module):
+    """Upsample (with the encoder's pooling indices) then convolve, once per encoder stage.
+
+    Args:
+        stages: one ``nn.Sequential`` of convolutions per stage, deepest first.
+        in_channels: channels entering each stage (what its upsampling sees), deepest first.
+        upsample: a ``make_upsample`` kind; "max_unpool" uses the encoder's indices (SegNet).
+
+    Shape:
+        (B, C, h, w) + indices and pre-pool sizes of every encoder stage -> (B, C', H, W), where
+        (H, W) is the size before the first pool (the input size).
+    """
+
+    def __init__(self, stages: list[nn.Sequential], in_channels: list[int], upsample: str) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList([_decoder_upsample(upsample, c) for c in in_channels])
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor, indices: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
+        for up, stage, idx, size in zip(self.ups, self.stages, reversed(indices), reversed(sizes), strict=True):
+            x = up(x, indices=idx, output_size=size)  # (B, C, *size): values back at their argmax positions
+            x = stage(x)
+        return x
+
+
+class SegNet(nn.Module):
+    """Encoder with pooling indices -> mirrored decoder -> per-pixel classifier.
+
+    Build it with ``segnet`` or ``segnet_basic``.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(self, *, encoder: nn.Module, decoder: SegNetDecoder, classifier: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats, indices, sizes = self.encoder(x)  # pooled maps high -> low res, argmax indices, pre-pool sizes
+        y = self.decoder(feats[-1], indices, sizes)  # (B, C, H, W)
+        return self.classifier(y)  # (B, K, H, W)
+
+
+class SegNetBasicEncoder(nn.Module):
+    """SegNet-Basic's encoder: LRN, then 4 x (7x7 conv, BN, ReLU, 2x2 max-pool keeping indices).
+
+    Args:
+        channels: filters per layer (64 in the paper).
+        lrn: normalise the input with LRN (size 5, alpha 1e-4, beta 0.75), as the released net does.
+
+    Attributes:
+        out_channels: ``[channels] * 4``.
+        strides: ``[2, 4, 8, 16]``.
+
+    Shape:
+        (B, 3, H, W) -> ``(features, indices, sizes)``: 4 maps (B, channels, ~H/2^i, ~W/2^i), their
+        pooling indices, and the (H, W) of each stage before pooling.
+    """
+
+    def __init__(self, *, channels: int = 64, lrn: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0) if lrn else nn.Identity()
+        # "No biases are used after convolutions" (Sec. 3.1); BN follows each conv anyway.
+        self.convs = nn.ModuleList(
+            [ConvNormAct(3 if i == 0 else channels, channels, kernel_size=7, bias=False) for i in range(4)]
+        )
+        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True)
+        self.out_channels = [channels] * 4
+        self.strides = [2, 4, 8, 16]
+
+    def forward(self, x: torch.Tensor) -> Features:
+        features, indices, sizes = [], [], []
+        x = self.norm(x)
+        for conv in self.convs:
+            x = conv(x)
+            sizes.append((x.shape[-2], x.shape[-1]))
+            x, idx = self.pool(x)  # (B, C, ceil(h/2), ceil(w/2)) and argmax positions
+            features.append(x)
+            indices.append(idx)
+        return features, indices, sizes
+
+
+def segnet(
+    *,
+    num_classes: int,
+    upsample: str = "max_unpool",
+    width_div: int = 1,
+    weights_backbone: str | os.PathLike | None = None,
+) -> SegNet:
+    """SegNet (Badrinarayanan et al., TPAMI 2017): VGG-16-BN encoder, mirrored decoder, max-unpooling.
+
+    Decoder (Caffe names): unpool5, conv5_3_D..conv5_1_D (512); unpool4, conv4_3_D, conv4_2_D (512),
+    conv4_1_D (256); unpool3, conv3_3_D, conv3_2_D (256), conv3_1_D (128); unpool2, conv2_2_D (128),
+    conv2_1_D (64); unpool1, conv1_2_D (64); each 3x3 + BN + ReLU; then conv1_1_D, 3x3 to K scores.
+
+    Args:
+        num_classes: K.
+        upsample: decoder upsampling, a ``make_upsample`` kind ("max_unpool" is SegNet's).
+        width_div: divide every width by this (tiny test networks).
+        weights_backbone: local torchvision ``vgg16_bn-6c64b313.pth`` for the encoder.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W), any H and W.
+    """
+    encoder = VGGEncoder(
+        batch_norm=True, return_indices=True, ceil_mode=True, width_div=width_div, weights=weights_backbone
+    )
+    c1, c2, c3, c4, c5 = encoder.out_channels
+    widths = [[c5, c5, c5, c5], [c4, c4, c4, c3], [c3, c3, c3, c2], [c2, c2, c1], [c1, c1]]  # deepest first
+    stages = [nn.Sequential(*(ConvNormAct(a, b) for a, b in zip(w[:-1], w[1:], strict=True))) for w in widths]
+    decoder = SegNetDecoder(stages, [w[0] for w in widths], upsample)
+    classifier = nn.Conv2d(c1, num_classes, 3, padding=1)  # conv1_1_D: no BN, no ReLU
+    return SegNet(encoder=encoder, decoder=decoder, classifier=classifier)
+
+
+def segnet_basic(
+    *,
+    num_classes: int,
+    upsample: str = "max_unpool",
+    encoder_channels: int = 64,
+    decoder_channels: int = 64,
+    single_channel_decoder: bool = False,
+    lrn: bool = True,
+) -> SegNet:
+    """SegNet-Basic (Badrinarayanan et al., TPAMI 2017, Sec. 3.1) and its decoder variants.
+
+    4 encoders (7x7 conv, BN, ReLU, 2x2 max-pool) and 4 decoders (upsampling, 7x7 conv, BN; no ReLU,
+    no biases), then a 1x1 conv to the K class scores; ≈1.4 M parameters with 64 filters.
+
+    Args:
+        num_classes: K.
+        upsample: decoder upsampling ("max_unpool" is SegNet's; "bilinear" is the paper's
+            Bilinear-Interpolation variant; any ``make_upsample`` kind).
+        encoder_channels: filters per encoder layer (64).
+        decoder_channels: filters per decoder layer (64); other than ``encoder_channels`` only with an
+            upsampling that needs no indices.
+        single_channel_decoder: SegNet-Basic-SingleChannelDecoder: each decoder filter convolves a
+            single channel (a depthwise 7x7 conv); needs ``decoder_channels == encoder_channels``.
+        lrn: LRN on the input, as in the released ``segnet_basic_train.prototxt``.
+
+    The paper's FCN-Basic (an FCN decoder on this encoder, with 1x1-reduced encoder maps added
+    after each upsampling) is not built here: how its decoder convolutions sit relative to the
+    additions is not specified precisely enough to reproduce it.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W), any H and W.
+    """
+    if single_channel_decoder and decoder_channels != encoder_channels:
+        raise UserError(
+            f"single_channel_decoder=True needs decoder_channels == encoder_channels "
+            f"(got {decoder_channels} and {encoder_channels}); make them equal"
+        )
+    if upsample == "max_unpool" and decoder_channels != encoder_channels:
+        raise UserError(
+            f"upsample='max_unpool' needs decoder_channels == encoder_channels (got {decoder_channels} and "
+            f"{encoder_channels}): the pooling indices are per channel; make them equal or use upsample='bilinear'"
+        )
+    encoder = SegNetBasicEncoder(channels=encoder_channels, lrn=lrn)
+    stages = []
+    for i in range(4):
+        c_in = encoder_channels if i == 0 else decoder_channels
+        conv = nn.Conv2d(
+            c_in, decoder_channels, 7, padding=3, bias=False, groups=decoder_channels if single_channel_decoder else 1
+        )
+        stages.append(nn.Sequential(conv, nn.BatchNorm2d(decoder_channels)))  # no ReLU in the decoder (Sec. 3.1)
+    decoder = SegNetDecoder(stages, [encoder_channels] + [decoder_channels] * 3, upsample)
+    classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+    return SegNet(encoder=encoder, decoder=decoder, classifier=classifier)
