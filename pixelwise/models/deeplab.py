@@ -1,0 +1,333 @@
+"""The DeepLab family: v1 (LargeFOV), v2 (ASPP-L), v3 and v3+.
+
+References:
+    v1: Chen, Papandreou, Kokkinos, Murphy, Yuille, "Semantic Image Segmentation with Deep
+        Convolutional Nets and Fully Connected CRFs", ICLR 2015 (DeepLab-LargeFOV, Sec. 3.1, 4.1).
+    v2: Chen et al., "DeepLab: Semantic Image Segmentation with Deep Convolutional Nets, Atrous
+        Convolution, and Fully Connected CRFs", TPAMI 2017 (ASPP-L on ResNet-101, Sec. 3.3, 4.1).
+    v3: Chen, Papandreou, Schroff, Adam, "Rethinking Atrous Convolution for Semantic Image
+        Segmentation", arXiv:1706.05587, 2017 (ASPP with image pooling and BN, Multi-Grid).
+    v3+: Chen, Zhu, Papandreou, Schroff, Adam, "Encoder-Decoder with Atrous Separable Convolution
+        for Semantic Image Segmentation", ECCV 2018 (decoder on stride-4 features, Sec. 3.1).
+
+``deeplabv3_resnet50/101`` are state-dict compatible with torchvision's models of the same names
+(``load_state_dict(tv_model.state_dict(), strict=True)``; equal eval logits). The dense CRF that v1/v2
+put after the network lives in ``pixelwise.crf``; the models return logits.
+
+Auxiliary output (v3 with ``aux=True``): in training mode ``forward`` returns ``(out, aux)``, two
+``(B, K, H, W)`` logit tensors, the aux head reading layer3 (torchvision weights its loss by 0.5);
+otherwise a single tensor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.encoders.resnet import ResNetEncoder
+from pixelwise.encoders.vgg import VGGEncoder, vgg16_classifier
+from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, aspp_rates, atrous_conv3x3
+from pixelwise.models.fcn_resnet import FCNHead, SimpleSegmentationModel
+
+MULTIGRID: tuple[int, int, int] = (1, 2, 4)  # DeepLabv3, Sec. 4.1: the best unit rates for block4
+
+
+# --------------------------------------------------------------------------------------------- v1
+class LargeFOVHead(nn.Sequential):
+    """DeepLab-LargeFOV's fc6-fc8 (Chen et al., ICLR 2015, Sec. 4.1 and Table 2).
+
+    fc6: 3x3 conv with dilation (input stride) 12 and 1024 channels, fc7: 1x1 conv with 1024
+    channels, each followed by ReLU and Dropout(0.5); fc8: 1x1 conv to the classes, started as in
+    the Caffe prototxt (Gaussian std 0.01, zero bias).
+
+    Shape:
+        (B, in_channels, h, w) -> (B, num_classes, h, w).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 1024, rate: int = 12) -> None:
+        super().__init__(
+            atrous_conv3x3(in_channels, channels, rate),  # fc6
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Conv2d(channels, channels, 1),  # fc7
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Conv2d(channels, num_classes, 1),  # fc8
+        )
+        nn.init.normal_(self[-1].weight, std=0.01)
+        nn.init.zeros_(self[-1].bias)
+
+    @torch.no_grad()
+    def init_from_vgg16_fc(self, fc: nn.Sequential) -> None:
+        """Start fc6/fc7 from VGG-16's fully connected layers by decimation (ICLR 2015, Sec. 3.1).
+
+        fc6 (4096 x 512*7*7) is subsampled spatially 7x7 -> 3x3 (taps 0, 3, 6) as in the paper, and
+        fc6/fc7 keep every 4th filter (4096 -> 1024; how the paper initialised its 1024 filters is not
+        stated, decimation is the analogous choice).
+        """
+        fc6, fc7 = self[0], self[3]
+        w6 = fc[0].weight.reshape(-1, fc6.in_channels, 7, 7)  # (4096, 512, 7, 7), C-H-W flattening
+        step = w6.shape[0] // fc6.out_channels
+        fc6.weight.copy_(w6[::step, :, ::3, ::3])  # (1024, 512, 3, 3)
+        fc6.bias.copy_(fc[0].bias[::step])
+        fc7.weight.copy_(fc[3].weight[::step, ::step, None, None])  # (1024, 1024, 1, 1)
+        fc7.bias.copy_(fc[3].bias[::step])
+
+
+class DeepLabV1(nn.Module):
+    """DeepLab-LargeFOV (Chen et al., ICLR 2015): VGG-16 at output stride 8 + LargeFOV head.
+
+    Pool4/pool5 have stride 1 and conv5 dilation 2 (see ``VGGEncoder(output_stride=8)``); the class
+    scores at stride 8 are upsampled bilinearly to the input size (the paper's fully connected CRF
+    is ``pixelwise.crf``).
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(self, backbone: VGGEncoder, classifier: LargeFOVHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)  # pool1..pool5, (B, C_i, H/s_i, W/s_i), high to low resolution
+        y = self.classifier(feats[-1])  # (B, K, H/8, W/8)
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+
+
+def deeplab_v1(*, num_classes: int, weights_backbone: str | os.PathLike | None = None) -> DeepLabV1:
+    """DeepLab-LargeFOV, VGG-16 (ICLR 2015; 20.5 M parameters with 21 classes, Table 2).
+
+    Args:
+        num_classes: number of classes K.
+        weights_backbone: path of torchvision's ImageNet ``vgg16`` ``.pth`` file, or None. Its conv
+            layers load by key and fc6/fc7 start from its decimated fully connected layers.
+    """
+    # Caffe geometry of DeepLab-LargeFOV/train.prototxt: 3x3 pad-1 pools, sizes rounded up.
+    backbone = VGGEncoder(output_stride=8, pool_kernel=3, ceil_mode=True, weights=weights_backbone)
+    classifier = LargeFOVHead(backbone.out_channels[-1], num_classes)
+    if weights_backbone is not None:
+        classifier.init_from_vgg16_fc(vgg16_classifier(weights=weights_backbone))
+    return DeepLabV1(backbone, classifier)
+
+
+# --------------------------------------------------------------------------------------------- v2
+class DeepLabV2(SimpleSegmentationModel):
+    """DeepLab v2 (Chen et al., TPAMI 2017): ResNet-101 at output stride 8 + ASPP-L.
+
+    ASPP-L: four 3x3 atrous convs (rates 6, 12, 18, 24) from layer4 straight to class scores, the
+    four score maps summed; bilinear upsampling to the input size. The paper's multi-scale input
+    fusion (MSC) and dense CRF are training/post-processing options, not part of this module.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+
+def deeplab_v2(
+    *,
+    num_classes: int,
+    rates: tuple[int, ...] = (6, 12, 18, 24),
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV2:
+    """DeepLab v2 ResNet-101 with ASPP-L (TPAMI 2017, Table 4 / Sec. 4.1).
+
+    Args:
+        num_classes: number of classes K.
+        rates: atrous rates of the summed branches; (6, 12, 18, 24) is ASPP-L, (2, 4, 8, 12) ASPP-S.
+        weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
+    """
+    backbone = ResNetEncoder(depth=101, output_stride=8, weights=weights_backbone)
+    return DeepLabV2(backbone, ASPPv2(2048, num_classes, rates=rates, hidden_channels=None))
+
+
+# --------------------------------------------------------------------------------------------- v3
+class DeepLabHead(nn.Sequential):
+    """torchvision's DeepLabv3 head: ASPP -> 3x3 conv 256 -> BN -> ReLU -> 1x1 conv to K.
+
+    Shape:
+        (B, in_channels, h, w) -> (B, num_classes, h, w).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, atrous_rates: tuple[int, ...] = (12, 24, 36)) -> None:
+        super().__init__(
+            ASPP(in_channels, atrous_rates),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+            nn.Conv2d(256, num_classes, 1),
+        )
+
+
+class DeepLabV3(SimpleSegmentationModel):
+    """DeepLab v3 (Chen et al., arXiv:1706.05587): dilated ResNet + ASPP head, torchvision's layout.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W); ``(out, aux)`` in training when built with ``aux=True``.
+    """
+
+
+def _deeplabv3(
+    depth: int,
+    num_classes: int,
+    output_stride: int,
+    multigrid: bool,
+    aux: bool,
+    weights_backbone: str | os.PathLike | None,
+) -> DeepLabV3:
+    rates = aspp_rates(output_stride)
+    backbone = ResNetEncoder(
+        depth=depth, output_stride=output_stride, multigrid=MULTIGRID if multigrid else None, weights=weights_backbone
+    )
+    aux_classifier = FCNHead(1024, num_classes) if aux else None
+    return DeepLabV3(backbone, DeepLabHead(2048, num_classes, rates), aux_classifier)
+
+
+def deeplabv3_resnet50(
+    *,
+    num_classes: int,
+    output_stride: int = 8,
+    multigrid: bool = False,
+    aux: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV3:
+    """DeepLab v3 ResNet-50, keys identical to torchvision's ``deeplabv3_resnet50``.
+
+    Args:
+        num_classes: number of classes K.
+        output_stride: 8 (torchvision's default; ASPP rates 12, 24, 36) or 16 (rates 6, 12, 18).
+        multigrid: layer4 unit rates (1, 2, 4) times its dilation (the paper's Multi-Grid); False
+            keeps torchvision's layout. Changes no parameter.
+        aux: add the auxiliary FCN head on layer3 (``aux_classifier``, torchvision's ``aux_loss``).
+        weights_backbone: path of torchvision's ImageNet ``resnet50`` ``.pth`` file, or None.
+    """
+    return _deeplabv3(50, num_classes, output_stride, multigrid, aux, weights_backbone)
+
+
+def deeplabv3_resnet101(
+    *,
+    num_classes: int,
+    output_stride: int = 8,
+    multigrid: bool = False,
+    aux: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV3:
+    """DeepLab v3 ResNet-101, keys identical to torchvision's ``deeplabv3_resnet101``.
+
+    Args:
+        num_classes: number of classes K.
+        output_stride: 8 (torchvision's default; ASPP rates 12, 24, 36) or 16 (rates 6, 12, 18).
+        multigrid: layer4 unit rates (1, 2, 4) times its dilation (the paper's Multi-Grid); False
+            keeps torchvision's layout. Changes no parameter.
+        aux: add the auxiliary FCN head on layer3 (``aux_classifier``, torchvision's ``aux_loss``).
+        weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
+    """
+    return _deeplabv3(101, num_classes, output_stride, multigrid, aux, weights_backbone)
+
+
+# -------------------------------------------------------------------------------------------- v3+
+class DeepLabV3PlusDecoder(nn.Module):
+    """DeepLab v3+ decoder (Chen et al., ECCV 2018, Sec. 3.1 and Table 1-2).
+
+    The stride-4 low-level features are reduced by a 1x1 conv to 48 channels (so they do not
+    outweigh the 256 encoder channels), concatenated with the encoder output upsampled to their
+    size, refined by two 3x3 convs with 256 channels and classified by a 1x1 conv.
+
+    Shape:
+        x (B, 256, H/os, W/os), low (B, low_channels, H/4, W/4) -> (B, num_classes, H/4, W/4).
+    """
+
+    def __init__(self, low_channels: int, num_classes: int, aspp_channels: int = 256) -> None:
+        super().__init__()
+        self.reduce = ConvNormAct(low_channels, 48, kernel_size=1)
+        self.fuse = nn.Sequential(
+            ConvNormAct(aspp_channels + 48, 256, kernel_size=3),
+            ConvNormAct(256, 256, kernel_size=3),
+        )
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+
+    def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        low = self.reduce(low)  # (B, 48, H/4, W/4)
+        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)  # (B, 256, H/4, W/4)
+        x = self.fuse(torch.cat([x, low], dim=1))  # (B, 256, H/4, W/4)
+        return self.classifier(x)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLab v3+ (Chen et al., ECCV 2018): DeepLabv3 encoder + a simple decoder at stride 4.
+
+    Args:
+        backbone: a ``ResNetEncoder`` (output stride 16 or 8).
+        aspp: the v3 ASPP on layer4 (256 output channels).
+        decoder: ``DeepLabV3PlusDecoder`` fed with the ASPP output and layer1's features.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(self, backbone: ResNetEncoder, aspp: ASPP, decoder: DeepLabV3PlusDecoder) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = aspp
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)  # list of (B, C_i, H/s_i, W/s_i), high to low resolution
+        y = self.aspp(feats[-1])  # (B, 256, H/os, W/os)
+        y = self.decoder(y, feats[1])  # (B, K, H/4, W/4), layer1 is the stride-4 feature
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+
+
+def _deeplabv3plus(
+    depth: int,
+    num_classes: int,
+    output_stride: int,
+    multigrid: bool,
+    weights_backbone: str | os.PathLike | None,
+) -> DeepLabV3Plus:
+    backbone = ResNetEncoder(
+        depth=depth, output_stride=output_stride, multigrid=MULTIGRID if multigrid else None, weights=weights_backbone
+    )
+    # Dropout 0.1 after the ASPP projection: keep_prob=0.9 in the authors' TensorFlow code (model.py).
+    aspp = ASPP(2048, aspp_rates(output_stride), dropout=0.1)
+    return DeepLabV3Plus(backbone, aspp, DeepLabV3PlusDecoder(backbone.out_channels[1], num_classes))
+
+
+def deeplabv3plus_resnet50(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    multigrid: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV3Plus:
+    """DeepLab v3+ with a ResNet-50 encoder.
+
+    Args:
+        num_classes: number of classes K.
+        output_stride: 16 (the paper's training default; ASPP rates 6, 12, 18) or 8 (12, 24, 36).
+        multigrid: layer4 unit rates (1, 2, 4) times its dilation (DeepLabv3's Multi-Grid).
+        weights_backbone: path of torchvision's ImageNet ``resnet50`` ``.pth`` file, or None.
+    """
+    return _deeplabv3plus(50, num_classes, output_stride, multigrid, weights_backbone)
+
+
+def deeplabv3plus_resnet101(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    multigrid: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV3Plus:
+    """DeepLab v3+ with a ResNet-101 encoder (the paper's ResNet-101 model, Table 3).
+
+    Args:
+        num_classes: number of classes K.
+        output_stride: 16 (the paper's training default; ASPP rates 6, 12, 18) or 8 (12, 24, 36).
+        multigrid: layer4 unit rates (1, 2, 4) times its dilation (DeepLabv3's Multi-Grid).
+        weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
+    """
+    return _deeplabv3plus(101, num_classes, output_stride, multigrid, weights_backbone)

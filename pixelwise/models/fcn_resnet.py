@@ -1,0 +1,116 @@
+"""FCN with a dilated ResNet-50/101 backbone, state-dict compatible with torchvision.
+
+Long et al., "Fully Convolutional Networks for Semantic Segmentation", CVPR 2015, in the form
+torchvision ships as ``torchvision.models.segmentation.fcn_resnet50/101``: a ResNet at output stride
+8 (He et al., CVPR 2016; dilation as in Chen et al., arXiv:1706.05587), a 3x3 conv head and bilinear
+upsampling to the input size, plus an optional auxiliary head on layer3.
+
+Every key matches torchvision's model of the same name, so
+``model.load_state_dict(torchvision_model.state_dict(), strict=True)`` works and the eval logits
+equal torchvision's ``["out"]``.
+
+Auxiliary output: with ``aux=True`` and the model in training mode, ``forward`` returns the tuple
+``(out, aux)`` of two ``(B, K, H, W)`` logit tensors (the aux head reads layer3; torchvision's
+reference recipe weights its loss by 0.5). In eval mode, or with ``aux=False``, it returns ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.encoders.resnet import ResNetEncoder
+
+
+class FCNHead(nn.Sequential):
+    """torchvision's FCN head: 3x3 conv to in/4 channels -> BN -> ReLU -> Dropout(0.1) -> 1x1 conv to K.
+
+    Shape:
+        (B, in_channels, h, w) -> (B, num_classes, h, w).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        inter_channels = in_channels // 4
+        super().__init__(
+            nn.Conv2d(in_channels, inter_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(inter_channels),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Conv2d(inter_channels, num_classes, 1),
+        )
+
+
+class SimpleSegmentationModel(nn.Module):
+    """Backbone -> classifier on the last feature, + optional aux classifier on the one before.
+
+    The layout of torchvision's ``_SimpleSegmentationModel`` (shared by FCN-ResNet and DeepLabv3),
+    with a plain tensor output instead of a dict.
+
+    Args:
+        backbone: a ``ResNetEncoder`` (kept under the name ``backbone`` for torchvision's keys).
+        classifier: head applied to layer4's features.
+        aux_classifier: head applied to layer3's features in training, or None.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W); in training with an aux classifier, a tuple of two such tensors.
+    """
+
+    def __init__(self, backbone: ResNetEncoder, classifier: nn.Module, aux_classifier: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+        self.aux_classifier = aux_classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        size = x.shape[-2:]
+        feats = self.backbone(x)  # list of (B, C_i, H/s_i, W/s_i), high to low resolution
+        out = self.classifier(feats[-1])  # (B, K, H/8, W/8)
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+        if self.aux_classifier is None or not self.training:
+            return out
+        aux = self.aux_classifier(feats[-2])  # (B, K, H/8, W/8) from layer3
+        aux = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+        return out, aux
+
+
+class FCNResNet(SimpleSegmentationModel):
+    """FCN-ResNet (Long et al., CVPR 2015, with torchvision's dilated ResNet backbone).
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W); ``(out, aux)`` in training when built with ``aux=True``.
+    """
+
+
+def _fcn_resnet(depth: int, num_classes: int, aux: bool, weights_backbone: str | os.PathLike | None) -> FCNResNet:
+    backbone = ResNetEncoder(depth=depth, output_stride=8, weights=weights_backbone)
+    aux_classifier = FCNHead(1024, num_classes) if aux else None
+    return FCNResNet(backbone, FCNHead(2048, num_classes), aux_classifier)
+
+
+def fcn_resnet50(
+    *, num_classes: int, aux: bool = False, weights_backbone: str | os.PathLike | None = None
+) -> FCNResNet:
+    """FCN-ResNet-50 at output stride 8, keys identical to torchvision's ``fcn_resnet50``.
+
+    Args:
+        num_classes: number of classes K.
+        aux: add the auxiliary FCN head on layer3 (``aux_classifier``, torchvision's ``aux_loss``).
+        weights_backbone: path of torchvision's ImageNet ``resnet50`` ``.pth`` file, or None.
+    """
+    return _fcn_resnet(50, num_classes, aux, weights_backbone)
+
+
+def fcn_resnet101(
+    *, num_classes: int, aux: bool = False, weights_backbone: str | os.PathLike | None = None
+) -> FCNResNet:
+    """FCN-ResNet-101 at output stride 8, keys identical to torchvision's ``fcn_resnet101``.
+
+    Args:
+        num_classes: number of classes K.
+        aux: add the auxiliary FCN head on layer3 (``aux_classifier``, torchvision's ``aux_loss``).
+        weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
+    """
+    return _fcn_resnet(101, num_classes, aux, weights_backbone)
