@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a weights file on a data set split")
     p.add_argument("--weights", required=True, help=".safetensors weights file")
     p.add_argument("--data", required=True, help="data set root folder")
-    p.add_argument("--dataset", required=True, help="camvid, voc, cityscapes, ade20k, isbi2012 or folder")
+    p.add_argument("--dataset", required=True,
+                   help="camvid, voc, cityscapes, ade20k, isbi2012, folder (ROOT/SPLIT/images + masks) or synthetic")
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--out", default=None, help="folder for metrics.json (default: beside the weights)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except UserError as e:
-        print(f"pixelwise {args.command}: error: {e}", file=sys.stderr)
+        one_line = " ".join(str(e).split())  # a message quoting a library's multi-line text stays one line
+        print(f"pixelwise {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         extra = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "fastapi": "serve",

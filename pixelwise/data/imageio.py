@@ -1,0 +1,171 @@
+"""Safe image and label-map reading: every failure is a one-line UserError naming the file.
+
+Images become RGB `uint8` arrays (H, W, 3), turned upright by their EXIF orientation. Label maps
+become exact integer arrays (H, W): 'L' and 'P' PNGs give their stored indices (a palette PNG is
+never converted to colours), 16-bit PNGs give their 16-bit values. Pillow's decompression-bomb
+guard is kept on with an explicit limit, and truncated files are errors, not grey rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pixelwise.errors import UserError
+
+MAX_PIXELS = 178_956_970  # Pillow's own default bomb limit (~13k x 13k); bigger files are refused
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# the only decoders tried, whatever a file is named: Pillow would otherwise sniff ~40 formats, EPS among
+# them, which runs Ghostscript on the file
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM")
+
+# modes Pillow converts to RGB without guessing: grey, palette, colour (+alpha, dropped), CMYK, YCbCr
+_RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, UnidentifiedImageError)
+
+
+def _open(path: str | Path, what: str, *, verify: bool = False) -> Image.Image:
+    """Open and fully decode `path`; a missing, unreadable, truncated or oversized file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what} file; check the path")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have flipped it; a short file must fail
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=PIL_FORMATS)
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UserError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS} "
+                                "(decompression-bomb guard); downscale or tile the image first")
+            im.load()
+            if verify and im.format == "PNG":  # Pillow skips the CRCs of pixel data; a label map is checked whole
+                with Image.open(path, formats=["PNG"]) as check:
+                    check.verify()  # a flipped bit is an error here, not a silently wrong class
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: the header declares more than {MAX_PIXELS} pixels (decompression-bomb guard); "
+                        "downscale or tile the image first, or use --skip-bad") from None
+    except _DECODE_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read this {what} ({msg[:160]}); "
+                        "the file is corrupt, truncated or not an image — replace it or use --skip-bad") from None
+    return im
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, as viewers and annotation tools show the file (a pure transpose:
+    label values are untouched). A broken EXIF block keeps the stored orientation."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except _DECODE_ERRORS:
+        return im
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as an upright RGB array.
+
+    Grey images are repeated over three channels, alpha is dropped, 16-bit grey keeps its top 8 bits.
+
+    Shape:
+        returns (H, W, 3) uint8.
+    """
+    im = _upright(_open(path, "image"))
+    if im.mode in _SIXTEEN_BIT:
+        a = np.asarray(im).astype(np.int64)
+        im = Image.fromarray(np.clip(a >> 8 if a.max() > 255 else a, 0, 255).astype(np.uint8), mode="L")
+    if im.mode not in _RGB_CONVERTIBLE:
+        raise UserError(f"{path}: image mode {im.mode!r} ({len(im.getbands())} channels) is not supported; "
+                        "save it as an 8-bit RGB or grey PNG/JPEG")
+    return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy needs one
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a label map's stored integer values, exactly.
+
+    'L', 'P' (palette indices, not colours), '1' and 16-bit PNGs are read as they are stored. An RGB
+    file whose three channels are equal is read as grey; a colour RGB file is refused here (the
+    folder data set maps colour masks through a palette with `read_color_mask`).
+
+    Shape:
+        returns (H, W) int64.
+    """
+    im = _upright(_open(path, "label map", verify=True))
+    if im.mode in ("L", "P", "1") or im.mode in _SIXTEEN_BIT:
+        return np.asarray(im).astype(np.int64)
+    if im.mode in ("RGB", "RGBA", "RGBX", "LA", "PA"):
+        a = np.asarray(im)
+        if im.mode in ("LA", "PA"):
+            return a[..., 0].astype(np.int64)
+        if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+            return a[..., 0].astype(np.int64)
+        raise UserError(f"{path}: label map is a colour {im.mode} image with {a.shape[-1]} channels; "
+                        "class-index masks must have one channel ('L' or 'P' PNG) — or use the folder "
+                        "data set with a palette to map colours to classes")
+    raise UserError(f"{path}: label map mode {im.mode!r} is not supported; save it as an 8-bit 'L' or 'P' PNG")
+
+
+def read_color_mask(path: str | Path, palette: list[tuple[int, int, int]], *,
+                    ignore_index: int = 255, ignore_color: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Read an RGB colour mask and map each colour to its index in `palette`.
+
+    A colour in no palette entry (and not `ignore_color`) is a UserError naming the file and colour.
+    'L'/'P' files are read as indices, as `read_mask` does.
+
+    Shape:
+        returns (H, W) int64.
+    """
+    im = _upright(_open(path, "label map", verify=True))
+    if im.mode in ("L", "P", "1") or im.mode in _SIXTEEN_BIT:
+        return np.asarray(im).astype(np.int64)
+    if im.mode not in ("RGB", "RGBA", "RGBX"):
+        raise UserError(f"{path}: colour mask mode {im.mode!r} is not supported; save it as an RGB PNG")
+    rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W) one int per colour
+    keys = [(r << 16) | (g << 8) | b for r, g, b in palette]
+    values = list(range(len(palette)))
+    if ignore_color is not None:
+        r, g, b = ignore_color
+        keys.append((r << 16) | (g << 8) | b)
+        values.append(ignore_index)
+    keys_arr, values_arr = np.asarray(keys, dtype=np.int64), np.asarray(values, dtype=np.int64)
+    order = np.argsort(keys_arr)
+    keys_arr, values_arr = keys_arr[order], values_arr[order]
+    pos = np.clip(np.searchsorted(keys_arr, code), 0, len(keys_arr) - 1)
+    known = keys_arr[pos] == code
+    if not known.all():
+        y, x = np.argwhere(~known)[0]
+        c = tuple(int(v) for v in rgb[y, x])
+        raise UserError(f"{path}: colour {c} at pixel (row {y}, col {x}) is not in the palette; "
+                        "add it to the palette (or pass it as the ignore colour) or fix the mask")
+    return values_arr[pos]
+
+
+def check_labels(mask: np.ndarray, *, num_classes: int, ignore_index: int, path: str | Path,
+                 raw: np.ndarray | None = None) -> None:
+    """Refuse label values outside 0..K-1 that are not the ignore index, naming the file and value.
+
+    `raw` is the mask as stored in the file, reported instead when a lookup table produced `mask`.
+    """
+    bad = (mask < 0) | ((mask >= num_classes) & (mask != ignore_index))
+    if bad.any():
+        value = int((raw if raw is not None else mask)[bad][0])
+        raise UserError(f"{path}: label value {value} is outside 0..{num_classes - 1} and is not the ignore "
+                        f"index {ignore_index}; fix the mask or choose the matching data set")
+
+
+def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str | Path, mask_path: str | Path) -> None:
+    """Refuse an image and a label map of different sizes, naming both files."""
+    if image.shape[:2] != mask.shape[:2]:
+        ih, iw = image.shape[:2]
+        mh, mw = mask.shape[:2]
+        hint = (" (sizes transposed: images are turned upright by their EXIF orientation, so a label map "
+                "drawn on the stored pixels must carry the same EXIF tag or be rotated)"
+                if (ih, iw) == (mw, mh) and ih != iw else "")
+        raise UserError(f"{image_path} is {iw}x{ih} but its label map {mask_path} is {mw}x{mh}{hint}; "
+                        "they must have the same size — fix or remove the pair")

@@ -1,0 +1,235 @@
+"""Inference modes: whole image, sliding window, multi-scale, horizontal flip.
+
+`predict_logits` returns class scores at the input size for any image size. Every mode averages
+*logits* (not probabilities): overlapping windows, scales and the flipped copy each contribute one
+score map, resized back to the input size bilinearly, and the average is taken per pixel. Windows
+are run a few at a time and accumulated on the image's device, so memory stays bounded for large
+images. A U-Net with valid convolutions (a model with `forward_valid` and `margin > 0`) is tiled
+the paper's way in slide mode: output tiles that do not overlap, each computed from an input tile
+with `margin / 2` pixels of real context around it and mirror padding at the image border
+(Ronneberger et al. 2015, Fig. 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.errors import UserError
+
+MODES = ("whole", "slide", "multiscale")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' checked against the machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images -> float32 `(x / 255 - mean) / std`, on the images' device.
+
+    Shape:
+        (B, 3, H, W) uint8 -> (B, 3, H, W) float32.
+    """
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def _run(model: nn.Module, x: torch.Tensor, size_divisor: int | None) -> torch.Tensor:
+    """One forward pass returning logits at x's size; pads to `size_divisor` first if given. (B, K, H, W)."""
+    h, w = x.shape[-2:]
+    if size_divisor and size_divisor > 1:
+        ph, pw = -h % size_divisor, -w % size_divisor
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))  # (B, C, H', W'); zero = the mean colour after normalising
+    y = model(x)
+    if isinstance(y, dict):  # torchvision-style {"out": ..., "aux": ...}
+        y = y["out"]
+    if y.shape[-2:] != x.shape[-2:]:
+        # the model contract is logits at input size; a stride-s output is brought back bilinearly
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H', W')
+    return y[..., :h, :w]
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering 0..length: every `stride`, plus one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def _batched(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _slide(model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int],
+           batch_size: int, size_divisor: int | None) -> torch.Tensor:
+    """Average of overlapping window logits. Shape: (B, C, H, W) -> (B, K, H, W)."""
+    b, _, h, w = x.shape
+    wh, ww = window
+    x = F.pad(x, (0, max(ww - w, 0), 0, max(wh - h, 0)))  # (B, C, max(H, wh), max(W, ww))
+    hp, wp = x.shape[-2:]
+    boxes = [(y0, x0) for y0 in _starts(hp, wh, stride[0]) for x0 in _starts(wp, ww, stride[1])]
+    total = None
+    count = torch.zeros(1, 1, hp, wp, device=x.device)
+    for chunk in _batched(boxes, max(1, batch_size // b)):
+        crops = torch.cat([x[..., y0 : y0 + wh, x0 : x0 + ww] for y0, x0 in chunk])  # (n*B, C, wh, ww)
+        out = _run(model, crops, size_divisor)  # (n*B, K, wh, ww)
+        if total is None:
+            total = torch.zeros(b, out.shape[1], hp, wp, device=x.device)  # float32 sums, also under autocast
+        for i, (y0, x0) in enumerate(chunk):
+            total[..., y0 : y0 + wh, x0 : x0 + ww] += out[i * b : (i + 1) * b].float()
+            count[..., y0 : y0 + wh, x0 : x0 + ww] += 1
+    return (total / count)[..., :h, :w]  # (B, K, H, W)
+
+
+def _mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """Reflect padding of any width (repeated reflection when the margin exceeds the image)."""
+    while left or right or top or bottom:
+        h, w = x.shape[-2:]
+        if h == 1 or w == 1:
+            return F.pad(x, (left, right, top, bottom), mode="replicate")
+        step = (min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1))
+        x = F.pad(x, step, mode="reflect")  # (B, C, H + top' + bottom', W + left' + right')
+        left, right, top, bottom = left - step[0], right - step[1], top - step[2], bottom - step[3]
+    return x
+
+
+def _overlap_tile(model: nn.Module, x: torch.Tensor, window: tuple[int, int], batch_size: int) -> torch.Tensor:
+    """U-Net's overlap-tile strategy for a valid-convolution model. Shape: (B, C, H, W) -> (B, K, H, W).
+
+    `window` is rounded up to the next legal input tile (`model.valid_input_size`); each tile's
+    output (tile - margin) is written once, so tiles meet without seams and without averaging.
+    """
+    b, _, h, w = x.shape
+    margin = int(model.margin)
+    tin = [model.valid_input_size(max(1, s - margin)) for s in window]  # legal input tile (H, W)
+    tout = [s - margin for s in tin]  # its output
+    ny, nx = math.ceil(h / tout[0]), math.ceil(w / tout[1])
+    ctx = margin // 2
+    x = _mirror_pad(x, ctx, nx * tout[1] - w + margin - ctx, ctx, ny * tout[0] - h + margin - ctx)
+    boxes = [(i, j) for i in range(ny) for j in range(nx)]
+    total = None
+    for chunk in _batched(boxes, max(1, batch_size // b)):
+        tiles = torch.cat([x[..., i * tout[0] : i * tout[0] + tin[0], j * tout[1] : j * tout[1] + tin[1]]
+                           for i, j in chunk])  # (n*B, C, tin_h, tin_w)
+        out = model.forward_valid(tiles)  # (n*B, K, tout_h, tout_w)
+        if total is None:
+            total = torch.zeros(b, out.shape[1], ny * tout[0], nx * tout[1], device=x.device)
+        for k, (i, j) in enumerate(chunk):
+            total[..., i * tout[0] : (i + 1) * tout[0], j * tout[1] : (j + 1) * tout[1]] = out[k * b : (k + 1) * b]
+    return total[..., :h, :w]  # (B, K, H, W)
+
+
+def _is_valid_conv(model: nn.Module) -> bool:
+    return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    mode: str = "whole",
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    num_classes: int | None = None,
+    size_divisor: int | None = None,
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """Class scores for normalised images at their own size, by one of three modes.
+
+    Args:
+        model: returns logits (B, K, h, w) for (B, C, h, w) (resized to the input if smaller).
+        image: normalised float images on the model's device.
+        mode: "whole" (one pass), "slide" (windows of `window` every `stride`, overlaps averaged;
+            images smaller than the window are zero-padded, i.e. with the mean colour) or
+            "multiscale" (each of `scales`: resize bilinearly, predict — sliding when `window` is
+            given — and resize the logits back; the maps are averaged).
+        window: (H, W) window for slide (and optionally multiscale); for a valid-convolution U-Net
+            the input tile, rounded up to a legal size.
+        stride: (H, W) window step; default 2/3 of the window (1/3 overlap).
+        scales: multiscale factors (DeepLab: 0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
+        flip: also predict the horizontally flipped image and average with it (per scale).
+        num_classes: if given, the model's output channels are checked against it.
+        size_divisor: pad each forward input to a multiple of this (zeros) and crop back.
+        batch_size: windows per forward pass (times the image batch), bounding memory.
+
+    Returns:
+        Averaged logits.
+
+    Shape:
+        (B, C, H, W) -> (B, K, H, W).
+    """
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if image.ndim != 4:
+        raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    if mode == "slide" and window is None:
+        raise UserError("--mode slide needs a window size: give --window H W")
+    if window is not None:
+        window = (int(window[0]), int(window[1]))
+        if min(window) < 1:
+            raise UserError(f"--window {window[0]} {window[1]}: sizes must be positive")
+        if stride is None:
+            stride = (max(1, math.ceil(window[0] * 2 / 3)), max(1, math.ceil(window[1] * 2 / 3)))
+        stride = (int(stride[0]), int(stride[1]))
+        if not (0 < stride[0] <= window[0] and 0 < stride[1] <= window[1]):
+            raise UserError(f"--stride {stride[0]} {stride[1]} must be positive and at most the window "
+                            f"{window[0]} {window[1]}, or pixels between windows get no prediction")
+    if mode == "multiscale" and (not scales or min(scales) <= 0):
+        raise UserError(f"--scales {list(scales)}: give one or more positive factors, e.g. 0.5 1.0 1.5")
+
+    def single(x: torch.Tensor) -> torch.Tensor:
+        if window is not None and mode != "whole":
+            if _is_valid_conv(model):
+                return _overlap_tile(model, x, window, batch_size)
+            return _slide(model, x, window, stride, batch_size, size_divisor)
+        return _run(model, x, size_divisor)
+
+    def with_flip(x: torch.Tensor) -> torch.Tensor:
+        y = single(x)
+        if flip:
+            y = (y + single(x.flip(-1)).flip(-1)) / 2  # (B, K, H, W)
+        return y
+
+    if mode != "multiscale":
+        return _check_classes(with_flip(image), num_classes)
+    h, w = image.shape[-2:]
+    total = None
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear",
+                                                      align_corners=False)  # (B, C, sH, sW)
+        y = with_flip(x)
+        if y.shape[-2:] != (h, w):
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)  # (B, K, H, W)
+        total = y.float() if total is None else total + y
+    return _check_classes(total / len(scales), num_classes)
+
+
+def _check_classes(logits: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"the model returned {logits.shape[1]} class maps, expected num_classes={num_classes}")
+    return logits

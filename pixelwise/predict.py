@@ -1,0 +1,102 @@
+"""`pixelwise predict`: segment image files or folders into class-index PNGs and colour overlays.
+
+For each input `x.ext` it writes `OUT/masks/x.png` (a palette-mode PNG: pixel value = class index,
+palette = the weights' class colours) and `OUT/overlays/x.png` (the colours blended over the image).
+Every file is written atomically. Inputs are checked before any work: a missing file, an empty
+folder or two inputs with the same stem stop the run with one line. A file that cannot be read
+stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from pixelwise.data.imageio import IMAGE_EXTENSIONS
+from pixelwise.errors import UserError
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given and the image files of folders (sorted, not recursive), checked for clashes."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise UserError(f"{p}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                "give a folder with images or image files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder; check the path")
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen and seen[f.stem].resolve() != f.resolve():
+            raise UserError(f"{seen[f.stem]} and {f} would both be written as {f.stem}.png; "
+                            "rename one or predict them into different --out folders")
+        seen[f.stem] = f
+    return list(dict.fromkeys(seen.values()))
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """`pixelwise predict --weights W INPUT... --out DIR`."""
+    from tqdm import tqdm
+
+    from pixelwise.data.imageio import read_image
+    from pixelwise.evaluate import inference_window, write_bad_files
+    from pixelwise.inference import normalize, predict_logits, resolve_device
+    from pixelwise.palette import overlay, save_index_png, save_rgb_png
+    from pixelwise.weights import load_weights
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha {args.alpha}: give an opacity between 0 and 1")
+    files = collect_inputs(args.inputs)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if args.crf:
+        from pixelwise.crf import crf_kwargs, dense_crf
+
+        crf_args = crf_kwargs(args.crf_preset)
+    device = resolve_device(args.device)
+    model, meta = load_weights(args.weights, device)
+    channels = int(meta.model_kwargs.get("in_channels", 3))
+    if channels != 3:
+        raise UserError(f"{args.weights}: the model takes {channels}-channel input but predict feeds RGB images; "
+                        "use weights of a 3-channel model")
+    window = inference_window(args, meta.extra)
+    stride = tuple(args.stride) if args.stride else None
+    bad: list[tuple[str, str]] = []
+    written = 0
+    # the bar is shown on terminals only and cleared on exit, so an error stays a single clean line
+    with tqdm(files, desc="predict", unit="image", leave=False, disable=None) as bar:
+        for path in bar:
+            try:
+                image = read_image(path)  # (H, W, 3) uint8
+            except UserError as e:
+                if not args.skip_bad:
+                    raise
+                bad.append((str(path), str(e)))
+                continue
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
+            logits = predict_logits(model, normalize(x, meta.mean, meta.std), mode=args.mode, window=window,
+                                    stride=stride, scales=args.scales, flip=args.flip,
+                                    num_classes=meta.num_classes).float()  # (1, K, H, W)
+            if args.crf:
+                logits = dense_crf(logits.softmax(1), x, **crf_args)  # refined probabilities, same argmax role
+            labels = logits.argmax(1)[0].cpu().numpy()  # (H, W)
+            save_index_png(out / "masks" / f"{path.stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
+            save_rgb_png(out / "overlays" / f"{path.stem}.png",
+                         overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index))
+            written += 1
+    if bad:
+        write_bad_files(out, bad)
+    if written == 0:
+        raise UserError(f"none of the {len(files)} inputs could be read; see {out / 'bad_files.txt'}")
+    print(f"wrote {written} masks to {out / 'masks'} and overlays to {out / 'overlays'}"
+          + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else ""))
+    return 0

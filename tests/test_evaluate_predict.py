@@ -1,0 +1,183 @@
+"""`pixelwise evaluate` / `pixelwise predict` through the CLI: outputs, and one-line errors for bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise.cli import main
+from pixelwise.data import CamVid, raw_transforms
+from pixelwise.inference import normalize, predict_logits
+from pixelwise.metrics import ConfusionMatrix
+
+KW = {"base_channels": 2, "depth": 1, "padding": "same"}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from pixelwise.models import get_model
+    from pixelwise.weights import save_weights
+
+    torch.manual_seed(0)
+    model = get_model("unet", num_classes=11, **KW)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_weights(path, model, model_name="unet", model_kwargs=KW, classes=CamVid.classes, palette=CamVid.palette)
+    return path
+
+
+def _camvid(root, n=3, h=20, w=28):
+    rng = np.random.default_rng(0)
+    for split in ("val",):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / f"f{i}.png")
+            Image.fromarray(rng.integers(0, 12, (h, w), dtype=np.uint8)).save(root / f"{split}annot" / f"f{i}.png")
+    return root
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_evaluate_writes_metrics_matching_a_direct_computation(tmp_path, weights, capsys):
+    data = _camvid(tmp_path / "camvid")
+    rc, out, _ = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
+                      "--out", tmp_path / "ev", "--batch-size", "2")
+    assert rc == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in ("pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "dice", "mean_dice", "boundary_f1"):
+        assert key in m
+    assert m["num_images"] == 3 and m["classes"] == CamVid.classes and len(m["per_class_iou"]) == 11
+    assert "Bicyclist" in out and "mean" in out
+    from pixelwise.weights import load_weights
+
+    model, meta = load_weights(weights)
+    cm = ConfusionMatrix(11)
+    for image, mask in CamVid(data, "val", transforms=raw_transforms()):
+        cm.update(predict_logits(model, normalize(image[None], meta.mean, meta.std)), mask[None])
+    ref = cm.compute()
+    assert math.isclose(m["miou"], ref["miou"], rel_tol=1e-9) and math.isclose(m["pixel_acc"], ref["pixel_acc"])
+
+
+def test_evaluate_slide_flip_crf_runs(tmp_path, weights, capsys):
+    data = _camvid(tmp_path / "camvid", n=1, h=12, w=16)
+    rc, _, err = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
+                      "--out", tmp_path, "--mode", "slide", "--window", "8", "8", "--flip", "--crf",
+                      "--crf-preset", "deeplab_resnet")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["mode"] == "slide" and m["window"] == [8, 8] and m["crf"] == "deeplab_resnet" and m["flip"]
+
+
+def test_evaluate_bad_samples_stop_or_are_skipped(tmp_path, weights, capsys):
+    data = _camvid(tmp_path / "camvid")
+    (data / "val" / "f1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rc, _, err = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
+                      "--out", tmp_path / "ev")
+    _one_line_error(rc, err, "f1.png", "cannot read")
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+    rc, out, _ = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
+                      "--out", tmp_path / "ev", "--skip-bad", "--workers", "1")
+    assert rc == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["num_images"] == 2 and m["skipped"][0].endswith("f1.png")
+    report = json.loads((tmp_path / "ev" / "bad_files.json").read_text())
+    assert report[0]["file"].endswith("f1.png") and "cannot read" in report[0]["error"]
+    assert "f1.png\t" in (tmp_path / "ev" / "bad_files.txt").read_text()
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("size", ["f0.png is 28x20 but its label map", "is 27x20"]),
+    ("label", ["label value 40 is outside 0..10"]),
+    ("rgb_mask", ["colour RGB image with 3 channels"]),
+])
+def test_evaluate_bad_pairs_are_one_line_errors(tmp_path, weights, capsys, damage, needles):
+    data = _camvid(tmp_path / "camvid", n=1)
+    label = data / "valannot" / "f0.png"
+    if damage == "size":
+        Image.fromarray(np.zeros((20, 27), dtype=np.uint8)).save(label)
+    elif damage == "label":
+        Image.fromarray(np.full((20, 28), 40, dtype=np.uint8)).save(label)
+    else:
+        rgb = np.zeros((20, 28, 3), dtype=np.uint8)
+        rgb[0, 0] = (1, 2, 3)
+        Image.fromarray(rgb).save(label)
+    rc, _, err = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
+                      "--out", tmp_path / "ev")
+    _one_line_error(rc, err, *needles)
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--dataset", "camvd"], ["did you mean 'camvid'"]),
+    (["--dataset", "camvid", "--split", "test"], ["CamVid split 'test'"]),
+    (["--dataset", "camvid", "--weights", "nope.safetensors"], ["nope.safetensors", "no such file"]),
+])
+def test_evaluate_bad_arguments(tmp_path, weights, capsys, argv, needles):
+    data = _camvid(tmp_path / "camvid", n=1)
+    base = ["evaluate", "--weights", weights, "--data", data]
+    rc, _, err = _run(capsys, *base, *argv)
+    _one_line_error(rc, err, *needles)
+
+
+def test_predict_writes_palette_masks_and_overlays(tmp_path, weights, capsys):
+    data = _camvid(tmp_path / "camvid", n=2)
+    single = tmp_path / "single.jpg"
+    Image.fromarray(np.full((10, 14, 3), 90, dtype=np.uint8)).save(single)
+    out = tmp_path / "pred"
+    rc, stdout, _ = _run(capsys, "predict", "--weights", weights, data / "val", single, "--out", out, "--alpha", "1")
+    assert rc == 0 and "wrote 3 masks" in stdout
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["f0.png", "f1.png", "single.png"]
+    mask = Image.open(out / "masks" / "single.png")
+    assert mask.mode == "P" and mask.size == (14, 10)
+    labels = np.asarray(mask)
+    assert labels.max() <= 10
+    palette = np.asarray(mask.getpalette()[: 33]).reshape(11, 3)
+    assert (palette == np.asarray(CamVid.palette)).all()
+    overlay = np.asarray(Image.open(out / "overlays" / "single.png"))
+    assert overlay.shape == (10, 14, 3) and (overlay == palette[labels]).all()  # alpha 1: pure class colours
+    from pixelwise.weights import load_weights
+
+    model, meta = load_weights(weights)
+    x = torch.from_numpy(np.asarray(Image.open(single).convert("RGB")).copy()).permute(2, 0, 1)[None]
+    assert (predict_logits(model, normalize(x, meta.mean, meta.std)).argmax(1)[0].numpy() == labels).all()
+
+
+def test_predict_bad_inputs(tmp_path, weights, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(good.read_bytes()[:40])
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "predict", "--weights", weights, tmp_path / "missing.png", "--out", out)
+    _one_line_error(rc, err, "missing.png", "no such file")
+    rc, _, err = _run(capsys, "predict", "--weights", weights, tmp_path / "empty", "--out", out)
+    _one_line_error(rc, err, "empty", "holds no images")
+    rc, _, err = _run(capsys, "predict", "--weights", weights, bad, good, "--out", out)
+    _one_line_error(rc, err, "bad.png", "cannot read")
+    assert not out.exists()  # the bad file came first: nothing written
+    rc, stdout, _ = _run(capsys, "predict", "--weights", weights, bad, good, "--out", out, "--skip-bad")
+    assert rc == 0 and "skipped 1 bad files" in stdout
+    assert (out / "masks" / "good.png").is_file() and not (out / "masks" / "bad.png").exists()
+    assert (out / "bad_files.txt").read_text().startswith(str(bad))
+    other = tmp_path / "sub"
+    other.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(other / "good.jpg")
+    rc, _, err = _run(capsys, "predict", "--weights", weights, good, other / "good.jpg", "--out", out)
+    _one_line_error(rc, err, "would both be written as good.png")
+    rc, _, err = _run(capsys, "predict", "--weights", weights, good, "--out", out, "--device", "tpu")
+    _one_line_error(rc, err, "--device 'tpu'")
