@@ -125,6 +125,10 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from pixelwise.models import get_model
 
     meta = read_weights_meta(path)
+    for key in ("weights_backbone", "init_from"):  # save_weights never stores them: a file must not name files
+        if key in meta.model_kwargs:
+            raise UserError(f"{path}: metadata model_kwargs names {key}={meta.model_kwargs[key]!r}; a weights file "
+                            "holds its own tensors and may not point at other files — re-save it with pixelwise")
     model = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
     try:
         state = load_file(str(path), device="cpu")

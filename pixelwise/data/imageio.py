@@ -4,6 +4,12 @@ Images become RGB `uint8` arrays (H, W, 3), turned upright by their EXIF orienta
 become exact integer arrays (H, W): 'L' and 'P' PNGs give their stored indices (a palette PNG is
 never converted to colours), 16-bit PNGs give their 16-bit values. Pillow's decompression-bomb
 guard is kept on with an explicit limit, and truncated files are errors, not grey rows.
+
+EXIF orientation is applied to every file that carries it, label maps included, so a photo and a
+label map stored in the same frame with the same tag stay aligned; an untagged label map is taken
+as drawn on the upright photo. A PNG label map has every chunk CRC checked (Pillow skips those of
+the pixel data), so a damaged file is an error rather than a map with wrong classes. Only the
+decoders in PIL_FORMATS are ever tried, whatever a file is named.
 """
 
 from __future__ import annotations
