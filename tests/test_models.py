@@ -15,6 +15,7 @@ TINY = {
     "fcn8s": {"width_div": 16, "fc_channels": 32},
     "segnet": {"width_div": 16},
     "segnet_basic": {"encoder_channels": 8, "decoder_channels": 8},
+    "fcn_basic": {"encoder_channels": 8},
     "unet": {"base_channels": 4, "padding": "same"},
 }
 

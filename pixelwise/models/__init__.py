@@ -19,7 +19,7 @@ from pixelwise.models.deeplab import (
 )
 from pixelwise.models.fcn import fcn8s, fcn16s, fcn32s
 from pixelwise.models.fcn_resnet import fcn_resnet50, fcn_resnet101
-from pixelwise.models.segnet import segnet, segnet_basic
+from pixelwise.models.segnet import fcn_basic, segnet, segnet_basic
 from pixelwise.models.unet import unet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -30,6 +30,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn_resnet101": fcn_resnet101,
     "segnet": segnet,
     "segnet_basic": segnet_basic,
+    "fcn_basic": fcn_basic,
     "unet": unet,
     "deeplab_v1": deeplab_v1,
     "deeplab_v2": deeplab_v2,

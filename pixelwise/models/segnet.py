@@ -16,7 +16,13 @@ is told the size its encoder stage had before pooling, so any input size (e.g. 4
 The decoder's upsampling can be any ``pixelwise.layers.make_upsample`` kind, which gives the paper's
 "Bilinear-Interpolation" variant (``upsample="bilinear"``); ``segnet_basic`` also has the decoder
 width (``decoder_channels``) and SegNet-Basic-SingleChannelDecoder (``single_channel_decoder=True``,
-each decoder filter sees one channel). FCN-Basic is not offered: see the note in ``segnet_basic``.
+each decoder filter sees one channel).
+
+* ``fcn_basic``: the paper's FCN-Basic (Sec. 3.1, Fig. 3 right, Table 1): SegNet-Basic's encoder with
+  FCN's decoder, which uses no pooling indices and has no decoder convolutions: 1x1 convs reduce the
+  pooled encoder maps to K channels, and 4 learned 8x8 deconvolutions (bilinear-initialised) upsample
+  2x each, adding the reduced pooled map of the same resolution after the first three. Its flags give
+  the table's FCN-Basic-NoAddition, -NoDimReduction and -NoAddition-NoDimReduction rows.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch.nn as nn
 
 from pixelwise.encoders.vgg import VGGEncoder
 from pixelwise.errors import UserError
-from pixelwise.layers import ConvNormAct, make_upsample
+from pixelwise.layers import ConvNormAct, bilinear_kernel, make_upsample
 
 Features = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]
 
@@ -182,9 +188,7 @@ def segnet_basic(
             single channel (a depthwise 7x7 conv); needs ``decoder_channels == encoder_channels``.
         lrn: LRN on the input, as in the released ``segnet_basic_train.prototxt``.
 
-    The paper's FCN-Basic (an FCN decoder on this encoder, with 1x1-reduced encoder maps added
-    after each upsampling) is not built here: how its decoder convolutions sit relative to the
-    additions is not specified precisely enough to reproduce it.
+    The paper's FCN-Basic decoder variants on this encoder are built by ``fcn_basic``.
 
     Shape:
         (B, 3, H, W) -> (B, K, H, W), any H and W.
@@ -210,3 +214,160 @@ def segnet_basic(
     decoder = SegNetDecoder(stages, [encoder_channels] + [decoder_channels] * 3, upsample)
     classifier = nn.Conv2d(decoder_channels, num_classes, 1)
     return SegNet(encoder=encoder, decoder=decoder, classifier=classifier)
+
+
+class FCNBasicUpsample(nn.Module):
+    """FCN-Basic's learned 2x upsampling: a transposed conv with 8x8 multi-channel kernels, no bias.
+
+    Sec. 3.1: "upsampling is performed by inverse convolution using a fixed or trainable multi-channel
+    upsampling kernel. We set the kernel size to 8 x 8", "initialized using bilinear interpolation
+    weights". Every (input, output) channel pair has its own 8x8 kernel (C * C * 64 weights). At
+    initialisation channel c only feeds channel c, through FCN's 4x4 bilinear filter for a factor of 2
+    placed at the centre of the 8x8 kernel: the layer then equals ``make_upsample("transposed", C, C,
+    2, init="bilinear")`` exactly (bilinear 2x upsampling; the outer row and column see zeros beyond
+    the image), and training may widen its footprint to the full 8x8.
+
+    Args:
+        channels: input and output channels.
+
+    Shape:
+        (B, C, h, w) -> (B, C, 2h, 2w), or (B, C, *output_size) with output_size <= (2h, 2w) (the
+        pre-pool size of a ceil-mode 2x2 pool: the bottom row / right column are dropped when odd).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # padding 3: (h - 1) * 2 - 2 * 3 + 8 = 2h outputs, each 2x2 block under its input pixel.
+        self.up = nn.ConvTranspose2d(channels, channels, 8, stride=2, padding=3, bias=False)
+        with torch.no_grad():
+            self.up.weight.zero_()
+            filt = bilinear_kernel(4)
+            for c in range(channels):
+                self.up.weight[c, c, 2:6, 2:6] = filt
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor | None = None, output_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        y = self.up(x)  # (B, C, 2h, 2w)
+        if output_size is None:
+            return y
+        return y[..., : output_size[0], : output_size[1]]  # (B, C, *output_size), top-left aligned
+
+
+class FCNBasicDecoder(nn.Module):
+    """FCN-Basic's decoder (Sec. 3.1, Fig. 3 right): 4 x (learned 2x deconvolution, + encoder map).
+
+    The deepest pooled encoder map (H/16), reduced to K channels by a 1x1 conv, is the decoder's input.
+    Each decoder upsamples 2x with an 8x8 deconvolution; the first three then add, element-wise, the
+    pooled map of the shallower encoder at that resolution (H/8, H/4, H/2), reduced by its own 1x1
+    conv; the last one upsamples to the input size, where no pooled map exists. There are no other
+    decoder filters, no BatchNorm and no ReLU.
+
+    Args:
+        encoder_channels: channels of the pooled encoder maps (64).
+        num_classes: K, the width of the reduced maps and of the decoder with ``dim_reduction``.
+        dim_reduction: reduce the encoder maps with 1x1 convs to K channels; False uses them as they
+            are, so the decoder runs at ``encoder_channels`` (FCN-Basic-NoDimReduction).
+        skip_addition: add the (reduced) encoder maps; False keeps only the upsampling kernels
+            (FCN-Basic-NoAddition).
+
+    Attributes:
+        out_channels: K with ``dim_reduction``, else ``encoder_channels``.
+
+    Shape:
+        4 pooled maps (B, encoder_channels, ~H/2^i, ~W/2^i), i = 1..4, high to low resolution, and the
+        pre-pool sizes of the 4 encoder stages -> (B, out_channels, H, W).
+    """
+
+    def __init__(self, *, encoder_channels: int, num_classes: int, dim_reduction: bool, skip_addition: bool) -> None:
+        super().__init__()
+        self.out_channels = num_classes if dim_reduction else encoder_channels
+
+        def reduce() -> nn.Module:
+            return nn.Conv2d(encoder_channels, num_classes, 1) if dim_reduction else nn.Identity()
+
+        self.reduce_input = reduce()  # on pool4, the decoder's input
+        self.reduce_skips = nn.ModuleList([reduce() for _ in range(3)] if skip_addition else [])  # pool3, 2, 1
+        self.ups = nn.ModuleList([FCNBasicUpsample(self.out_channels) for _ in range(4)])
+
+    def forward(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
+        x = self.reduce_input(features[-1])  # (B, C, H/16, W/16)
+        skips = [reduce(f) for reduce, f in zip(self.reduce_skips, features[-2::-1], strict=False)]  # H/8, /4, /2
+        for i, (up, size) in enumerate(zip(self.ups, reversed(sizes), strict=True)):
+            x = up(x, output_size=size)  # (B, C, *size): H/8, H/4, H/2, then H
+            if i < len(skips):
+                x = x + skips[i]  # the reduced pooled map of the same resolution
+        return x
+
+
+class FCNBasic(nn.Module):
+    """SegNet-Basic's encoder -> FCN decoder (no pooling indices) -> optional 1x1 classifier.
+
+    Build it with ``fcn_basic``.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(self, *, encoder: SegNetBasicEncoder, decoder: FCNBasicDecoder, classifier: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats, _, sizes = self.encoder(x)  # pooled maps high -> low res (indices unused), pre-pool sizes
+        y = self.decoder(feats, sizes)  # (B, C, H, W)
+        return self.classifier(y)  # (B, K, H, W)
+
+
+def fcn_basic(
+    *,
+    num_classes: int,
+    skip_addition: bool = True,
+    dim_reduction: bool = True,
+    encoder_channels: int = 64,
+    lrn: bool = True,
+) -> FCNBasic:
+    """FCN-Basic and its variants (Badrinarayanan et al., TPAMI 2017, Sec. 3.1, Fig. 3, Table 1).
+
+    SegNet-Basic's encoder (4 x 7x7 conv, BN, ReLU, 2x2 max-pool) with the FCN decoding technique:
+    1x1 dimensionality reduction of the pooled encoder maps to K channels, 4 learned 2x deconvolutions
+    with 8x8 kernels initialised as bilinear upsampling, and after the first three the element-wise
+    addition of the reduced pooled map of that resolution (see ``FCNBasicDecoder``). The decoder's
+    K-channel output is the score map ("there are no trainable decoder filters in FCN", Fig. 3).
+
+    Table 1 rows (parameters here at K = 11 vs the paper's):
+        FCN-Basic (defaults): 0.646 M (0.65 M);
+        FCN-Basic-NoAddition (``skip_addition=False``): 0.644 M (0.65 M);
+        FCN-Basic-NoDimReduction (``dim_reduction=False``): 1.661 M (1.625 M);
+        FCN-Basic-NoAddition-NoDimReduction (both False): 1.661 M (1.625 M).
+    Without dimensionality reduction the decoder runs at ``encoder_channels`` and a 1x1 conv to the K
+    class scores follows it (the soft-max classifier's input must have K channels).
+
+    Left open by the paper and chosen here: the added maps are the pooled (post-subsampling) encoder
+    outputs (Fig. 3's caption; the storage column counts the first pooled map, 180 x 240 for a
+    360 x 480 input), so the last upsampling to the input size adds nothing; the 1x1 reductions have
+    biases (FCN's score layers do), the deconvolutions none (FCN's upsampling layers); the bilinear
+    initialisation of an 8x8 kernel at stride 2 is the 2x bilinear filter centred in it (see
+    ``FCNBasicUpsample``); other layers keep PyTorch's default initialisation, as ``segnet_basic``.
+
+    Args:
+        num_classes: K.
+        skip_addition: add the reduced encoder maps after upsampling (False: FCN-Basic-NoAddition).
+        dim_reduction: reduce the encoder maps to K channels (False: FCN-Basic-NoDimReduction).
+        encoder_channels: filters per encoder layer (64).
+        lrn: LRN on the input, as in the released ``segnet_basic_train.prototxt``.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W), any H and W.
+    """
+    encoder = SegNetBasicEncoder(channels=encoder_channels, lrn=lrn)
+    decoder = FCNBasicDecoder(
+        encoder_channels=encoder_channels,
+        num_classes=num_classes,
+        dim_reduction=dim_reduction,
+        skip_addition=skip_addition,
+    )
+    classifier = nn.Identity() if dim_reduction else nn.Conv2d(encoder_channels, num_classes, 1)
+    return FCNBasic(encoder=encoder, decoder=decoder, classifier=classifier)
