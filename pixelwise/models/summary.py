@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Parameter counts the papers report (None where the paper gives none), for the comparison column.
+# Parameter counts the papers report, in millions, with the class count they were reported for.
 PAPER_PARAMS_M = {
-    "fcn8s": 134.0,       # Long et al. 2015, Table 1 (VGG16 FCN, 21 classes)
-    "segnet": 29.4,       # Badrinarayanan et al. 2017, Table 6
-    "unet": 31.0,         # commonly quoted for the 572x572 U-Net (Ronneberger et al. 2015 give no count)
-    "deeplab_v1": 20.5,   # Chen et al. 2015, DeepLab-LargeFOV, Table 2
+    "fcn8s": (134.0, 21),          # Long et al. 2015, Table 1 (FCN-VGG16, PASCAL VOC)
+    "segnet": (29.4, 11),          # Badrinarayanan et al. 2017, Table 6 (CamVid)
+    "segnet_basic": (1.425, 11),   # Badrinarayanan et al. 2017, Table 1
+    "fcn_basic": (0.65, 11),       # Badrinarayanan et al. 2017, Table 1
+    "unet": (31.0, 2),             # the usual count for the 572x572 U-Net; Ronneberger et al. 2015 give none
+    "deeplab_v1": (20.5, 21),      # Chen et al. 2015, DeepLab-LargeFOV, Table 2
 }
 
 
@@ -46,13 +48,14 @@ def model_table(*, num_classes: int = 21, size: int = 512, flops: bool = True) -
     """A plain-text table: model, parameters (ours and the paper's) and GFLOPs at size x size."""
     from pixelwise.models import MODELS
 
-    header = f"{'model':<26}{'params (M)':>12}{'paper (M)':>11}{f'GFLOPs@{size}':>14}"
+    header = f"{'model':<26}{'params (M)':>12}{'paper (M @ classes)':>21}{f'GFLOPs@{size}':>14}"
     lines = [header, "-" * len(header)]
     for name in MODELS:
         with torch.device("meta"):
             n = count_params(MODELS[name](num_classes=num_classes))
         paper = PAPER_PARAMS_M.get(name)
+        paper_text = f"{paper[0]} @ {paper[1]}" if paper else "-"
         g = f"{count_flops(name, num_classes, size) / 1e9:.1f}" if flops else "-"
-        lines.append(f"{name:<26}{n / 1e6:>12.2f}{paper if paper else '-':>11}{g:>14}")
+        lines.append(f"{name:<26}{n / 1e6:>12.2f}{paper_text:>21}{g:>14}")
     lines.append(f"({num_classes} classes; FLOPs = 2 x multiply-accumulates, one {size}x{size} image, eval mode)")
     return "\n".join(lines)
