@@ -1,0 +1,356 @@
+"""Training configuration: one dataclass per concern, loaded from YAML that maps 1:1 onto the fields.
+
+A YAML file has up to seven sections (model, data, train, loss, eval, crf, output); every key is
+a field below, every field has a default. `--set section.field=value` overrides a field, the value
+parsed as a YAML scalar or list (`--set data.crop_size=[256,256]`); a builder's own keyword
+arguments live in `model.kwargs` (`--set model.kwargs.base_channels=16`). There is no inheritance
+between files and nothing is ever executed: an unknown key or a wrong type is a UserError naming it.
+Relative paths (data.root, output.dir, model.kwargs.weights_backbone) are relative to the working
+directory of the command, not to the YAML file; the shipped configs assume the repository root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pixelwise.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (see `pixelwise models`)."""
+
+    name: str = "unet"  # small and fast to train from scratch: a sensible default for new data
+    kwargs: dict[str, Any] = field(default_factory=dict)  # builder keywords besides num_classes, e.g. base_channels
+    # FCN staged training (Long et al. 2015, §4.2): e.g. [fcn32s, fcn16s, fcn8s], each stage trained for
+    # train.epochs and initialised from the previous stage's best weights; empty = train `name` once
+    stages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    dataset: str = "synthetic"  # built-in shapes need no download; camvid, voc, cityscapes, ade20k, isbi2012, folder
+    root: str = ""  # data set folder; unused by synthetic
+    train_split: str = "train"  # the split names every built-in data set uses
+    val_split: str = "val"  # tune on val; test splits are for final numbers only
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keywords (e.g. synthetic num_images)
+    max_train_images: int = 0  # 0 = all; a small number gives a quick smoke run on real data
+    max_val_images: int = 0  # 0 = all; a small number keeps frequent validation cheap
+    crop_size: list[int] = field(default_factory=lambda: [256, 256])  # (H, W) random crop; fixed batch shapes
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale (DeepLab's); [1, 1] = off
+    flip: bool = True  # random left-right flips keep street and object semantics
+    rotation: float = 0.0  # random rotation up to +-N degrees; off: the photo papers do not rotate
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; off: none of the papers jitter
+    elastic: bool = False  # elastic deformation: the U-Net paper's key augmentation for EM, off for photos
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet: the backbones' statistics
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # ImageNet, as mean
+    batch_size: int = 8  # fits a 256x256 crop of the larger models in a few GB
+    workers: int = 2  # loader processes; 0 loads in the training process (debugging)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: optimiser, schedule, precision, reproducibility."""
+
+    epochs: int = 50  # passes over the training set (per stage when model.stages is set)
+    optimizer: str = "sgd"  # sgd (+momentum) as FCN/SegNet/DeepLab; adamw for quick from-scratch runs
+    lr: float = 0.01  # DeepLab's base rate with the poly schedule
+    momentum: float = 0.9  # SGD momentum of every paper here
+    weight_decay: float = 5e-4  # FCN/SegNet/DeepLab v1-v2 use 5e-4
+    schedule: str = "poly"  # poly: lr * (1 - step/total)^power (DeepLab v2+); constant (SegNet, FCN); step (v1)
+    poly_power: float = 0.9  # DeepLab's power
+    step_every: int = 2000  # step schedule: multiply the lr by step_gamma every N optimiser steps (DeepLab v1)
+    step_gamma: float = 0.1  # DeepLab v1's factor
+    warmup_steps: int = 0  # linear warm-up from 0; helps AdamW and large batches, not needed for SGD recipes
+    grad_accum: int = 1  # micro-batches per optimiser step: effective batch = data.batch_size * grad_accum
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (none of the papers clip)
+    amp: str = "none"  # none | fp16 | bf16 mixed precision, CUDA only (bf16 autocast on CPU is refused)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    seed: int = 0  # seeds weights, data order, augmentation and dropout
+    deterministic: bool = False  # deterministic kernels: bit-exact reruns at some speed cost
+    sync_bn: bool = False  # torchrun DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
+
+
+@dataclass
+class LossConfig:
+    """The training loss (pixelwise.losses)."""
+
+    name: str = "cross_entropy"  # cross_entropy | unet_weight_map | dice | lovasz_softmax | ohem
+    # none | median_frequency (computed from the train split, as SegNet) | a list of one weight per class
+    class_weights: str | list[float] = "none"
+    aux_weight: float = 0.5  # auxiliary head loss factor (models built with aux=True), torchvision's value
+    w0: float = 10.0  # U-Net weight map: border weight (Ronneberger et al. 2015)
+    sigma: float = 5.0  # U-Net weight map: border width in pixels (paper: ~5)
+    dice_smooth: float = 1.0  # keeps absent classes at loss 0 rather than 0/0
+    lovasz_classes: str = "present"  # present | all: average over classes in the batch (Berman et al. default)
+    lovasz_per_image: bool = False  # the reference default treats the batch as one image
+    ohem_thresh: float = 0.7  # keep pixels whose true-class probability is below this (PSPNet-style OHEM)
+    ohem_min_kept: int = 100_000  # ...but at least this many hardest pixels per batch
+
+
+@dataclass
+class EvalConfig:
+    """Validation during and after training."""
+
+    every_epochs: int = 1  # validate every N epochs and after the last; 0 = only at the end, keep the last weights
+    mode: str = "whole"  # whole image; slide windows for images larger than the crop; multiscale (DeepLab)
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])  # multiscale: DeepLab's
+    window: list[int] = field(default_factory=list)  # slide mode (H, W); empty = data.crop_size
+    stride: list[int] = field(default_factory=list)  # slide mode (H, W); empty = 2/3 of the window
+    flip: bool = False  # average with the flipped prediction: a small gain at twice the cost
+    batch_size: int = 1  # images differ in size in most data sets; 1 always works
+
+
+@dataclass
+class CRFConfig:
+    """Dense CRF post-processing of the final validation (DeepLab v1/v2)."""
+
+    enabled: bool = False  # slow (seconds per image on CPU); DeepLab v1/v2 report numbers with it
+    preset: str = "deeplab_vgg"  # deeplab_vgg | deeplab_resnet | pydensecrf parameter sets
+    iterations: int = 10  # mean-field iterations (DeepLab uses 10)
+
+
+@dataclass
+class OutputConfig:
+    """What a run writes and how often."""
+
+    dir: str = "runs/default"  # every file of the run goes here
+    checkpoint_every_steps: int = 0  # also write last.pt every N optimiser steps (resume mid-epoch); 0 = epoch ends
+    log_every_steps: int = 10  # a metrics.jsonl line (loss, lr, images/s) every N optimiser steps
+    report: bool = True  # report.html with curves, confusion matrix and example predictions at the end
+    report_images: int = 4  # validation images shown in the report
+    progress: bool = True  # tqdm bars; off for logs that are files
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# fields whose value must be one of a few names
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("poly", "constant", "step"),
+    "train.amp": ("none", "fp16", "bf16"),
+    "loss.name": ("cross_entropy", "unet_weight_map", "dice", "lovasz_softmax", "ohem"),
+    "loss.lovasz_classes": ("present", "all"),
+    "eval.mode": ("whole", "slide", "multiscale"),
+    "crf.preset": ("deeplab_vgg", "deeplab_resnet", "pydensecrf"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"config {path}: cannot read it ({e.strerror or e}); check the path") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections (model:, data:, train: ...), "
+                            f"got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source=source)
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a validated Config from a nested dict (sections -> fields)."""
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise UserError(f"{source}: unknown section {name!r}{_suggest(str(name), _SECTIONS)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: section {name!r} must be a mapping of fields, got {value!r}")
+        cls = _SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in hints:
+                raise UserError(f"{source}: unknown key {name}.{key}{_suggest(str(key), hints, prefix=name + '.')}")
+            kwargs[key] = _coerce(v, hints[key], f"{source}: {name}.{key}")
+            choices = CHOICES.get(f"{name}.{key}")
+            if choices and kwargs[key] not in choices:
+                raise UserError(f"{source}: {name}.{key}={kwargs[key]!r} is not allowed; "
+                                f"choose one of {', '.join(choices)}")
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    _check_values(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The plain nested dict of a Config (what `yaml.safe_dump` writes as the run's config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.field[.key]=value` to the raw nested dict."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=10")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"--set {item!r}: the key needs a section and a field, e.g. train.lr")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise UserError(f"--set {item!r}: the value is not a YAML scalar or list; quote it") from None
+    section, name, rest = parts[0], parts[1], parts[2:]
+    if section not in _SECTIONS:
+        raise UserError(f"--set {item!r}: unknown section {section!r}{_suggest(section, _SECTIONS)}")
+    hints = typing.get_type_hints(_SECTIONS[section])
+    if name not in hints:
+        raise UserError(f"--set {item!r}: unknown key {section}.{name}{_suggest(name, hints, prefix=section + '.')}")
+    target = raw.setdefault(section, {})
+    if target is None:
+        target = raw[section] = {}
+    if rest:  # a key inside a dict field such as model.kwargs
+        if typing.get_origin(hints[name]) is not dict:
+            raise UserError(f"--set {item!r}: {section}.{name} is not a mapping; set it as a whole")
+        target = target.setdefault(name, {})
+        for p in rest[:-1]:
+            target = target.setdefault(p, {})
+        target[rest[-1]] = value
+    else:
+        target[name] = value
+
+
+def _suggest(word: str, options: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; valid keys: {', '.join(prefix + o for o in options)}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {str: "text", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}.get(
+        tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the field type `tp`; convert the harmless cases (int -> float, "1e-3" -> float)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except UserError:
+                continue
+        raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}; write it as [a, b]")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping (key: value), got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return _finite(float(value), where)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                return _finite(float(value), where)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    raise UserError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _finite(x: float, where: str) -> float:
+    """No field takes .nan or .inf (YAML spells them so): they would only surface as a NaN loss later."""
+    if not math.isfinite(x):
+        raise UserError(f"{where} must be a finite number, got {x}")
+    return x
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Value checks that types cannot express."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(f"{source}: {msg}")
+
+    need(len(cfg.data.crop_size) == 2 and min(cfg.data.crop_size) > 0,
+         f"data.crop_size={cfg.data.crop_size} must be two positive sizes [H, W]")
+    need(len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
+         f"data.scale_range={cfg.data.scale_range} must be [low, high] with 0 < low <= high")
+    need(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
+         "data.mean and data.std must be three numbers each (R, G, B), std > 0")
+    need(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1")
+    need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be 0 or more")
+    need(cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be at least 1")
+    need(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be positive")
+    need(cfg.train.grad_accum >= 1, f"train.grad_accum={cfg.train.grad_accum} must be at least 1")
+    need(cfg.train.step_every >= 1, f"train.step_every={cfg.train.step_every} must be at least 1")
+    need(cfg.train.warmup_steps >= 0, f"train.warmup_steps={cfg.train.warmup_steps} must be 0 or more")
+    need(cfg.eval.every_epochs >= 0, f"eval.every_epochs={cfg.eval.every_epochs} must be 0 or more")
+    need(len(cfg.eval.scales) > 0 and min(cfg.eval.scales) > 0, f"eval.scales={cfg.eval.scales} must be positive")
+    need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be at least 1")
+    for name in ("window", "stride"):
+        v = getattr(cfg.eval, name)
+        need(v == [] or (len(v) == 2 and min(v) > 0), f"eval.{name}={v} must be [] or two positive sizes [H, W]")
+    need(cfg.output.checkpoint_every_steps >= 0, "output.checkpoint_every_steps must be 0 or more")
+    need(cfg.output.log_every_steps >= 1, "output.log_every_steps must be at least 1")
+    cw = cfg.loss.class_weights
+    need(not isinstance(cw, str) or cw in ("none", "median_frequency"),
+         f"loss.class_weights={cw!r} must be none, median_frequency or a list of one weight per class")
+    need(not isinstance(cw, list) or (len(cw) > 0 and min(cw) >= 0),
+         f"loss.class_weights={cw} must list one non-negative weight per class")
+    need(all(s.isidentifier() for s in cfg.model.stages),  # each stage trains into output.dir/<stage>
+         f"model.stages={cfg.model.stages} must hold model names (see `pixelwise models`), not paths")
+    need(not cfg.model.stages or cfg.model.stages[-1] == cfg.model.name,
+         f"model.stages={cfg.model.stages} must end with model.name={cfg.model.name!r}, the model the run delivers")

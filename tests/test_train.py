@@ -1,0 +1,337 @@
+"""The training loop: outputs, exact resume, interruption, divergence, errors, schedules, FCN stages."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import pixelwise.train as train_module
+from pixelwise.config import load_config
+from pixelwise.errors import UserError
+from pixelwise.train import train
+from pixelwise.weights import load_checkpoint, load_weights
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# 16 synthetic 32x32 images, a 2-level U-Net with 4 base channels: a step takes milliseconds
+TINY = [
+    "data.kwargs={size: [32, 32], num_images: 16, num_classes: 3}",
+    "data.crop_size=[32, 32]", "data.scale_range=[0.75, 1.25]", "data.batch_size=4", "data.workers=0",
+    "data.max_val_images=4", "model.name=unet", "model.kwargs={padding: same, base_channels: 4, depth: 2}",
+    "train.optimizer=adamw", "train.lr=0.01", "train.epochs=2", "output.progress=false", "output.report=false",
+    "output.log_every_steps=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and a busy machine makes spinning threads very slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(tmp_path: Path, *extra: str, out: str = "run"):
+    return load_config(None, [*TINY, f"output.dir={tmp_path / out}", *extra])
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_every_output(tmp_path):
+    cfg = _cfg(tmp_path, "output.report=true", "output.report_images=2")
+    result = train(cfg)
+    out = tmp_path / "run"
+    assert not result["interrupted"] and result["step"] == 2 * 4 and result["epoch"] == 2
+    for name in ("config.yaml", "last.pt", "best.safetensors", "metrics.jsonl", "metrics.json", "report.html",
+                 "curves.png", "confusion.png", "iou.png", "samples.png"):
+        assert (out / name).is_file(), name
+    log = _log(out)
+    assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["epoch"] for r in log if r["kind"] == "val"] == [1, 2]
+    model, meta = load_weights(out / "best.safetensors")
+    assert meta.model_name == "unet" and meta.model_kwargs == {"padding": "same", "base_channels": 4, "depth": 2}
+    assert meta.classes[0] == "background" and len(meta.classes) == 3 and len(meta.palette) == 3
+    assert meta.mean == (0.485, 0.456, 0.406) and meta.extra["val_miou"] == max(r["miou"] for r in log
+                                                                                 if r["kind"] == "val")
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["val"]["miou"] == pytest.approx(meta.extra["val_miou"])  # metrics.json scores the best weights
+    assert set(final["val"]["per_class_iou"]) == set(meta.classes)
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # plain tensors and containers only
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2
+    assert "<img src=\"samples.png\"" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("model", ["unet", "fcn8s"])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, model):
+    extra = ["train.deterministic=true", "train.grad_accum=2", "data.batch_size=2", "train.schedule=poly",
+             "train.warmup_steps=2", "data.flip=true"]
+    if model == "fcn8s":  # dropout in fc6/fc7: the RNG state must be restored too
+        extra += ["model.name=fcn8s", "model.kwargs={width_div: 16, fc_channels: 32}", "train.optimizer=sgd",
+                  "train.lr=0.001"]
+    whole = train(_cfg(tmp_path, *extra, out="whole"))
+    first = train(_cfg(tmp_path, *extra, out="split"), stop_at_step=3)  # 4 steps per epoch: stops mid-epoch 1
+    assert first["interrupted"] and first["step"] == 3
+    ckpt = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["step_in_epoch"] == 3 and ckpt["epoch"] == 0
+    # the rest in loader worker processes: augmentation is seeded per sample, so this changes nothing
+    rest = train(_cfg(tmp_path, *extra, "data.workers=1", out="split"), resume=True)
+    assert not rest["interrupted"] and rest["step"] == whole["step"] == 8
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = _log(tmp_path / "whole"), _log(tmp_path / "split")
+    assert [r["loss"] for r in la if r["kind"] == "train"] == [r["loss"] for r in lb if r["kind"] == "train"]
+    assert [r["miou"] for r in la if r["kind"] == "val"] == [r["miou"] for r in lb if r["kind"] == "val"]
+
+
+def test_resume_at_an_epoch_boundary_and_periodic_checkpoints(tmp_path):
+    whole = train(_cfg(tmp_path, "train.deterministic=true", out="whole"))
+    train(_cfg(tmp_path, "train.deterministic=true", "output.checkpoint_every_steps=2", out="split"),
+          stop_at_step=4)
+    train(_cfg(tmp_path, "train.deterministic=true", out="split"), resume=True)
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and whole["step"] == 8
+
+
+def _loss_that(monkeypatch, action):
+    """Patch build_loss so that the n-th loss call runs `action(n, loss)` and returns its value."""
+    real = train_module.build_loss
+    calls = {"n": 0}
+
+    class Patched(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, logits, target):
+            calls["n"] += 1
+            return action(calls["n"], self.inner(logits, target))
+
+    def build(*args, **kwargs):
+        return Patched(real(*args, **kwargs))
+
+    monkeypatch.setattr(train_module, "build_loss", build)
+
+
+def test_sigint_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys):
+    def interrupt(n, loss):
+        if n == 3:
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    _loss_that(monkeypatch, interrupt)
+    before = signal.getsignal(signal.SIGINT)
+    result = train(_cfg(tmp_path))
+    assert result["interrupted"] and result["step"] == 3  # the step in flight was completed
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+    assert "SIGINT" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.undo()
+    assert train(_cfg(tmp_path), resume=True)["step"] == 8
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    _loss_that(monkeypatch, lambda n, loss: loss * math.nan if n == 3 else loss)
+    with pytest.raises(UserError, match=r"loss is nan at step 3 \(epoch 1, batch of data set indices \[\d+, \d+"):
+        train(_cfg(tmp_path, "output.checkpoint_every_steps=1"))
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")  # the last good state is intact
+    assert ckpt["step"] == 2
+
+
+def test_user_errors_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=r"output\.dir=.*cannot write there"):
+        train(_cfg(tmp_path, f"output.dir={blocker / 'sub'}"))
+    with pytest.raises(UserError, match=r"train\.amp=bf16 needs a CUDA device"):
+        train(_cfg(tmp_path, "train.amp=bf16", "train.device=cpu"))
+    with pytest.raises(UserError, match=r"--resume: no checkpoint"):
+        train(_cfg(tmp_path), resume=True)
+    train(_cfg(tmp_path, "train.epochs=1"))
+    with pytest.raises(UserError, match=r"holds a checkpoint of an earlier run; continue it with --resume"):
+        train(_cfg(tmp_path, "train.epochs=1"))
+    with pytest.raises(UserError, match=r"loss\.class_weights lists 2 weights for 3 classes"):
+        train(_cfg(tmp_path, "loss.class_weights=[1, 2]"), overwrite=True)
+    with pytest.raises(UserError, match=r"fewer than one step"):
+        train(_cfg(tmp_path, "data.batch_size=32"), overwrite=True)
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    # 8 steps; lr(step) for the optimiser steps 0..7
+    (["train.schedule=poly", "train.poly_power=0.9"], [0.01 * (1 - s / 8) ** 0.9 for s in range(8)]),
+    (["train.schedule=poly", "train.warmup_steps=2"], [0.005, 0.01] + [0.01 * (1 - s / 8) ** 0.9 for s in range(2, 8)]),
+    (["train.schedule=step", "train.step_every=3", "train.step_gamma=0.5"], [0.01] * 3 + [0.005] * 3 + [0.0025] * 2),
+    (["train.schedule=constant"], [0.01] * 8),
+])
+def test_learning_rate_schedules(tmp_path, schedule, expected):
+    train(_cfg(tmp_path, *schedule, "eval.every_epochs=0", "data.max_val_images=1"))
+    lrs = [r["lr"] for r in _log(tmp_path / "run") if r["kind"] == "train"]
+    assert lrs == pytest.approx(expected)
+
+
+def test_median_frequency_weights_are_used(tmp_path, capsys, monkeypatch):
+    seen = {}
+    real = train_module.build_loss
+
+    def spy(cfg, *, class_weights=None, ignore_index=255):
+        seen["weights"] = class_weights
+        return real(cfg, class_weights=class_weights, ignore_index=ignore_index)
+
+    monkeypatch.setattr(train_module, "build_loss", spy)
+    train(_cfg(tmp_path, "loss.class_weights=median_frequency", "train.epochs=1", "data.max_train_images=8"))
+    from pixelwise.data import build_dataset
+    from pixelwise.data.stats import median_frequency_weights
+
+    ds = build_dataset("synthetic", "", "train", size=(32, 32), num_images=16, num_classes=3)
+    assert torch.allclose(seen["weights"], median_frequency_weights(ds, indices=range(8)))  # the 8 used images
+    assert "median-frequency class weights" in capsys.readouterr().out
+
+
+def test_fcn_stages_train_in_turn(tmp_path):
+    stages = ["model.name=fcn8s", "model.stages=[fcn32s, fcn16s, fcn8s]",
+              "model.kwargs={width_div: 16, fc_channels: 32}", "train.epochs=1", "train.optimizer=sgd",
+              "train.lr=0.001"]
+    result = train(_cfg(tmp_path, *stages))
+    out = tmp_path / "run"
+    for stage in ("fcn32s", "fcn16s", "fcn8s"):
+        assert load_weights(out / stage / "best.safetensors")[1].model_name == stage
+    assert load_weights(out / "best.safetensors")[1].model_name == "fcn8s"
+    assert result["metrics"]["miou"] == json.loads((out / "metrics.json").read_text())["val"]["miou"]
+    # a finished staged run resumes to "done" without training again
+    stamp = (out / "fcn8s" / "last.pt").stat().st_mtime_ns
+    assert not train(_cfg(tmp_path, *stages), resume=True)["interrupted"]
+    assert (out / "fcn8s" / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_fcn16s_stage_starts_from_fcn32s(tmp_path, monkeypatch):
+    from pixelwise.models import fcn as fcn_module
+
+    captured = {}
+    real = fcn_module.fcn16s
+
+    def spy(**kwargs):
+        captured["init_from"] = kwargs.get("init_from")
+        return real(**kwargs)
+
+    monkeypatch.setitem(__import__("pixelwise.models", fromlist=["MODELS"]).MODELS, "fcn16s", spy)
+    train(_cfg(tmp_path, "model.name=fcn16s", "model.stages=[fcn32s, fcn16s]",
+               "model.kwargs={width_div: 16, fc_channels: 32}", "train.epochs=1", "train.optimizer=sgd",
+               "train.lr=0.001"))
+    first, _ = load_weights(tmp_path / "run" / "fcn32s" / "best.safetensors")
+    init = captured["init_from"]
+    assert type(init).__name__ == "FCN" and init.stride == 32
+    theirs = first.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in init.state_dict().items())
+
+
+@pytest.mark.skipif(not (DATA / "camvid").is_dir(), reason="needs ../shared/data/camvid")
+def test_camvid_short_slice(tmp_path):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "camvid" / "segnet_basic.yaml", [
+        f"data.root={DATA / 'camvid'}", f"output.dir={tmp_path / 'camvid'}", "data.max_train_images=4",
+        "data.max_val_images=2", "data.batch_size=2", "data.crop_size=[96, 128]", "data.scale_range=[0.3, 0.3]",
+        "data.workers=0", "train.epochs=1", "model.kwargs={encoder_channels: 8, decoder_channels: 8}",
+        "output.progress=false", "output.report=false", "train.lr=0.01"])
+    result = train(cfg)
+    assert result["step"] == 2
+    final = json.loads((tmp_path / "camvid" / "metrics.json").read_text())
+    assert list(final["val"]["per_class_iou"]) == ["Sky", "Building", "Pole", "Road", "Pavement", "Tree",
+                                                   "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
+    assert final["val"]["num_pixels"] > 0.8 * 2 * 360 * 480  # two full-size val images, Unlabelled ignored
+
+
+def test_aux_output_adds_weighted_loss(tmp_path, monkeypatch):
+    from pixelwise.models import MODELS
+
+    class TwoHeads(torch.nn.Module):
+        """Uniform logits from both heads: each cross-entropy is ln K; (main, aux) in training as DeepLabv3."""
+
+        def __init__(self, num_classes: int) -> None:
+            super().__init__()
+            self.k = num_classes
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            logits = self.w * x[:, :1].expand(-1, self.k, -1, -1) * 0  # (B, K, H, W) zeros with a graph
+            return (logits, logits) if self.training else logits
+
+    monkeypatch.setitem(MODELS, "two_heads", lambda *, num_classes: TwoHeads(num_classes))
+    train(_cfg(tmp_path, "model.name=two_heads", "model.kwargs={}", "loss.aux_weight=0.4", "train.epochs=1"))
+    losses = [r["loss"] for r in _log(tmp_path / "run") if r["kind"] == "train"]
+    assert losses == pytest.approx([1.4 * math.log(3)] * 4)
+
+
+def test_report_tables_and_figures(tmp_path):
+    import numpy as np
+
+    from pixelwise.report import write_report
+
+    history = [{"kind": "train", "epoch": 1, "step": s, "loss": 1 / s, "lr": 0.1, "images_per_s": 5.0}
+               for s in range(1, 5)] + [{"kind": "val", "epoch": 1, "step": 4, "miou": 0.5}]
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    mask = np.zeros((8, 8), dtype=np.int64)
+    mask[0, 0] = 255
+    path = write_report(tmp_path, history=history, confusion=np.array([[3, 1], [0, 4]]), classes=["a", "b"],
+                        palette=[(0, 0, 0), (255, 0, 0)], samples=[(image, mask, mask)], summary={"runs": 1},
+                        title="t <1>")
+    page = path.read_text()
+    # IoU a = 3 / (3 + 1 + 0) = 0.75, b = 4 / (4 + 0 + 1) = 0.8
+    assert "<th>a</th><td>0.7500</td>" in page and "<th>b</th><td>0.8000</td>" in page
+    assert "t &lt;1&gt;" in page and "<th>runs</th><td>1</td>" in page
+    for name in ("curves.png", "confusion.png", "iou.png", "samples.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_cli(tmp_path, capsys):
+    from pixelwise.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    sections: dict[str, dict] = {}
+    for item in TINY:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    config.write_text("".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items())
+                              for s, fields in sections.items()))
+    out = tmp_path / "cli"
+    assert main(["train", str(config), "--set", f"output.dir={out}", "--set", "train.epochs=1"]) == 0
+    assert "done: 4 steps, val mIoU" in capsys.readouterr().out
+    assert load_config(out / "config.yaml") == load_config(config, [f"output.dir={out}", "train.epochs=1"])
+    assert main(["train", str(config), "--set", "train.epoch=1"]) == 2
+    assert "unknown key train.epoch; did you mean train.epochs?" in capsys.readouterr().err
+
+
+def test_final_validation_with_the_dense_crf(tmp_path):
+    train(_cfg(tmp_path, "train.epochs=1", "crf.enabled=true", "crf.iterations=2", out="crf"))
+    train(_cfg(tmp_path, "train.epochs=1", out="plain"))
+    with_crf = json.loads((tmp_path / "crf" / "metrics.json").read_text())
+    without = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert with_crf["crf"] is True and without["crf"] is False
+    # same weights (same seed), scored with and without the CRF: the CRF changes some predictions
+    assert with_crf["val"]["num_pixels"] == without["val"]["num_pixels"]
+    assert with_crf["val"]["per_class_acc"] != without["val"]["per_class_acc"]
+
+
+@pytest.mark.parametrize("mode", [["eval.mode=slide", "eval.window=[32, 32]"],
+                                  ["eval.mode=multiscale", "eval.scales=[1.0]"]])
+def test_eval_modes_reduce_to_whole_image(tmp_path, mode):
+    # one window covering the image, or the single scale 1: the same scores as whole-image inference
+    train(_cfg(tmp_path, "train.epochs=1", out="whole"))
+    train(_cfg(tmp_path, "train.epochs=1", *mode, out="mode"))
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())["val"]
+    b = json.loads((tmp_path / "mode" / "metrics.json").read_text())["val"]
+    assert a == b
+
+
+def test_multiscale_eval_runs(tmp_path):
+    train(_cfg(tmp_path, "train.epochs=1", "eval.mode=multiscale", "eval.scales=[0.5, 1.5]", "eval.flip=true"))
+    assert 0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["val"]["miou"] <= 1
