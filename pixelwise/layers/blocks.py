@@ -64,7 +64,7 @@ def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     Shape:
         (..., H, W) -> (..., h, w).
     """
-    h, w = (int(s) for s in tuple(size)[-2:])
+    h, w = tuple(size)[-2:]  # no int(): symbolic sizes must stay symbolic for export
     big_h, big_w = x.shape[-2:]
     if h > big_h or w > big_w:
         raise ValueError(f"center_crop: cannot crop a {big_h}x{big_w} map to the larger size {h}x{w}")

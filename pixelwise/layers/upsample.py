@@ -46,7 +46,7 @@ def _natural_size(x: torch.Tensor, scale: int, output_size: tuple[int, int] | No
     """The output size: `output_size` if given, else (H*scale, W*scale)."""
     if output_size is None:
         return x.shape[-2] * scale, x.shape[-1] * scale
-    out_h, out_w = (int(s) for s in tuple(output_size)[-2:])
+    out_h, out_w = tuple(output_size)[-2:]  # no int(): symbolic sizes must stay symbolic for export
     return out_h, out_w
 
 
@@ -188,8 +188,13 @@ class MaxUnpool(nn.Module):
                 f"max_unpool: indices shape {tuple(indices.shape)} does not match the (projected) input "
                 f"{tuple(x.shape)}; pass the indices of the pooling that produced this resolution"
             )
-        # (B, C_out, *size)
-        return F.max_unpool2d(x, indices, kernel_size=self.scale, stride=self.scale, output_size=size)
+        # F.max_unpool2d as a scatter into the flattened plane (indices are per-plane flat positions):
+        # the same values and gradients, and it exports to ONNX (ScatterElements) and torch.export
+        # with symbolic sizes, which aten::max_unpool2d does not.
+        b, c = x.shape[:2]
+        out = x.new_zeros(b, c, size[0] * size[1])  # (B, C_out, H_out * W_out)
+        out = out.scatter(2, indices.flatten(2), x.flatten(2))
+        return out.view(b, c, size[0], size[1])  # (B, C_out, *size)
 
 
 class TransposedUpsample(nn.Module):

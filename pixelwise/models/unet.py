@@ -139,7 +139,8 @@ class UNet(nn.Module):
                     f"unet(padding='same', depth={self.depth}): size {size} is not divisible by {2**self.depth}"
                 )
             return size
-        b, rest = divmod(size - 4 * (2**self.depth - 1), 2**self.depth)
+        offset = size - 4 * (2**self.depth - 1)
+        b, rest = offset // 2**self.depth, offset % 2**self.depth  # not divmod(): symbolic sizes must export
         if rest or b < 8:
             lo = self.valid_input_size(1)
             raise UserError(

@@ -1,0 +1,95 @@
+"""Multi-GPU / multi-node training helpers around torch.distributed, for runs started by torchrun.
+
+``torchrun --nproc-per-node N -m pixelwise train CONFIG`` starts N processes with ``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set; `launched` turns them into a
+process group (NCCL for CUDA, gloo for CPU) for the run and tears it down after. Without those
+variables (a plain ``pixelwise train``) every helper here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from pixelwise.errors import UserError
+
+
+def is_initialized() -> bool:
+    """Whether a process group is up (torchrun run, or one set up by the caller)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank; 0 without a process group."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes; 1 without a process group."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK); 0 without torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes checkpoints, logs and weights."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op for one process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def any_true(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank if `flag` is true on any rank: ranks agree on when to stop."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """With CUDA and several processes, each process takes the GPU of its LOCAL_RANK."""
+    if device.type != "cuda" or not is_initialized():
+        return device
+    index = local_rank()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK={index} but this node has {torch.cuda.device_count()} GPU(s); "
+                        f"start at most {torch.cuda.device_count()} processes per node (--nproc-per-node)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def launched(device: str = "auto") -> Iterator[None]:
+    """Set up the process group torchrun asked for (if any) for the block, and destroy it after.
+
+    `device` is ``train.device``: the backend is NCCL when it resolves to CUDA, gloo otherwise. A group
+    that already exists (set up by the caller) is used as it is and left alone.
+    """
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set; start "
+                        "distributed runs with torchrun --nproc-per-node N -m pixelwise train CONFIG")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank())  # before NCCL starts, so each rank owns its GPU
+    dist.init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
