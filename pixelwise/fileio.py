@@ -41,6 +41,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that `atomic_path` left in `directory` when its process was killed.
+
+    Only names of the form `.NAME.XXXXXXXX.tmp` are touched; returns the paths removed.
+    """
+    removed = []
+    for p in Path(directory).glob(".*.tmp"):
+        if p.is_file() and p.name.count(".") >= 3:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as tmp:

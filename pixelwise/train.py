@@ -42,7 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from pixelwise import distributed
 from pixelwise.config import Config, config_to_dict, load_config
 from pixelwise.errors import UserError
-from pixelwise.fileio import atomic_path, atomic_write_text
+from pixelwise.fileio import atomic_path, atomic_write_text, remove_stale_temporaries
 from pixelwise.losses import build_loss
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes
@@ -127,6 +127,8 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
         raise UserError(f"--resume: no checkpoint {ckpt_path}; start without --resume or point output.dir "
                         "at the folder of the run to continue")
     _check_writable(out)
+    if is_main:
+        remove_stale_temporaries(out)  # half-written files of an earlier run that was killed mid-write
     restore_determinism = _seed_everything(tc.seed, tc.deterministic)
     try:
         # ---- data ------------------------------------------------------------------------------

@@ -305,7 +305,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(lab):
         finish(zygote, config, out, work / f"kill-{name}-finish.log")
         assert_same_run(out, ref)
         leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-        assert all(p.startswith((".last.pt.", ".best.safetensors.")) for p in leftovers), leftovers
+        assert not leftovers, leftovers  # a resume removes what a killed write left behind
     print(f"{len(KILL_TRIALS)} trials, {landed} SIGKILLs landed in a running training")
     assert landed >= 10, f"only {landed} kills hit a running training"
 
