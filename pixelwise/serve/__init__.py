@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import socket
 
 from pixelwise.errors import UserError
@@ -36,9 +35,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve_command(args: argparse.Namespace) -> int:
     """`pixelwise serve --weights W.safetensors [--host H --port P --device D]`."""
-    # OpenMP threads that spin-wait between torch ops steal the cores from decoding and encoding (measured
-    # on a busy 2-core machine: 0.5 s instead of 14 ms a request). Read once, when torch loads: so first.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY=PASSIVE is set by pixelwise.cli before torch loads: spinning OpenMP threads stole
+    # the cores from decoding and encoding (a busy 2-core machine: 0.5 s instead of 14 ms a request).
     import uvicorn
 
     from pixelwise.inference import resolve_device
