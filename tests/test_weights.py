@@ -100,3 +100,13 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_weights_file_gets_the_usual_file_mode(tmp_path):
+    import torch.nn as nn
+
+    path = tmp_path / "w.safetensors"
+    save_weights(path, nn.Conv2d(3, 2, 1), model_name="unet", model_kwargs={}, classes=["a", "b"])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
