@@ -159,7 +159,7 @@ def time_alternating(
 
 
 def summarize(seconds: Sequence[float], items: int = 1) -> dict[str, float]:
-    """Median, min, max seconds of one call and the median throughput (``items`` per call / median s)."""
+    """Median, min, max seconds of one call, the median throughput (``items`` per call / median s), the raw times."""
     med = statistics.median(seconds)
     return {
         "median_s": med,
@@ -167,12 +167,22 @@ def summarize(seconds: Sequence[float], items: int = 1) -> dict[str, float]:
         "max_s": max(seconds),
         "reps": len(seconds),
         "items_per_s": items / med,
+        "seconds": list(seconds),
     }
 
 
 def ratio(ours: float, peer: float) -> float:
     """ours / peer of two throughputs (> 1: ours is faster); nan when the peer's is 0."""
     return ours / peer if peer else float("nan")
+
+
+def paired_ratio(ours_seconds: Sequence[float], peer_seconds: Sequence[float]) -> float:
+    """Median over rounds of peer_time / ours_time (> 1: ours is faster).
+
+    Each round's two calls run back to back, so a load change on a shared machine between rounds
+    cancels out of the round's ratio; the median then drops a round that a change split in two.
+    """
+    return statistics.median(p / o for o, p in zip(ours_seconds, peer_seconds, strict=True))
 
 
 # -------------------------------------------------------------------------------------- FLOPs

@@ -311,7 +311,10 @@ def _short(m: dict) -> str:
 def table() -> str:
     """Markdown tables of every ``results/reproduce_*.json``: paper vs ours."""
     camvid, isbi = [], []
-    for path in sorted(RESULTS_DIR.glob("reproduce_*.json")):
+    for name in EXPERIMENTS:  # the paper's row order, not the file names
+        path = RESULTS_DIR / f"reproduce_{name}.json"
+        if not path.is_file():
+            continue
         r = json.loads(path.read_text())
         s = r["schedule"]
         sched = (f"{s['epochs']} ep / {s['steps']} steps, batch {s['batch_size']}, scale {s['train_scale']:g}, "

@@ -9,7 +9,9 @@ in one process, alternating A B A B after warm-up, with the same thread count:
   ``torch.inference_mode``, ``--compile`` optional, bf16 autocast on CUDA only), applied to
   ours and to the peer alike, in its own columns.
 
-The ratio is ours/peer of images/s (> 1: ours is faster). Where the two architectures differ
+The ratio is ours/peer of images/s (> 1: ours is faster), the median over rounds of the
+back-to-back time ratio (robust to load changes on a shared machine; the ratio of the medians is
+kept in the JSON too). Where the two architectures differ
 (smp has no plain-conv U-Net encoder; smp's DeepLabV3+ uses depthwise-separable convs) the
 table also gives GFLOPs per image and the FLOP-throughput ratio. ``--mfu`` (default on CUDA)
 measures DeepLabv3-ResNet-101, 512x512, batch 16 (bf16 on CUDA, fp32 on CPU) against the
@@ -44,6 +46,7 @@ from common import (  # noqa: E402
     count_flops,
     format_table,
     machine_info,
+    paired_ratio,
     progress,
     ratio,
     resolve_device,
@@ -266,10 +269,11 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
         progress(f"  inference batch {b}: {reps} rounds of {', '.join(fns)}")
         times = time_alternating(fns, reps=reps, warmup=args.warmup, device=device, log=progress)
         stats = {k: summarize(v, items=b) for k, v in times.items()}
-        entry = {"times": stats, "ratio": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"])}
+        entry = {"times": stats, "ratio": paired_ratio(times["ours"], times["peer"]),
+                 "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"])}
         if fast_here:
-            entry["ratio_fast"] = ratio(stats["ours_fast"]["items_per_s"], stats["peer_fast"]["items_per_s"])
-            entry["fast_speedup_ours"] = ratio(stats["ours_fast"]["items_per_s"], stats["ours"]["items_per_s"])
+            entry["ratio_fast"] = paired_ratio(times["ours_fast"], times["peer_fast"])
+            entry["fast_speedup_ours"] = paired_ratio(times["ours_fast"], times["ours"])
         rec["inference"][str(b)] = entry
         progress(f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
                  f"img/s, ratio {entry['ratio']:.3f}")
@@ -284,8 +288,8 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
         progress(f"  training step batch {b}: {args.reps_large} rounds")
         times = time_alternating(fns, reps=args.reps_large, warmup=args.warmup, device=device, log=progress)
         stats = {k: summarize(v, items=b) for k, v in times.items()}
-        rec["train"] = {"batch": b, "times": stats,
-                        "ratio": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"])}
+        rec["train"] = {"batch": b, "times": stats, "ratio": paired_ratio(times["ours"], times["peer"]),
+                        "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"])}
         progress(f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
                  f"img/s, ratio {rec['train']['ratio']:.3f}")
         ours.eval()
