@@ -60,7 +60,10 @@ from pixelwise.fast import prepare_fast  # noqa: E402
 from pixelwise.models import get_model  # noqa: E402
 
 NUM_CLASSES = 11  # CamVid's classes: the size of the head does not matter at this scale
-PEAK_TFLOPS = {"cuda": 790.0, "cpu": 0.145}  # BENCHMARKS.md: H100 bf16 dense; this CPU's fp32 matmul
+# Peaks for MFU: H100 bf16 dense (BENCHMARKS.md); this project's CPU in fp32: 2 cores x 2.6 GHz x 2 AVX-512
+# FMA units x 16 lanes x 2 FLOPs = 0.333 TFLOP/s (oneDNN's convs reach ~0.28 here, above BENCHMARKS.md's
+# 0.145 matmul figure, so that figure is not the peak). Pass --peak-tflops for any other device.
+PEAK_TFLOPS = {"cuda": 790.0, "cpu": 0.333}
 
 
 class Logits(nn.Module):
@@ -400,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu-batch", type=int, default=16, help="MFU batch (default 16)")
     p.add_argument("--mfu-size", type=int, default=512, help="MFU square input side (default 512)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.145 on CPU: fp32 matmul here)")
+                   help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.333 on CPU: this 2-core "
+                        "AVX-512 machine in fp32)")
     args = p.parse_args(argv)
 
     quick = args.quick
