@@ -40,8 +40,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf-preset", default="deeplab_vgg",
                    help="CRF parameter set: deeplab_vgg, deeplab_resnet or pydensecrf (default: deeplab_vgg)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    _add_precision_option(p)
     p.add_argument("--skip-bad", action="store_true",
                    help="list unreadable files in a report and go on (default: stop at the first)")
+
+
+def _add_precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,19 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
 
     p = sub.add_parser("evaluate", help="score a weights file on a data set split")
-    p.add_argument("--weights", required=True, help=".safetensors weights file")
+    p.add_argument("--weights", required=True, help=".safetensors weights file or built-in weights name")
     p.add_argument("--data", required=True, help="data set root folder")
     p.add_argument("--dataset", required=True,
                    help="camvid, voc, cityscapes, ade20k, isbi2012, folder (ROOT/SPLIT/images + masks) or synthetic")
     p.add_argument("--split", default="val", help="split (default val)")
-    p.add_argument("--out", default=None, help="folder for metrics.json (default: beside the weights)")
+    p.add_argument("--out", default=None,
+                   help="folder for metrics.json (default: beside the weights; ./eval_NAME for built-in weights)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=0)
     _add_inference_options(p)
 
     p = sub.add_parser("predict", help="segment images: class-index PNGs and colour overlays")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--weights", required=True, help=".safetensors weights file")
+    p.add_argument("--weights", required=True, help=".safetensors weights file or built-in weights name")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     _add_inference_options(p)
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("export", help="export a weights file to ONNX or torch.export")
-    p.add_argument("--weights", required=True, help=".safetensors weights file")
+    p.add_argument("--weights", required=True, help=".safetensors weights file or built-in weights name")
     p.add_argument("--format", choices=["onnx", "torch-export"], required=True)
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--opset", type=int, default=None)
@@ -102,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input size (default 512 512)")
 
     p = sub.add_parser("serve", help="HTTP service and web page for a weights file")
-    p.add_argument("--weights", required=True, help=".safetensors weights file")
+    p.add_argument("--weights", default="segnet_basic_camvid",
+                   help=".safetensors weights file or built-in weights name (default: segnet_basic_camvid)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    _add_precision_option(p)
     return parser
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pixelwise.errors import UserError
 from pixelwise.fileio import atomic_write_text
+from pixelwise.precision import autocast, precision_name
 
 
 class _Guarded(Dataset):
@@ -103,12 +104,18 @@ def inference_window(args: argparse.Namespace, extra: dict[str, Any]) -> tuple[i
     return (512, 512) if args.mode == "slide" else None
 
 
+def _default_out(weights: str) -> Path:
+    """Beside a weights file; for built-in weights (inside the installed package) `./eval_<name>`."""
+    path = Path(weights)
+    return path.resolve().parent if path.is_file() else Path(f"eval_{weights}")
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     """`pixelwise evaluate --weights W --data ROOT --dataset NAME --split SPLIT`."""
     from tqdm import tqdm
 
     from pixelwise.data import build_dataset, raw_transforms
-    from pixelwise.inference import normalize, predict_logits, resolve_device
+    from pixelwise.inference import normalize, predict_logits, resolve_device, resolve_dtype
     from pixelwise.metrics import BoundaryF1, ConfusionMatrix
     from pixelwise.weights import load_weights
 
@@ -121,6 +128,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
         crf_args = crf_kwargs(args.crf_preset)  # an unknown preset fails before any work
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
     model, meta = load_weights(args.weights, device)
     kw: dict[str, Any] = {}
     if args.dataset == "folder":
@@ -133,7 +141,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if dataset.num_classes != meta.num_classes:
         raise UserError(f"{args.weights} predicts {meta.num_classes} classes but data set {args.dataset!r} has "
                         f"{dataset.num_classes}; evaluate on the data the weights were trained for")
-    out = Path(args.out) if args.out else Path(args.weights).resolve().parent
+    out = Path(args.out) if args.out else _default_out(args.weights)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for metrics.json")
     window = inference_window(args, meta.extra)
@@ -160,8 +168,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             for images, masks in _same_size_groups(good):
                 images, masks = images.to(device), masks.to(device)  # (B, 3, H, W) uint8, (B, H, W)
                 x = normalize(images, meta.mean, meta.std)  # (B, 3, H, W) float32
-                logits = predict_logits(model, x, mode=args.mode, window=window, stride=stride, scales=args.scales,
-                                        flip=args.flip, num_classes=k)  # (B, K, H, W)
+                with autocast(device, dtype):
+                    logits = predict_logits(model, x, mode=args.mode, window=window, stride=stride,
+                                            scales=args.scales, flip=args.flip, num_classes=k)
+                logits = logits.float()  # (B, K, H, W)
                 if args.crf:
                     from pixelwise.crf import dense_crf
 
@@ -186,6 +196,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         "window": list(window) if window else None,
         "flip": bool(args.flip),
         "crf": args.crf_preset if args.crf else None,
+        "precision": precision_name(dtype),
     }
     atomic_write_text(out / "metrics.json", json.dumps(_jsonable(result), indent=2) + "\n")
     if bad:

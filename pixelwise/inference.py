@@ -24,22 +24,39 @@ from pixelwise.errors import UserError
 MODES = ("whole", "slide", "multiscale")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' checked against the machine."""
+def resolve_device(name: str, argument: str = "--device") -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' checked against the machine.
+
+    `argument` names the option in error messages (`--device` on the CLI, `train.device` in configs).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        raise UserError(f"{argument} {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+            raise UserError(f"{argument} {name}: CUDA is not available on this machine; use cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+            raise UserError(f"{argument} {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
     elif device.type != "cpu":
-        raise UserError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+        raise UserError(f"{argument} {name!r} is not supported; use cpu, cuda, cuda:N or auto")
     return device
+
+
+def resolve_dtype(name: str, device: torch.device, argument: str = "--precision") -> torch.dtype | None:
+    """The autocast dtype for precision `name` ('auto', 'fp32', 'bf16') on `device`; None = fp32.
+
+    `auto` is bf16 where the device runs it natively (see `pixelwise.precision`), fp32 elsewhere; `argument`
+    names the option in the error for a precision the device would only emulate.
+    """
+    from pixelwise.precision import PrecisionError, resolve_precision
+
+    try:
+        return resolve_precision(name, device)
+    except PrecisionError as e:
+        raise UserError(f"{argument} {name}: {e}") from None
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

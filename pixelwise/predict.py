@@ -48,8 +48,9 @@ def predict_command(args: argparse.Namespace) -> int:
 
     from pixelwise.data.imageio import read_image
     from pixelwise.evaluate import inference_window, write_bad_files
-    from pixelwise.inference import normalize, predict_logits, resolve_device
+    from pixelwise.inference import normalize, predict_logits, resolve_device, resolve_dtype
     from pixelwise.palette import overlay, save_index_png, save_rgb_png
+    from pixelwise.precision import autocast
     from pixelwise.weights import load_weights
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -63,6 +64,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
         crf_args = crf_kwargs(args.crf_preset)
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
     model, meta = load_weights(args.weights, device)
     channels = int(meta.model_kwargs.get("in_channels", 3))
     if channels != 3:
@@ -83,9 +85,11 @@ def predict_command(args: argparse.Namespace) -> int:
                 bad.append((str(path), str(e)))
                 continue
             x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
-            logits = predict_logits(model, normalize(x, meta.mean, meta.std), mode=args.mode, window=window,
-                                    stride=stride, scales=args.scales, flip=args.flip,
-                                    num_classes=meta.num_classes).float()  # (1, K, H, W)
+            with autocast(device, dtype):
+                logits = predict_logits(model, normalize(x, meta.mean, meta.std), mode=args.mode, window=window,
+                                        stride=stride, scales=args.scales, flip=args.flip,
+                                        num_classes=meta.num_classes)
+            logits = logits.float()  # (1, K, H, W)
             if args.crf:
                 logits = dense_crf(logits.softmax(1), x, **crf_args)  # refined probabilities, same argmax role
             labels = logits.argmax(1)[0].cpu().numpy()  # (H, W)

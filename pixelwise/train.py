@@ -43,7 +43,9 @@ from pixelwise import distributed
 from pixelwise.config import Config, config_to_dict, load_config
 from pixelwise.errors import UserError
 from pixelwise.fileio import atomic_path, atomic_write_text, remove_stale_temporaries
+from pixelwise.inference import resolve_device
 from pixelwise.losses import build_loss
+from pixelwise.precision import precision_name
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout changes
 
@@ -116,8 +118,10 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
     from pixelwise.weights import load_checkpoint, load_weights, save_weights
 
     tc, dc = cfg.train, cfg.data
-    device = distributed.local_device(_device(tc.device))  # DDP: the GPU of this process's LOCAL_RANK
+    # DDP: local_device picks the GPU of this process's LOCAL_RANK
+    device = distributed.local_device(resolve_device(tc.device, "train.device"))
     amp_dtype = _amp_dtype(tc.amp, device)
+    precision = precision_name(amp_dtype)  # recorded in metrics.jsonl, metrics.json, the report and the weights
     is_main = _is_main()
     ckpt_path = out / "last.pt"
     if not resume and ckpt_path.exists() and not overwrite:
@@ -151,6 +155,8 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
             build_kwargs.pop("weights_backbone", None)  # the previous stage already carries them
             build_kwargs["init_from"] = load_weights(init_from)[0]
         model = get_model(model_name, num_classes=num_classes, **build_kwargs).to(device)
+        memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
         # DDP: `train_model` averages gradients over processes; `model` (its module) is saved and evaluated
         if tc.sync_bn and world > 1:
             if device.type != "cuda":
@@ -177,6 +183,7 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
         # ---- state, or the checkpoint's state on --resume ----------------------------------------
         epoch, step, step_in_epoch, perm = 0, 0, 0, None
         best_miou: float | None = None
+        elapsed_before = 0.0  # wall seconds of the run before this process (resumed runs add up)
         if resume:
             ckpt = load_checkpoint(ckpt_path)
             if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("model_name") != model_name:
@@ -187,10 +194,18 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
             except RuntimeError as e:
                 raise UserError(f"{ckpt_path}: the weights do not fit this config's model ({str(e)[:200]}); "
                                 "resume with the config the run started with") from None
-            optimizer.load_state_dict(ckpt["optimizer"])
+            mults = [group["lr_mult"] for group in optimizer.param_groups]
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:  # other parameter groups: the lr/decay multipliers changed since
+                raise UserError(f"{ckpt_path}: the optimiser state does not fit this config ({e}); resume with "
+                                "the train.* settings the run started with") from None
+            for group, mult in zip(optimizer.param_groups, mults, strict=True):
+                group["lr_mult"] = mult  # the config's rate factors (checkpoints before them had none)
             scaler.load_state_dict(ckpt["scaler"])
             epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
             perm, best_miou = ckpt["perm"], ckpt["best_miou"]
+            elapsed_before = ckpt.get("elapsed_s", 0.0)  # absent in checkpoints written before it was kept
             _set_rng_state(ckpt["rng"])
             _truncate_log(out / "metrics.jsonl", step=step, epoch=epoch, is_main=is_main)
             print(f"resumed {ckpt_path} at epoch {epoch + 1}, step {step}")
@@ -206,12 +221,19 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": {"schedule": tc.schedule, "step": step},  # the lr is a function of the step
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-                "perm": perm, "best_miou": best_miou, "rng": _rng_state(),
+                "perm": perm, "best_miou": best_miou, "rng": _rng_state(), "elapsed_s": elapsed(),
             }
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
 
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            """Wall seconds of the whole run so far, across resumes."""
+            return elapsed_before + time.perf_counter() - started
+
         def log(record: dict[str, Any]) -> None:
+            record["elapsed_s"] = round(elapsed(), 1)
             if is_main:
                 with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
@@ -221,7 +243,8 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
                 save_weights(out / "best.safetensors", model, model_name=model_name, model_kwargs=model_kwargs,
                              classes=info["classes"], palette=info["palette"], mean=tuple(dc.mean),
                              std=tuple(dc.std), ignore_index=info["ignore_index"],
-                             extra={"epoch": epoch, "step": step, "val_miou": miou, "crop_size": dc.crop_size})
+                             extra={"epoch": epoch, "step": step, "val_miou": miou, "crop_size": dc.crop_size,
+                                    "precision": precision})
 
         # ---- the loop ------------------------------------------------------------------------------
         stop = _StopRequest()
@@ -249,7 +272,7 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
                                 enabled=cfg.output.progress and is_main)
                 t_log, images_since, loss_sum, micro, seen = time.perf_counter(), 0, 0.0, 0, 0
                 for images, targets in loader:
-                    images = images.to(device, non_blocking=True)
+                    images = images.to(device, non_blocking=True, memory_format=memory_format)
                     targets = targets.to(device, non_blocking=True)
                     accumulating = world > 1 and micro + 1 < tc.grad_accum  # DDP: all-reduce on the last micro-step
                     with train_model.no_sync() if accumulating else contextlib.nullcontext(), autocast:
@@ -277,7 +300,7 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
 
                     lr = lr_at(step)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group["lr_mult"]
                     if tc.grad_clip > 0:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -294,7 +317,7 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
                         speed = images_since / max(now - t_log, 1e-9)
                         t_log, images_since = now, 0
                         log({"kind": "train", "epoch": epoch + 1, "step": step, "loss": step_loss, "lr": lr,
-                             "images_per_s": speed})
+                             "images_per_s": speed, "precision": precision})
                         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
                     if distributed.any_true(bool(stop.signal) or step == stop_at_step, device):  # DDP: all ranks stop
                         interrupted = True
@@ -346,7 +369,7 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
         scores = _plain(cm.compute())
         scores["per_class_iou"] = dict(zip(info["classes"], scores["per_class_iou"], strict=True))
         final = {"model": model_name, "dataset": dc.dataset, "split": dc.val_split, "steps": step,
-                 "epochs": epoch, "crf": cfg.crf.enabled, "val": scores}
+                 "epochs": epoch, "crf": cfg.crf.enabled, "precision": precision, "val": scores}
         atomic_write_text(out / "metrics.json", json.dumps(final, indent=2) + "\n")
         if cfg.output.report:
             from pixelwise.report import write_report
@@ -357,7 +380,8 @@ def _train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | N
                          title=f"{model_name} on {dc.dataset}",
                          summary={"model": model_name, "data set": dc.dataset, "epochs": epoch, "steps": step,
                                   "val mIoU": scores["miou"], "pixel accuracy": scores["pixel_acc"],
-                                  "mean accuracy": scores["mean_acc"], "CRF": cfg.crf.enabled})
+                                  "mean accuracy": scores["mean_acc"], "CRF": cfg.crf.enabled,
+                                  "precision": precision})
         return result | {"metrics": scores}
     finally:
         restore_determinism()
@@ -482,27 +506,14 @@ def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
-    return device
-
-
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "none":
-        return None
-    if device.type != "cuda":
-        raise UserError(f"train.amp={amp} needs a CUDA device, but the device is {device}; mixed precision is "
-                        "refused on CPU (bf16 autocast there is slow and changes results): set train.amp=none")
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError("train.amp=bf16: this GPU does not support bfloat16; use train.amp=fp16")
-    return torch.float16 if amp == "fp16" else torch.bfloat16
+    """The autocast dtype train.amp asks for on `device` (None = fp32), refused where it would be emulated."""
+    from pixelwise.precision import PrecisionError, resolve_precision
+
+    try:
+        return resolve_precision(amp, device)
+    except PrecisionError as e:
+        raise UserError(f"train.amp={amp}: {e}") from None
 
 
 def _seed_everything(seed: int, deterministic: bool) -> Any:
@@ -636,8 +647,14 @@ def _datasets(cfg: Config) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
     val_set = None
     if dc.val_split:
         val_set = build_dataset(dc.dataset, dc.root, dc.val_split, transforms=eval_tf, **dc.kwargs)
+    train_used = range(min(dc.max_train_images or len(train_set), len(train_set)))
+    if dc.cache_mb > 0 and hasattr(train_set, "cache_decoded"):  # before the loaders fork: shared, decoded once
+        cached = train_set.cache_decoded(dc.cache_mb * 2**20, indices=train_used)
+        if cached < len(train_used):
+            print(f"data.cache_mb={dc.cache_mb}: {cached} of {len(train_used)} training images fit in memory; "
+                  "the rest are decoded every epoch")
     if dc.max_train_images:
-        train_set = Subset(train_set, range(min(dc.max_train_images, len(train_set))))
+        train_set = Subset(train_set, train_used)
     if val_set is not None and dc.max_val_images:
         val_set = Subset(val_set, range(min(dc.max_val_images, len(val_set))))
     return train_set, val_set, info
@@ -662,13 +679,31 @@ def _class_weights(cfg: Config, train_set: Dataset, num_classes: int) -> torch.T
 
 
 def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (the papers) or AdamW; no weight decay on norm layers and biases."""
+    """SGD with momentum (the papers) or AdamW, with the Caffe solvers' per-parameter rates.
+
+    The classifier head (`model.classifier_layers()`) learns at train.head_lr_mult x the rate, biases at
+    train.bias_lr_mult x (multiplied for the head's biases: DeepLab's fc8 gets 10x / 20x); biases decay
+    only with train.bias_weight_decay, norm layers never. Groups with equal settings are merged, so with
+    the defaults there are two: decayed weights and the rest. Each group's `lr_mult` scales the schedule.
+    """
     tc = cfg.train
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    head = {id(p) for layer in _classifier_layers(model) for p in layer.parameters()}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_bias = name.endswith("bias")
+        mult = (tc.head_lr_mult if id(p) in head else 1.0) * (tc.bias_lr_mult if is_bias else 1.0)
+        decays = p.ndim > 1 or (is_bias and tc.bias_weight_decay)
+        groups.setdefault((mult, tc.weight_decay if decays else 0.0), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": wd, "lr_mult": mult, "lr": tc.lr * mult}
+                    for (mult, wd), ps in groups.items()]
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
-    return torch.optim.AdamW(groups, lr=tc.lr)
+        return torch.optim.SGD(param_groups, lr=tc.lr, momentum=tc.momentum)
+    return torch.optim.AdamW(param_groups, lr=tc.lr)
+
+
+def _classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers to class scores; none for a model that does not name them."""
+    layers = getattr(model, "classifier_layers", None)
+    return layers() if layers is not None else []

@@ -199,3 +199,30 @@ def test_synthetic_same_with_loader_workers():
     assert all(torch.equal(x, y) for x, y in zip(single, multi, strict=True))
     train = build_dataset("synthetic", "", "train", num_images=4, size=(32, 32), num_classes=3, seed=1)
     assert not torch.equal(train[0][1], ds[0][1])  # splits draw from different seeds
+
+
+def _tiny_camvid(root: Path, n: int = 5, h: int = 12, w: int = 16) -> Path:
+    for i in range(n):
+        _img(root / "train" / f"f{i}.png", h, w)
+        _mask(root / "trainannot" / f"f{i}.png", RNG.integers(0, 12, (h, w)))
+    return root
+
+
+def test_cache_decoded_keeps_samples_within_the_bound(tmp_path, monkeypatch):
+    ds = CamVid(_tiny_camvid(tmp_path), "train")
+    expected = [ds[i] for i in range(len(ds))]
+    per_sample = 12 * 16 * 3 + 12 * 16  # uint8 image + mask narrowed to uint8
+    assert ds.cache_decoded(3 * per_sample) == 3  # stops when the next sample would not fit
+    assert ds.cache_decoded(10 * per_sample, indices=[4]) == 4  # adds only what it is asked for
+    assert all(ds._decoded[i][1].dtype == np.uint8 for i in ds._decoded)
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("a cached sample was read from disk")
+
+    monkeypatch.setattr("pixelwise.data.datasets.read_image", no_disk)
+    for i in (0, 1, 2, 4):
+        image, mask = ds[i]
+        assert torch.equal(image, expected[i][0]) and torch.equal(mask, expected[i][1])
+        assert mask.dtype == torch.int64
+    with pytest.raises(AssertionError, match="read from disk"):
+        ds[3]  # not cached: decoded as usual

@@ -31,6 +31,10 @@ def test_every_builder_is_keyword_only_and_takes_num_classes():
 def test_forward_backward_shape_no_nan(name):
     torch.manual_seed(0)
     model = get_model(name, num_classes=5, **TINY.get(name, {}))
+    head = model.classifier_layers()  # what train.head_lr_mult applies to: layers that output class scores
+    submodules = {id(m) for m in model.modules()}
+    assert head and all(id(layer) in submodules for layer in head)
+    assert all(any(isinstance(m, torch.nn.Conv2d) and m.out_channels == 5 for m in layer.modules()) for layer in head)
     x = torch.randn(2, 3, 35, 47)  # odd sizes on purpose: every model must return logits at input size
     model.train()
     out = model(x)

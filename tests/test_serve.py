@@ -136,6 +136,7 @@ def test_model_health_and_page(client):
     assert info["model"] == "red_vs_green" and info["classes"] == ["green", "red"]
     assert info["palette"] == [[0, 255, 0], [255, 0, 0]] and info["num_classes"] == 2
     assert info["limits"]["max_pixels"] == ServeLimits().max_pixels
+    assert info["precision"] == "fp32"  # create_app's default; `pixelwise serve` resolves --precision auto
     assert client.get("/healthz").json() == {"status": "ok", "queued": 0}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -353,3 +354,14 @@ def test_load_200_requests_from_8_clients(unet_weights):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_cli_precision_bf16_is_refused_where_emulated(unet_weights, monkeypatch, capsys):
+    import pixelwise.precision
+    from pixelwise.cli import main
+
+    monkeypatch.setattr(pixelwise.precision, "cpu_has_native_bf16", lambda: False)
+    assert main(["serve", "--weights", str(unet_weights), "--port", "0", "--device", "cpu",
+                 "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--precision bf16" in err and "use fp32 or auto" in err

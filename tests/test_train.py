@@ -13,6 +13,7 @@ import torch
 import pixelwise.train as train_module
 from pixelwise.config import load_config
 from pixelwise.errors import UserError
+from pixelwise.models import get_model
 from pixelwise.train import train
 from pixelwise.weights import load_checkpoint, load_weights
 
@@ -335,3 +336,66 @@ def test_eval_modes_reduce_to_whole_image(tmp_path, mode):
 def test_multiscale_eval_runs(tmp_path):
     train(_cfg(tmp_path, "train.epochs=1", "eval.mode=multiscale", "eval.scales=[0.5, 1.5]", "eval.flip=true"))
     assert 0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["val"]["miou"] <= 1
+
+
+def test_lr_multipliers_reach_the_optimiser_groups(tmp_path):
+    """DeepLab's solver: the classifier at 10x, biases at 2x (so the classifier's bias at 20x), biases undecayed."""
+    cfg = _cfg(tmp_path, "train.optimizer=sgd", "train.lr=0.01", "train.head_lr_mult=10", "train.bias_lr_mult=2",
+               "train.weight_decay=0.001", "train.epochs=1")
+    model = get_model("segnet_basic", num_classes=3, encoder_channels=8, decoder_channels=8)
+    optimizer = train_module._optimizer(cfg, model)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    expected = {"classifier.weight": (0.1, 0.001), "classifier.bias": (0.2, 0.0),
+                "encoder.convs.0.0.weight": (0.01, 0.001), "encoder.convs.0.1.bias": (0.02, 0.0),
+                "encoder.convs.0.1.weight": (0.01, 0.0)}
+    for name, (lr, wd) in expected.items():
+        g = group_of[id(names[name])]
+        assert (g["lr"], g["weight_decay"]) == pytest.approx((lr, wd)), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+
+    # the schedule keeps the factors: at every step each group's lr is the scheduled rate times its lr_mult
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(sorted((g["lr_mult"], g["lr"]) for g in self.param_groups))
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", spy)
+        train(cfg)
+    assert seen[0][0] == (1.0, pytest.approx(0.01)) and seen[-1][0][1] < 0.01  # poly decay
+    assert all(lr == pytest.approx(step[0][1] * mult) for step in seen for mult, lr in step)
+    assert {mult for mult, _ in seen[0]} == {1.0, 2.0, 10.0, 20.0}
+
+
+def test_default_optimiser_has_two_groups(tmp_path):
+    """Unchanged defaults give the layout checkpoints had before the multipliers (decayed / not decayed)."""
+    cfg = _cfg(tmp_path)
+    model = get_model("unet", num_classes=3, padding="same", base_channels=4, depth=2)
+    optimizer = train_module._optimizer(cfg, model)
+    assert [(g["lr_mult"], g["weight_decay"] > 0) for g in optimizer.param_groups] == [(1.0, True), (1.0, False)]
+
+
+def test_decoded_cache_changes_nothing_but_speed(tmp_path):
+    """Training from the in-memory cache sees exactly the samples it would decode from disk."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "camvid"
+    for split, n in (("train", 8), ("val", 2)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 12, (24, 32), dtype=np.uint8)).save(root / f"{split}annot" / f"{i}.png")
+    common = [*TINY[1:], "data.dataset=camvid", f"data.root={root}", "data.crop_size=[16, 16]",
+              "train.epochs=1", "train.deterministic=true"]
+    losses = {}
+    for cache in (0, 64):
+        cfg = load_config(None, [*common, f"data.cache_mb={cache}", f"output.dir={tmp_path / str(cache)}"])
+        train(cfg)
+        losses[cache] = [r["loss"] for r in _log(tmp_path / str(cache)) if r["kind"] == "train"]
+    assert len(losses[0]) == 2 and losses[0] == losses[64]

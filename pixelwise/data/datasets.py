@@ -82,6 +82,7 @@ class SegmentationDataset(Dataset):
             raise UserError(f"{type(self).__name__}: found no image/label pairs; check the data root and split")
         self.samples = samples
         self.transforms = transforms if transforms is not None else eval_transforms()
+        self._decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # filled by `cache_decoded`
 
     @property
     def num_classes(self) -> int:
@@ -102,8 +103,29 @@ class SegmentationDataset(Dataset):
         check_labels(mask, num_classes=self.num_classes, ignore_index=self.ignore_index, path=path, raw=raw)
         return mask
 
+    def cache_decoded(self, max_bytes: int, indices: Sequence[int] | None = None) -> int:
+        """Decode and check samples (`indices`, default all) once and keep them in memory, in order, while
+        they fit in `max_bytes`; return how many are cached. Masks are held in the narrowest integer type.
+
+        Call it before a DataLoader forks its workers: they share the decoded arrays copy-on-write, so an
+        epoch decodes no PNG. CamVid train (367 images at 480x360) takes ~250 MB.
+        """
+        used = sum(a.nbytes + b.nbytes for a, b in self._decoded.values())
+        for i in range(len(self)) if indices is None else indices:
+            if i in self._decoded:
+                continue
+            image, mask = self.load(i)
+            narrow = mask.astype(np.uint8 if 0 <= mask.min() and mask.max() <= 255 else np.int32)
+            if used + image.nbytes + narrow.nbytes > max_bytes:
+                break
+            self._decoded[i] = (image, narrow)
+            used += image.nbytes + narrow.nbytes
+        return len(self._decoded)
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Checked numpy pair of sample `i`. Shape: (H, W, 3) uint8, (H, W) int64."""
+        """Checked numpy pair of sample `i`. Shape: (H, W, 3) uint8, (H, W) integer (int64 unless cached)."""
+        if i in self._decoded:
+            return self._decoded[i]
         image_path, label_path = self.samples[i]
         image = read_image(image_path)
         mask = self.load_mask(i)

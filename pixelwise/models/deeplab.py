@@ -93,6 +93,10 @@ class DeepLabV1(nn.Module):
         self.backbone = backbone
         self.classifier = classifier
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """fc8, the 1x1 conv to class scores (10x the base lr in the paper's solver)."""
+        return [self.classifier[-1]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)  # pool1..pool5, (B, C_i, H/s_i, W/s_i), high to low resolution
         y = self.classifier(feats[-1])  # (B, K, H/8, W/8)
@@ -126,6 +130,10 @@ class DeepLabV2(SimpleSegmentationModel):
     Shape:
         (B, 3, H, W) -> (B, K, H, W).
     """
+
+    def classifier_layers(self) -> list[nn.Module]:
+        """ASPP-L: its four branches map features straight to class scores (fc8 in the paper's solver)."""
+        return [self.classifier]
 
 
 def deeplab_v2(
@@ -274,6 +282,10 @@ class DeepLabV3Plus(nn.Module):
         self.backbone = backbone
         self.aspp = aspp
         self.decoder = decoder
+
+    def classifier_layers(self) -> list[nn.Module]:
+        """The decoder's final 1x1 conv to class scores."""
+        return [self.decoder.classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)  # list of (B, C_i, H/s_i, W/s_i), high to low resolution

@@ -118,6 +118,10 @@ class FCN(nn.Module):
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """The 1x1 score layers: score_fr and the skip scorers (score_pool4, score_pool3)."""
+        return [getattr(self, n) for n in ("score_fr", "score_pool4", "score_pool3") if hasattr(self, n)]
+
     def _skips(self) -> list[tuple[nn.Module, nn.Module, int]]:
         """(upsampling, skip scoring layer, encoder stage) from coarse to fine."""
         skips = []

@@ -64,6 +64,10 @@ class SimpleSegmentationModel(nn.Module):
         self.classifier = classifier
         self.aux_classifier = aux_classifier
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """The last layer of each head (a 1x1 conv to class scores), the auxiliary head's too."""
+        return [head[-1] for head in (self.classifier, self.aux_classifier) if head is not None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]
         feats = self.backbone(x)  # list of (B, C_i, H/s_i, W/s_i), high to low resolution

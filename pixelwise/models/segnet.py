@@ -85,6 +85,10 @@ class SegNet(nn.Module):
         self.decoder = decoder
         self.classifier = classifier
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """The layers that map features to class scores (their own lr in the papers' optimisers)."""
+        return [self.classifier]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats, indices, sizes = self.encoder(x)  # pooled maps high -> low res, argmax indices, pre-pool sizes
         y = self.decoder(feats[-1], indices, sizes)  # (B, C, H, W)
@@ -314,6 +318,12 @@ class FCNBasic(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.classifier = classifier
+
+    def classifier_layers(self) -> list[nn.Module]:
+        """The 1x1 classifier, or the decoder's 1x1 reductions to class scores when there is none."""
+        if isinstance(self.classifier, nn.Identity):
+            return [self.decoder.reduce_input, *self.decoder.reduce_skips]
+        return [self.classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats, _, sizes = self.encoder(x)  # pooled maps high -> low res (indices unused), pre-pool sizes

@@ -159,6 +159,10 @@ class UNet(nn.Module):
         b = max(8, -(-(min_output + self.margin - offset) // step))
         return step * b + offset
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """The final 1x1 conv to class scores (its own lr in the papers' optimisers)."""
+        return [self.head]
+
     def forward_valid(self, x: torch.Tensor) -> torch.Tensor:
         """The network itself, without padding the input: the paper's 572 -> 388 (depth 4, 'valid')."""
         for size in x.shape[-2:]:

@@ -39,23 +39,25 @@ def serve_command(args: argparse.Namespace) -> int:
     # the cores from decoding and encoding (a busy 2-core machine: 0.5 s instead of 14 ms a request).
     import uvicorn
 
-    from pixelwise.inference import resolve_device
+    from pixelwise.inference import resolve_device, resolve_dtype
+    from pixelwise.precision import precision_name
     from pixelwise.serve.app import create_app
     from pixelwise.weights import load_weights
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is outside 0..65535; use e.g. --port 8000")
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
     model, meta = load_weights(args.weights, device=device)
     channels = int(meta.model_kwargs.get("in_channels", 3))
     if channels != 3:
         raise UserError(f"{args.weights}: the model takes {channels}-channel input but the service feeds RGB "
                         "images; serve weights of a 3-channel model")
     sock = bind_socket(args.host, args.port)  # before uvicorn, so a busy port is one clear line
-    app = create_app(model, meta, device=device)
+    app = create_app(model, meta, device=device, dtype=dtype)
     host, port = sock.getsockname()[:2]
     print(f"pixelwise serve: {meta.model_name} ({meta.num_classes} classes) on http://{host}:{port}/ "
-          f"(device {device}); Ctrl+C to stop", flush=True)
+          f"(device {device}, {precision_name(dtype)}); Ctrl+C to stop", flush=True)
     # open connections beyond 4x the queue are refused with 503 by uvicorn itself, before any parsing
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             limit_concurrency=4 * app.state.limits.max_queue)

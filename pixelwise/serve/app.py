@@ -36,6 +36,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pixelwise.palette import index_png_bytes, overlay
+from pixelwise.precision import precision_name
 from pixelwise.weights import WeightsMeta
 
 FORMATS = ("png", "json", "overlay")
@@ -163,8 +164,9 @@ class Segmenter:
     """Runs the model on one decoded image at a time (called from the single worker thread)."""
 
     def __init__(self, model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-                 crf_preset: str = "deeplab_vgg"):
+                 dtype: torch.dtype | None = None, crf_preset: str = "deeplab_vgg"):
         self.device = torch.device(device)
+        self.dtype = dtype  # autocast dtype, None = fp32
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.crf_preset = crf_preset
@@ -172,9 +174,12 @@ class Segmenter:
     def __call__(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
         """RGB uint8 ``(H, W, 3)`` -> class indices int64 ``(H, W)``, whole-image inference."""
         from pixelwise.inference import normalize, predict_logits
+        from pixelwise.precision import autocast
 
         x = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device)  # (1, 3, H, W) uint8
-        logits = predict_logits(self.model, normalize(x, self.meta.mean, self.meta.std)).float()  # (1, K, H, W)
+        with autocast(self.device, self.dtype):
+            logits = predict_logits(self.model, normalize(x, self.meta.mean, self.meta.std))
+        logits = logits.float()  # (1, K, H, W)
         if crf:
             from pixelwise.crf import crf_kwargs, dense_crf
 
@@ -183,10 +188,11 @@ class Segmenter:
 
 
 def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-               limits: ServeLimits | None = None) -> FastAPI:
-    """The service for one model and its weights metadata (see the module docstring for the API)."""
+               dtype: torch.dtype | None = None, limits: ServeLimits | None = None) -> FastAPI:
+    """The service for one model and its weights metadata (see the module docstring for the API);
+    `dtype` is the autocast dtype of inference (None = fp32)."""
     limits = limits or ServeLimits()
-    segmenter = Segmenter(model, meta, device=device)
+    segmenter = Segmenter(model, meta, device=device, dtype=dtype)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelwise-infer")
     page = resources.files("pixelwise.serve").joinpath("static/index.html").read_bytes()
     admitted = 0  # requests between admission and answer; the event loop is the only writer
@@ -237,6 +243,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
             "mean": list(meta.mean),
             "std": list(meta.std),
             "device": str(segmenter.device),
+            "precision": precision_name(segmenter.dtype),
             "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
                        "max_queue": limits.max_queue},
         }
