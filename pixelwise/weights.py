@@ -96,10 +96,12 @@ def save_weights(
 
 
 def read_weights_meta(path: str | Path) -> WeightsMeta:
-    """Read only the metadata of a pixelwise `.safetensors` file."""
+    """Read only the metadata of a pixelwise `.safetensors` file (or of built-in weights by name)."""
     from safetensors import safe_open
 
-    path = _existing(path, "--weights")
+    from pixelwise.pretrained import resolve
+
+    path = resolve(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -119,11 +121,15 @@ def read_weights_meta(path: str | Path) -> WeightsMeta:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, WeightsMeta]:
-    """Build the model named in the file's metadata and load its tensors (strictly). Eval mode."""
+    """Build the model named in the file's metadata and load its tensors (strictly). Eval mode.
+
+    `path` may also name built-in weights (`segnet_basic_camvid`, see `pixelwise.pretrained`)."""
     from safetensors.torch import load_file
 
     from pixelwise.models import get_model
+    from pixelwise.pretrained import resolve
 
+    path = resolve(path)  # a built-in name becomes its file, sha256 checked
     meta = read_weights_meta(path)
     for key in ("weights_backbone", "init_from"):  # save_weights never stores them: a file must not name files
         if key in meta.model_kwargs:

@@ -41,16 +41,38 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def get_model(name: str, **kwargs) -> nn.Module:
-    """Build the model `name` with the builder's keyword arguments."""
+def get_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
+    """Build the model `name` with the builder's keyword arguments.
+
+    With `weights` (a tag of built-in trained weights, e.g. `get_model("segnet_basic", weights="camvid")`)
+    the model is built as those weights were trained and loaded with them, in eval mode; `num_classes`
+    may then be left out. Their classes, palette and preprocessing: `pixelwise.pretrained`.
+    """
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(MODELS)}"
         raise UserError(f"unknown model {name!r}{hint}")
+    if weights is not None:
+        return _pretrained_model(name, weights, kwargs)
     try:
         return MODELS[name](**kwargs)
     except TypeError as e:
         raise UserError(f"model {name!r}: {e}") from None
+
+
+def _pretrained_model(name: str, tag: str, kwargs: dict) -> nn.Module:
+    """`name` with its built-in weights `tag`; `kwargs` may only repeat what the weights were built with."""
+    from pixelwise.pretrained import for_model
+    from pixelwise.weights import load_weights
+
+    entry = for_model(name, tag)
+    model, meta = load_weights(entry.path())
+    built = {"num_classes": meta.num_classes, **meta.model_kwargs}
+    clash = {k: v for k, v in kwargs.items() if built.get(k, v) != v or k not in built}
+    if clash:
+        raise UserError(f"model {name!r} with weights={tag!r} is built as {built}; drop {sorted(clash)} "
+                        "or build without weights")
+    return model
 
 
 def models_command(args: argparse.Namespace) -> int:
@@ -58,4 +80,20 @@ def models_command(args: argparse.Namespace) -> int:
     from pixelwise.models.summary import model_table
 
     print(model_table(num_classes=args.num_classes, size=args.size, flops=not args.no_flops))
+    print()
+    print(pretrained_table())
     return 0
+
+
+def pretrained_table() -> str:
+    """The built-in trained weights: name (for --weights), model, data and what it scored."""
+    from pixelwise.pretrained import PRETRAINED
+
+    if not PRETRAINED:
+        return "trained weights: none in this install"
+    rows = ["trained weights (use the name with --weights, or get_model(MODEL, weights=TAG)):"]
+    for entry in PRETRAINED.values():
+        m = entry.metrics
+        scores = ", ".join(f"{k} {m[k]:.1f}" for k in ("global_acc", "class_avg", "miou", "boundary_f1") if k in m)
+        rows.append(f"  {entry.name:<24} {entry.model:<14} {m.get('split', '')}: {scores}")
+    return "\n".join(rows)

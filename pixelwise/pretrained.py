@@ -1,0 +1,105 @@
+"""Trained weights that ship inside the package, named like torchvision's: `get_model("segnet_basic",
+weights="camvid")` in Python, `--weights segnet_basic_camvid` on the command line.
+
+Each entry names its file under `pixelwise/trained/`, the file's sha256 (checked on every load, so a
+damaged or swapped file is refused), how it was trained and what it scored. The class names, palette
+and input normalisation live in the file's own metadata (one source, read by `meta`); `transforms()`
+gives the preprocessing that goes with them. Nothing is downloaded: the files are package data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pixelwise.errors import UserError
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """One set of trained weights shipped with pixelwise.
+
+    Attributes:
+        model: the builder's name in `pixelwise.models.MODELS`.
+        tag: the name after the model's, e.g. "camvid" in `segnet_basic_camvid`.
+        file: the file name under `pixelwise/trained/`.
+        sha256: hex digest of that file.
+        recipe: how it was trained (config and command), in words.
+        metrics: its scores, with the split they were measured on.
+    """
+
+    model: str
+    tag: str
+    file: str
+    sha256: str
+    recipe: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.tag}"
+
+    def path(self) -> Path:
+        """The file, after checking its sha256."""
+        path = trained_dir() / self.file
+        if not path.is_file():
+            raise UserError(f"built-in weights {self.name}: {path} is missing from the installed package; "
+                            "reinstall pixelwise")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != self.sha256:
+            raise UserError(f"built-in weights {self.name}: {path} has sha256 {digest[:16]}..., expected "
+                            f"{self.sha256[:16]}...; the file is damaged or was replaced: reinstall pixelwise")
+        return path
+
+    @property
+    def meta(self) -> Any:
+        """The file's `WeightsMeta`: classes (categories), palette, mean/std, builder keywords."""
+        from pixelwise.weights import read_weights_meta
+
+        return read_weights_meta(self.path())
+
+    def transforms(self) -> Any:
+        """The preprocessing these weights expect: uint8 (3, H, W) -> normalised float32, whole image."""
+        from pixelwise.data.transforms import eval_transforms
+
+        meta = self.meta
+        return eval_transforms(mean=meta.mean, std=meta.std)
+
+
+# Filled in from a finished run: see benchmarks/RESULTS.md for the run, its curve and per-class scores.
+PRETRAINED: dict[str, Pretrained] = {}
+
+
+def trained_dir() -> Path:
+    """The package folder that holds the built-in weights files."""
+    return Path(str(resources.files("pixelwise").joinpath("trained")))
+
+
+def find(name: str) -> Pretrained | None:
+    """The built-in weights called `name` (e.g. "segnet_basic_camvid"), or None."""
+    return PRETRAINED.get(name)
+
+
+def for_model(model: str, tag: str) -> Pretrained:
+    """The built-in weights `tag` of `model`; a UserError naming those that exist otherwise."""
+    entry = PRETRAINED.get(f"{model}_{tag}")
+    if entry is None or entry.model != model:
+        have = sorted(p.tag for p in PRETRAINED.values() if p.model == model)
+        offer = f"choose {', '.join(repr(t) for t in have)}" if have else "it has none; train it with `pixelwise train`"
+        raise UserError(f"model {model!r} has no built-in weights {tag!r}; {offer}")
+    return entry
+
+
+def resolve(path_or_name: str | Path, argument: str = "--weights") -> Path:
+    """A weights file: `path_or_name` itself when it is a file, else the verified built-in file of that name."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    entry = find(str(path_or_name))
+    if entry is not None:
+        return entry.path()
+    names = ", ".join(PRETRAINED) or "none in this install"
+    raise UserError(f"{argument}: no such file {path}, nor built-in weights of that name ({names}); check the path")

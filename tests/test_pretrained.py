@@ -1,0 +1,105 @@
+"""Built-in trained weights: by name in Python and on the command line, sha256 checked on every load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pixelwise.pretrained as pretrained
+from pixelwise.cli import main
+from pixelwise.data import CamVid
+from pixelwise.errors import UserError
+from pixelwise.models import get_model
+from pixelwise.pretrained import PRETRAINED, Pretrained
+from pixelwise.weights import save_weights
+
+KW = {"encoder_channels": 4, "decoder_channels": 4}
+
+
+@pytest.fixture
+def builtin(tmp_path, monkeypatch):
+    """A tiny SegNet-Basic installed as built-in weights `segnet_basic_tiny` in a package folder of its own."""
+    torch.manual_seed(0)
+    package = tmp_path / "pkg"
+    (package / "trained").mkdir(parents=True)
+    model = get_model("segnet_basic", num_classes=11, **KW)
+    path = package / "trained" / "tiny.safetensors"
+    save_weights(path, model, model_name="segnet_basic", model_kwargs=KW, classes=CamVid.classes,
+                 palette=CamVid.palette)
+    entry = Pretrained(model="segnet_basic", tag="tiny", file="tiny.safetensors",
+                       sha256=hashlib.sha256(path.read_bytes()).hexdigest(), recipe="test", metrics={"miou": 1.0})
+    monkeypatch.setitem(PRETRAINED, entry.name, entry)
+    monkeypatch.setattr(pretrained, "trained_dir", lambda: package / "trained")
+    return entry, model
+
+
+def test_get_model_with_weights_returns_the_trained_model(builtin):
+    entry, reference = builtin
+    model = get_model("segnet_basic", weights="tiny")
+    assert not model.training
+    x = torch.randn(1, 3, 24, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference.eval()(x))
+    assert entry.meta.classes == CamVid.classes and entry.meta.palette == [tuple(c) for c in CamVid.palette]
+    assert get_model("segnet_basic", weights="tiny", num_classes=11) is not None  # repeating is fine
+    with pytest.raises(UserError, match="drop \\['num_classes'\\]"):
+        get_model("segnet_basic", weights="tiny", num_classes=5)
+    with pytest.raises(UserError, match="no built-in weights 'voc'; choose 'tiny'"):
+        get_model("segnet_basic", weights="voc")
+
+
+def test_preprocessing_is_the_files_normalisation(builtin):
+    entry, _ = builtin
+    image = torch.full((3, 2, 2), 255, dtype=torch.uint8)
+    x, _ = entry.transforms()(image, torch.zeros(2, 2, dtype=torch.int64))
+    mean, std = np.array(entry.meta.mean), np.array(entry.meta.std)
+    assert np.allclose(x[:, 0, 0].numpy(), (1 - mean) / std, atol=1e-6)
+
+
+def test_a_damaged_file_is_refused(builtin, tmp_path):
+    entry, _ = builtin
+    path = tmp_path / "pkg" / "trained" / entry.file
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256 .* expected .* damaged or was replaced"):
+        get_model("segnet_basic", weights="tiny")
+    rc = main(["predict", "--weights", "segnet_basic_tiny", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 2
+
+
+def test_cli_accepts_the_name_for_predict_and_evaluate(builtin, tmp_path, capsys):
+    root = tmp_path / "camvid"
+    rng = np.random.default_rng(0)
+    for folder in ("val", "valannot"):
+        (root / folder).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(root / "val" / f"f{i}.png")
+        Image.fromarray(rng.integers(0, 12, (20, 28), dtype=np.uint8)).save(root / "valannot" / f"f{i}.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--weights", "segnet_basic_tiny", str(root / "val"), "--out", str(out),
+                 "--precision", "fp32"]) == 0
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["f0.png", "f1.png"]
+    assert main(["evaluate", "--weights", "segnet_basic_tiny", "--data", str(root), "--dataset", "camvid",
+                 "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 and metrics["precision"] in ("fp32", "bf16")
+    capsys.readouterr()
+    assert main(["predict", "--weights", "segnet_basic_nope", str(root / "val"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no such file segnet_basic_nope, nor built-in weights of that name (" in err and "segnet_basic_tiny" in err
+
+
+def test_a_file_of_that_name_wins_over_the_builtin(builtin, tmp_path, monkeypatch):
+    entry, _ = builtin
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tmp_path / "pkg" / "trained" / entry.file, tmp_path / "segnet_basic_tiny")
+    from pixelwise.pretrained import resolve
+
+    assert resolve("segnet_basic_tiny").resolve() == tmp_path / "segnet_basic_tiny"
