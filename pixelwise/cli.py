@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help=".safetensors weights file or built-in weights name")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.add_argument("--side-by-side", action="store_true", help="overlays show the image and the overlay side by side")
     _add_inference_options(p)
 
     p = sub.add_parser("init-weights", help="write a weights file without training")

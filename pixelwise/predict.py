@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pixelwise.data.imageio import IMAGE_EXTENSIONS
@@ -94,8 +95,10 @@ def predict_command(args: argparse.Namespace) -> int:
                 logits = dense_crf(logits.softmax(1), x, **crf_args)  # refined probabilities, same argmax role
             labels = logits.argmax(1)[0].cpu().numpy()  # (H, W)
             save_index_png(out / "masks" / f"{path.stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
-            save_rgb_png(out / "overlays" / f"{path.stem}.png",
-                         overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index))
+            shown = overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index)
+            if args.side_by_side:
+                shown = np.concatenate([image, np.full((image.shape[0], 8, 3), 255, np.uint8), shown], axis=1)
+            save_rgb_png(out / "overlays" / f"{path.stem}.png", shown)  # (H, W, 3) or (H, 2W + 8, 3)
             written += 1
     if bad:
         write_bad_files(out, bad)

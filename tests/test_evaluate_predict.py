@@ -55,9 +55,10 @@ def _one_line_error(rc, err, *needles):
 def test_evaluate_writes_metrics_matching_a_direct_computation(tmp_path, weights, capsys):
     data = _camvid(tmp_path / "camvid")
     rc, out, _ = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
-                      "--out", tmp_path / "ev", "--batch-size", "2")
+                      "--out", tmp_path / "ev", "--batch-size", "2", "--precision", "fp32")
     assert rc == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["precision"] == "fp32"
     for key in ("pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "dice", "mean_dice", "boundary_f1"):
         assert key in m
     assert m["num_images"] == 3 and m["classes"] == CamVid.classes and len(m["per_class_iou"]) == 11
@@ -154,6 +155,11 @@ def test_predict_writes_palette_masks_and_overlays(tmp_path, weights, capsys):
     model, meta = load_weights(weights)
     x = torch.from_numpy(np.asarray(Image.open(single).convert("RGB")).copy()).permute(2, 0, 1)[None]
     assert (predict_logits(model, normalize(x, meta.mean, meta.std)).argmax(1)[0].numpy() == labels).all()
+
+    rc, _, _ = _run(capsys, "predict", "--weights", weights, single, "--out", out, "--alpha", "1", "--side-by-side")
+    pair = np.asarray(Image.open(out / "overlays" / "single.png"))
+    assert rc == 0 and pair.shape == (10, 14 + 8 + 14, 3)
+    assert (pair[:, :14] == 90).all() and (pair[:, 14:22] == 255).all() and (pair[:, 22:] == overlay).all()
 
 
 def test_predict_bad_inputs(tmp_path, weights, capsys):

@@ -239,9 +239,9 @@ def check_loadable(out: Path) -> int | None:
 
 
 def history(out: Path) -> list[dict]:
-    """metrics.jsonl without the timing field."""
+    """metrics.jsonl without the timing fields."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")} for r in rows]
 
 
 def assert_same_run(out: Path, ref: Path) -> None:

@@ -154,8 +154,12 @@ def test_user_errors_before_training(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match=r"output\.dir=.*cannot write there"):
         train(_cfg(tmp_path, f"output.dir={blocker / 'sub'}"))
-    with pytest.raises(UserError, match=r"train\.amp=bf16 needs a CUDA device"):
-        train(_cfg(tmp_path, "train.amp=bf16", "train.device=cpu"))
+    with pytest.MonkeyPatch.context() as mp:  # a CPU that would emulate bf16
+        mp.setattr("pixelwise.precision.cpu_has_native_bf16", lambda: False)
+        with pytest.raises(UserError, match=r"train\.amp=bf16: bf16 is not executed natively by this CPU"):
+            train(_cfg(tmp_path, "train.amp=bf16", "train.device=cpu"))
+    with pytest.raises(UserError, match=r"train\.amp=fp16: fp16 autocast needs a CUDA device"):
+        train(_cfg(tmp_path, "train.amp=fp16", "train.device=cpu"))
     with pytest.raises(UserError, match=r"--resume: no checkpoint"):
         train(_cfg(tmp_path), resume=True)
     train(_cfg(tmp_path, "train.epochs=1"))
