@@ -65,3 +65,13 @@ def test_format_table_aligns_and_formats():
     lines = text.splitlines()
     assert lines[0] == "| name | x    |"
     assert lines[2] == "| a    | 1.23 |" and lines[3] == "| bb   | -    |"
+
+
+def test_bf16_accuracy_verdict_compares_the_gap_with_the_seed_spread():
+    bf16_accuracy = _load("bf16_accuracy")
+    runs = [{"amp": "none", "miou": m} for m in (0.80, 0.82, 0.84)] + [{"amp": "bf16", "miou": m} for m in (0.81, 0.83)]
+    s = bf16_accuracy.summarise(runs)
+    assert s["none"]["mean"] == pytest.approx(0.82) and s["none"]["std"] == pytest.approx(0.02)
+    assert s["gap"] == pytest.approx(0.0) and s["within_noise"] is True
+    far = bf16_accuracy.summarise(runs[:3] + [{"amp": "bf16", "miou": m} for m in (0.60, 0.61)])
+    assert far["gap"] == pytest.approx(-0.215) and far["within_noise"] is False

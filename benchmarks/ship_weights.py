@@ -1,0 +1,69 @@
+"""Turn a finished run's best weights into built-in package weights: fp16 tensors, the recipe in the metadata.
+
+    python benchmarks/ship_weights.py RUN_DIR --name segnet_basic_camvid --recipe "configs/camvid/..."
+
+Writes pixelwise/trained/<name>.safetensors (floating tensors as fp16: half the size, and the
+predictions agree with the fp32 weights on all but a few pixels: the script measures how many on
+`--check-images` validation images) and prints the sha256 to put in `pixelwise.pretrained.PRETRAINED`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from common import ROOT
+
+from pixelwise.data import build_dataset
+from pixelwise.inference import predict_logits
+from pixelwise.weights import load_weights, save_weights
+
+
+def agreement(a: torch.nn.Module, b: torch.nn.Module, dataset, n: int) -> float:
+    """Share of pixels where the two models' argmax agree on the first `n` images (fp32 inference)."""
+    same = total = 0
+    with torch.no_grad():
+        for i in range(min(n, len(dataset))):
+            x, _ = dataset[i]
+            pa = predict_logits(a, x[None]).argmax(1)
+            pb = predict_logits(b, x[None]).argmax(1)
+            same += int((pa == pb).sum())
+            total += pa.numel()
+    return same / total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="run folder with best.safetensors and metrics.json")
+    parser.add_argument("--name", required=True, help="built-in name, MODEL_TAG (e.g. segnet_basic_camvid)")
+    parser.add_argument("--recipe", required=True, help="how it was trained: config and command")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"),
+                        help="data set root for the agreement check")
+    parser.add_argument("--dataset", default="camvid")
+    parser.add_argument("--check-images", type=int, default=20)
+    args = parser.parse_args()
+    model, meta = load_weights(args.run / "best.safetensors")
+    metrics = json.loads((args.run / "metrics.json").read_text())
+    half = load_weights(args.run / "best.safetensors")[0].half()  # floating tensors rounded to fp16
+    val = build_dataset(args.dataset, args.data, "val")
+    agree = agreement(model, copy.deepcopy(half).float(), val, args.check_images)
+    out = ROOT / "pixelwise" / "trained" / f"{args.name}.safetensors"
+    out.parent.mkdir(exist_ok=True)
+    val_scores = {k: metrics["val"][k] for k in ("miou", "pixel_acc", "mean_acc")}
+    extra = {**meta.extra, "recipe": args.recipe, "val": val_scores, "stored_as": "fp16"}
+    save_weights(out, half, model_name=meta.model_name, model_kwargs=meta.model_kwargs,
+                 classes=meta.classes, palette=meta.palette, mean=meta.mean, std=meta.std,
+                 ignore_index=meta.ignore_index, extra=extra)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), sha256 {digest}")
+    print(f"fp16 vs fp32 weights: argmax agreement {100 * agree:.3f}% of pixels on {args.check_images} val images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
