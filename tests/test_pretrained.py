@@ -50,7 +50,7 @@ def test_get_model_with_weights_returns_the_trained_model(builtin):
     assert get_model("segnet_basic", weights="tiny", num_classes=11) is not None  # repeating is fine
     with pytest.raises(UserError, match="drop \\['num_classes'\\]"):
         get_model("segnet_basic", weights="tiny", num_classes=5)
-    with pytest.raises(UserError, match="no built-in weights 'voc'; choose 'tiny'"):
+    with pytest.raises(UserError, match="no built-in weights 'voc'; choose .*'tiny'"):
         get_model("segnet_basic", weights="voc")
 
 
@@ -103,3 +103,17 @@ def test_a_file_of_that_name_wins_over_the_builtin(builtin, tmp_path, monkeypatc
     from pixelwise.pretrained import resolve
 
     assert resolve("segnet_basic_tiny").resolve() == tmp_path / "segnet_basic_tiny"
+
+
+def test_the_shipped_camvid_model_loads_by_name_and_is_listed(capsys):
+    """The real package file: present, sha256 as registered, and a SegNet-Basic over CamVid's 11 classes."""
+    entry = PRETRAINED["segnet_basic_camvid"]
+    model = get_model("segnet_basic", weights="camvid")
+    assert entry.meta.classes == CamVid.classes and entry.meta.model_name == "segnet_basic"
+    assert sum(p.numel() for p in model.parameters()) == 1_416_075  # the paper's SegNet-Basic, 1.42 M
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 36, 48))
+    assert out.shape == (1, 11, 36, 48) and torch.isfinite(out).all()
+    assert main(["models", "--no-flops"]) == 0
+    listing = capsys.readouterr().out
+    assert "segnet_basic_camvid" in listing and "val" in listing

@@ -321,8 +321,8 @@ def test_load_200_requests_from_8_clients(unet_weights):
     bodies = [png_bytes(img) for img in images]
     expected = [expected_mask(unet_weights, img) for img in images]
     proc = subprocess.Popen([sys.executable, "-m", "pixelwise", "serve", "--weights", str(unet_weights),
-                             "--port", "0", "--device", "cpu", "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--port", "0", "--device", "cpu", "--precision", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = re.search(r"http://[\d.]+:\d+/", proc.stdout.readline()).group(0)
         rss_start = _rss_kib(proc.pid, "VmRSS")
