@@ -1,10 +1,10 @@
 """How much of a SegNet-Basic CamVid training step is not forward, backward or the optimiser?
 
 Runs the real loop (`pixelwise.train` with configs/camvid/segnet_basic_fast.yaml: 240x320 crops, batch 4,
-bf16 where native) for a few steps per variant and times steps `--warmup`+1 .. end from the loop's own
-log, then times the bare compute (forward, loss, backward, AdamW step on one fixed batch, same model,
-layout and precision) the same number of times. Overhead = 1 - bare / loop. Variants: the default
-(decoded images cached in memory, channels_last), no cache (PNG decode every step) with 0 and 2
+bf16 where native) for a few steps per variant and times the span of steps `--warmup`+1 .. end from the
+loop's own log (mean a step), then times the bare compute (forward, loss, backward, AdamW step on one
+fixed batch, same model, layout and precision) the same number of times. Overhead = 1 - bare / loop.
+Variants: the default (decoded images cached in memory, channels_last), no cache (PNG decode every step) with 0 and 2
 loader workers, and NCHW layout. Achieved GFLOP/s is set against the measured GEMM peak of the
 precision used (see precision_speed.py).
 
@@ -44,16 +44,16 @@ VARIANTS = {
 }
 
 
-def loop_seconds(overrides: list[str], data: str, steps: int, warmup: int) -> list[float]:
-    """Seconds of each step after `warmup` steps of the real training loop, from its metrics.jsonl."""
+def loop_seconds(overrides: list[str], data: str, steps: int, warmup: int) -> float:
+    """Mean seconds a step over the `steps` steps after `warmup` steps of the real loop, from its log."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(str(CONFIG), [f"data.root={data}", f"output.dir={tmp}", "output.log_every_steps=1",
                                         "output.progress=false", "output.report=false", "eval.every_epochs=0",
                                         "data.max_val_images=1", *overrides])
         train(cfg, stop_at_step=warmup + steps)
         log = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    t = [r["elapsed_s"] for r in log if r["kind"] == "train"]
-    return [b - a for a, b in zip(t[warmup - 1:], t[warmup:], strict=False)]
+    t = [r["elapsed_s"] for r in log if r["kind"] == "train"]  # logged to 0.1 s: time the span, not each step
+    return (t[-1] - t[warmup - 1]) / steps
 
 
 def bare_seconds(steps: int, channels_last: bool) -> tuple[list[float], float]:
@@ -96,9 +96,9 @@ def main() -> None:
     batch = load_config(str(CONFIG), []).data.batch_size
     rows, results = [], {}
     for name, overrides in VARIANTS.items():
-        loop = statistics.median(loop_seconds(overrides, args.data, args.steps, args.warmup))
+        loop = loop_seconds(overrides, args.data, args.steps, args.warmup)
         bare_all, flops = bare_seconds(args.steps, channels_last="train.channels_last=false" not in overrides)
-        bare = statistics.median(bare_all)
+        bare = statistics.mean(bare_all)
         results[name] = {"loop_s": loop, "bare_s": bare, "overhead": 1 - bare / loop, "gflop": flops / 1e9,
                          "load": os.getloadavg()[0]}
         rows.append([name, f"{loop:.3f}", f"{bare:.3f}", f"{100 * (1 - bare / loop):.1f}%", f"{batch / loop:.2f}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -65,8 +66,8 @@ def _torchrun(tmp_path: Path, overrides: list[str], *, resume: bool = False, sto
            str(script), json.dumps(overrides), str(int(resume)), str(stop_at)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")),
-                  key=lambda d: d["rank"])
+    # both ranks print to one pipe: under load one's line can land inside the other's, so find the objects
+    return sorted((json.loads(m) for m in re.findall(r'\{"rank"[^{}]*\}', r.stdout)), key=lambda d: d["rank"])
 
 
 def _val_lines(out: Path) -> list[dict]:
