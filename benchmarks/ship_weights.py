@@ -49,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     model, meta = load_weights(args.run / "best.safetensors")
     metrics = json.loads((args.run / "metrics.json").read_text())
-    half = load_weights(args.run / "best.safetensors")[0].half()  # floating tensors rounded to fp16
+    half = copy.deepcopy(model).half()  # floating tensors rounded to fp16
     val = build_dataset(args.dataset, args.data, "val")
     agree = agreement(model, copy.deepcopy(half).float(), val, args.check_images)
     out = ROOT / "pixelwise" / "trained" / f"{args.name}.safetensors"
