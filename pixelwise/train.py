@@ -687,7 +687,7 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     the defaults there are two: decayed weights and the rest. Each group's `lr_mult` scales the schedule.
     """
     tc = cfg.train
-    head = {id(p) for layer in model.classifier_layers() for p in layer.parameters()}
+    head = {id(p) for layer in _classifier_layers(model) for p in layer.parameters()}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -701,3 +701,9 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if tc.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=tc.lr, momentum=tc.momentum)
     return torch.optim.AdamW(param_groups, lr=tc.lr)
+
+
+def _classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers to class scores; none for a model that does not name them (e.g. a user's own)."""
+    layers = getattr(model, "classifier_layers", None)
+    return layers() if layers is not None else []
