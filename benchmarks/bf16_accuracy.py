@@ -31,6 +31,7 @@ from common import RESULTS_DIR, machine_info
 
 from pixelwise.config import load_config
 from pixelwise.demo import DEMO_SETTINGS
+from pixelwise.engine import read_metrics
 from pixelwise.fileio import atomic_write_text
 from pixelwise.train import train
 
@@ -51,7 +52,7 @@ def run_once(settings: list[str], seed: int, amp: str, out: Path) -> dict:
     start = time.perf_counter()
     result = train(cfg, overwrite=True)
     seconds = time.perf_counter() - start
-    val = json.loads((out / "metrics.json").read_text())["val"]
+    val = read_metrics(out / "metrics.json")["scores"]
     return {"seed": seed, "amp": amp, "miou": val["miou"], "pixel_acc": val["pixel_acc"],
             "mean_acc": val["mean_acc"], "steps": result["step"], "seconds": round(seconds, 1)}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from common import ROOT
 
 from pixelwise.data import build_dataset
+from pixelwise.engine import read_metrics
 from pixelwise.inference import predict_logits
 from pixelwise.weights import load_weights, save_weights
 
@@ -48,13 +48,13 @@ def main() -> int:
     parser.add_argument("--check-images", type=int, default=20)
     args = parser.parse_args()
     model, meta = load_weights(args.run / "best.safetensors")
-    metrics = json.loads((args.run / "metrics.json").read_text())
+    metrics = read_metrics(args.run / "metrics.json")
     half = copy.deepcopy(model).half()  # floating tensors rounded to fp16
     val = build_dataset(args.dataset, args.data, "val")
     agree = agreement(model, copy.deepcopy(half).float(), val, args.check_images)
     out = ROOT / "pixelwise" / "trained" / f"{args.name}.safetensors"
     out.parent.mkdir(exist_ok=True)
-    val_scores = {k: metrics["val"][k] for k in ("miou", "pixel_acc", "mean_acc")}
+    val_scores = {k: metrics["scores"][k] for k in ("miou", "pixel_acc", "mean_acc")}
     extra = {**meta.extra, "recipe": args.recipe, "val": val_scores, "stored_as": "fp16"}
     save_weights(out, half, model_name=meta.model_name, model_kwargs=meta.model_kwargs,
                  classes=meta.classes, palette=meta.palette, mean=meta.mean, std=meta.std,

@@ -30,10 +30,11 @@ from common import ROOT, add_common_args, count_flops, format_table, machine_inf
 from precision_speed import gemm_peak
 
 from pixelwise.config import load_config
+from pixelwise.engine.parts import build_optimizer
 from pixelwise.losses import build_loss
 from pixelwise.models import get_model
 from pixelwise.precision import precision_name, resolve_precision
-from pixelwise.train import _optimizer, train
+from pixelwise.train import train
 
 CONFIG = ROOT / "configs" / "camvid" / "segnet_basic_fast.yaml"
 VARIANTS = {
@@ -62,7 +63,7 @@ def bare_seconds(steps: int, channels_last: bool) -> tuple[list[float], float]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = get_model("segnet_basic", num_classes=11).to(memory_format=fmt).train()
     loss_fn = build_loss(cfg.loss, class_weights=torch.tensor(cfg.loss.class_weights), ignore_index=255)
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     dtype = resolve_precision(cfg.train.amp, torch.device("cpu"))
     x = torch.randn(cfg.data.batch_size, 3, *cfg.data.crop_size).contiguous(memory_format=fmt)
     y = torch.randint(0, 11, (cfg.data.batch_size, *cfg.data.crop_size))

@@ -1,7 +1,9 @@
 """The `pixelwise` command line: one sub-command per job, each handled by a plain function.
 
-Handlers are imported lazily so that `pixelwise --help` stays fast and an optional extra
-(onnx, serve) is only needed by the command that uses it.
+Handlers are imported lazily, so an optional extra (onnx, serve) is only needed by the command that
+uses it. Choices and defaults come from the library's registries (`pixelwise.inference.MODES`,
+`pixelwise.crf.CRF_PRESETS`, ...), never from a list kept here; the flags' names for the library's
+arguments are `INFERENCE_FLAGS`, used to translate its errors.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import importlib
 import os
 import sys
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 
 # sub-command -> "module:function" taking the parsed argparse.Namespace
 HANDLERS = {
@@ -26,23 +28,60 @@ HANDLERS = {
 }
 
 
+# library argument (pixelwise.engine.InferenceSpec, CRFParams) -> the flag that gives it
+INFERENCE_FLAGS = {"mode": "--mode", "window": "--window", "stride": "--stride", "scales": "--scales",
+                   "preset": "--crf-preset", "iterations": "--crf-iterations"}
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["whole", "slide", "multiscale"], default="whole",
-                   help="inference mode (default: whole image)")
+    from pixelwise.crf import CRF_PRESETS
+    from pixelwise.inference import DEEPLAB_SCALES, MODES
+
+    p.add_argument("--mode", choices=MODES, default="whole", help="inference mode (default: whole image)")
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"),
                    help="slide mode: window size (default: the model's training crop, else 512 512)")
     p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
                    help="slide mode: stride (default: 2/3 of the window)")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
-                   help="multiscale mode: scales (default: DeepLab's 0.5..1.75)")
+    p.add_argument("--scales", type=float, nargs="+", default=list(DEEPLAB_SCALES),
+                   help=f"multiscale mode: scales (default: DeepLab's {' '.join(map(str, DEEPLAB_SCALES))})")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     p.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
-    p.add_argument("--crf-preset", default="deeplab_vgg",
-                   help="CRF parameter set: deeplab_vgg, deeplab_resnet or pydensecrf (default: deeplab_vgg)")
+    p.add_argument("--crf-preset", choices=list(CRF_PRESETS), default=None,
+                   help="CRF parameters (default: those recorded in the weights, else deeplab_vgg)")
+    p.add_argument("--crf-iterations", type=int, default=None, help="mean-field iterations (default: the preset's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     _add_precision_option(p)
     p.add_argument("--skip-bad", action="store_true",
                    help="list unreadable files in a report and go on (default: stop at the first)")
+
+
+def inference_spec(args: argparse.Namespace, extra: dict, dtype: object) -> object:
+    """The `InferenceSpec` the inference flags ask for; `extra` is the weights' metadata (their training
+    crop is the default window, their recorded CRF the default CRF). Bad values name the flag."""
+    from pixelwise.crf import CRFParams
+    from pixelwise.engine import InferenceSpec
+    from pixelwise.errors import translated
+
+    with translated(INFERENCE_FLAGS, flags=True):
+        crf = None
+        if args.crf:
+            base = (CRFParams.preset(args.crf_preset) if args.crf_preset or "crf" not in extra
+                    else CRFParams.from_dict(extra["crf"]))
+            crf = base.replace(iterations=args.crf_iterations) if args.crf_iterations is not None else base
+        return InferenceSpec(mode=args.mode, window=_window(args, extra), stride=args.stride,
+                             scales=tuple(args.scales), flip=args.flip, crf=crf, dtype=dtype)
+
+
+def _window(args: argparse.Namespace, extra: dict) -> tuple[int, int] | None:
+    """--window, else the training crop recorded in the weights (`extra["crop_size"]`), else 512x512."""
+    if args.mode == "whole":
+        return None
+    if args.window:
+        return (int(args.window[0]), int(args.window[1]))
+    crop = extra.get("crop_size")
+    if isinstance(crop, list | tuple) and len(crop) == 2:
+        return (int(crop[0]), int(crop[1]))
+    return (512, 512) if args.mode == "slide" else None
 
 
 def _add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -129,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
-    except UserError as e:
+    except (UserError, ArgumentError) as e:  # an ArgumentError no front end translated: library words
         one_line = " ".join(str(e).split())  # a message quoting a library's multi-line text stays one line
         print(f"pixelwise {args.command}: error: {one_line}", file=sys.stderr)
         return 2

@@ -151,16 +151,19 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-# fields whose value must be one of a few names
-CHOICES: dict[str, tuple[str, ...]] = {
-    "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("poly", "constant", "step"),
-    "train.amp": ("auto", "none", "fp16", "bf16"),
-    "loss.name": ("cross_entropy", "unet_weight_map", "dice", "lovasz_softmax", "ohem"),
-    "loss.lovasz_classes": ("present", "all"),
-    "eval.mode": ("whole", "slide", "multiscale"),
-    "crf.preset": ("deeplab_vgg", "deeplab_resnet", "pydensecrf"),
-}
+def choices() -> dict[str, tuple[str, ...]]:
+    """Fields whose value must be one of a few names, each list taken from the library's own registry
+    (read when a config is checked, so importing the config module stays light)."""
+    from pixelwise.crf import CRF_PRESETS
+    from pixelwise.engine.parts import OPTIMIZERS, SCHEDULES
+    from pixelwise.inference import MODES
+    from pixelwise.losses import LOSSES, LOVASZ_CLASSES
+    from pixelwise.precision import PRECISIONS
+
+    amp = ("auto", "none", *(p for p in PRECISIONS if p not in ("auto", "fp32")))  # train.amp spells fp32 "none"
+    return {"train.optimizer": tuple(OPTIMIZERS), "train.schedule": SCHEDULES, "train.amp": amp,
+            "loss.name": tuple(LOSSES), "loss.lovasz_classes": LOVASZ_CLASSES, "eval.mode": MODES,
+            "crf.preset": tuple(CRF_PRESETS)}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -199,14 +202,15 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
         cls = _SECTIONS[name]
         hints = typing.get_type_hints(cls)
         kwargs = {}
+        allowed = choices()
         for key, v in value.items():
             if key not in hints:
                 raise UserError(f"{source}: unknown key {name}.{key}{_suggest(str(key), hints, prefix=name + '.')}")
             kwargs[key] = _coerce(v, hints[key], f"{source}: {name}.{key}")
-            choices = CHOICES.get(f"{name}.{key}")
-            if choices and kwargs[key] not in choices:
+            names = allowed.get(f"{name}.{key}")
+            if names and kwargs[key] not in names:
                 raise UserError(f"{source}: {name}.{key}={kwargs[key]!r} is not allowed; "
-                                f"choose one of {', '.join(choices)}")
+                                f"choose one of {', '.join(names)}")
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     _check_values(cfg, source)

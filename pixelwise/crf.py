@@ -25,16 +25,19 @@ Typical use from logits and a uint8 image::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 
 # pydensecrf.utils.unary_from_softmax clips probabilities here before taking -log
 PROB_FLOOR = 1e-5
@@ -43,55 +46,86 @@ _TRUNCATE_SIGMAS = 4.0
 # pixels refined at once on a CPU: one 480x360 image, or a batch of small ones (see dense_crf)
 _CPU_CHUNK_PIXELS = 2**18
 
-CRF_PRESETS: dict[str, dict[str, float | int]] = {
+@dataclass(frozen=True)
+class CRFParams:
+    """The dense CRF's parameters (names as pydensecrf's; the papers' symbols in the comments).
+
+    One value for the library, the configs, every command, the service and the weights' metadata
+    (`to_dict` / `from_dict`). Presets: `CRF_PRESETS`, `CRFParams.preset(name, **overrides)`.
+    """
+
+    iterations: int = 10  # mean-field iterations (DeepLab: 10)
+    bilateral_weight: float = 4.0  # w1, the appearance kernel's weight
+    bilateral_sxy: float = 121.0  # theta_alpha, its spatial standard deviation (pixels)
+    bilateral_srgb: float = 5.0  # theta_beta, its colour standard deviation (RGB levels)
+    gaussian_weight: float = 3.0  # w2, the smoothness kernel's weight
+    gaussian_sxy: float = 3.0  # theta_gamma, its standard deviation (pixels)
+
+    def __post_init__(self) -> None:
+        it = self.iterations
+        if isinstance(it, bool) or not isinstance(it, numbers.Integral) or it < 0:
+            raise ArgumentError("iterations", it, "must be an integer >= 0 (DeepLab uses 10)")
+        for f in fields(self)[1:]:
+            value = getattr(self, f.name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if f.name.endswith("weight") and (not number or value < 0):
+                raise ArgumentError(f.name, value, "must be a number >= 0 (0 switches the kernel off); "
+                                    "use compat for other label interactions")
+            if not f.name.endswith("weight") and (not number or value <= 0):
+                raise ArgumentError(f.name, value, "must be a positive number of pixels / RGB levels, "
+                                    "e.g. 3 (smoothness) or 80 and 13 (appearance)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: float | int) -> CRFParams:
+        """A named preset of `CRF_PRESETS`, with `overrides` (field names) applied."""
+        if name not in CRF_PRESETS:
+            raise ArgumentError("preset", name, f"unknown CRF preset; choose one of {', '.join(CRF_PRESETS)}")
+        return CRF_PRESETS[name].replace(**overrides)
+
+    def replace(self, **changes: float | int) -> CRFParams:
+        """A copy with some fields changed; an unknown name is an ArgumentError."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ArgumentError(unknown[0], changes[unknown[0]],
+                                f"not a CRF parameter; use one of {', '.join(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def kwargs(self) -> dict[str, float | int]:
+        """Keyword arguments of `dense_crf` / `DenseCRF`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    to_dict = kwargs  # the metadata form is the keyword form
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CRFParams:
+        """From `to_dict`'s form (weights metadata, JSON); unknown keys are an ArgumentError."""
+        return cls().replace(**values)
+
+    def name(self) -> str:
+        """The preset this equals, else "custom" (for logs and reports)."""
+        return next((n for n, p in CRF_PRESETS.items() if p == self), "custom")
+
+
+CRF_PRESETS: dict[str, CRFParams] = {
     # DeepLab v1 (Chen et al., ICLR 2015), released VGG-16 LargeFOV setting:
     # w1=4, theta_alpha=121, theta_beta=5, w2=3, theta_gamma=3, 10 iterations
-    "deeplab_vgg": {
-        "iterations": 10,
-        "bilateral_weight": 4.0,
-        "bilateral_sxy": 121.0,
-        "bilateral_srgb": 5.0,
-        "gaussian_weight": 3.0,
-        "gaussian_sxy": 3.0,
-    },
+    "deeplab_vgg": CRFParams(10, 4.0, 121.0, 5.0, 3.0, 3.0),
     # DeepLab v2 (Chen et al., TPAMI 2017), released ResNet-101 setting:
     # w1=4, theta_alpha=67, theta_beta=3, w2=3, theta_gamma=1, 10 iterations
-    "deeplab_resnet": {
-        "iterations": 10,
-        "bilateral_weight": 4.0,
-        "bilateral_sxy": 67.0,
-        "bilateral_srgb": 3.0,
-        "gaussian_weight": 3.0,
-        "gaussian_sxy": 1.0,
-    },
+    "deeplab_resnet": CRFParams(10, 4.0, 67.0, 3.0, 3.0, 1.0),
     # pydensecrf's README example: addPairwiseGaussian(sxy=3, compat=3),
     # addPairwiseBilateral(sxy=80, srgb=13, compat=10); 5 iterations as in its inference example
-    "pydensecrf": {
-        "iterations": 5,
-        "bilateral_weight": 10.0,
-        "bilateral_sxy": 80.0,
-        "bilateral_srgb": 13.0,
-        "gaussian_weight": 3.0,
-        "gaussian_sxy": 3.0,
-    },
+    "pydensecrf": CRFParams(5, 10.0, 80.0, 13.0, 3.0, 3.0),
 }
 
-_KWARG_NAMES = ("iterations", "gaussian_sxy", "gaussian_weight", "bilateral_sxy", "bilateral_srgb",
-                "bilateral_weight", "compat", "filtering")
 
-
-def crf_kwargs(preset: str, **overrides: object) -> dict[str, object]:
+def crf_kwargs(preset: str, **overrides: float | int) -> dict[str, float | int]:
     """Keyword arguments of `dense_crf` / `DenseCRF` for a named preset, with `overrides` applied.
 
     Example: ``dense_crf(probs, image, **crf_kwargs("deeplab_vgg", iterations=5))``.
     """
-    if preset not in CRF_PRESETS:
-        raise UserError(f"CRF preset {preset!r} is unknown; choose one of {', '.join(CRF_PRESETS)}")
-    unknown = sorted(set(overrides) - set(_KWARG_NAMES))
-    if unknown:
-        raise UserError(f"CRF override {unknown[0]!r} is not a dense_crf argument; "
-                        f"use one of {', '.join(_KWARG_NAMES)}")
-    return {**CRF_PRESETS[preset], **overrides}
+    return CRFParams.preset(preset, **overrides).kwargs()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,84 +166,23 @@ class PermutohedralLattice:
         self.num_points = num_points
         group = torch.zeros(num_points, dtype=torch.long, device=device) if group is None else group.long()
         num_groups = int(group.max()) + 1 if num_points else 1
-
-        # Coordinate-major layout (d+1, P): every step below is a handful of long vector operations.
-        f = features.float().T  # (d, P)
-        inv_std = math.sqrt(2.0 / 3.0) * (d + 1)  # the lattice blur then has std 1 (Adams et al. p.6)
-        cf = [f[i] * (inv_std / math.sqrt((i + 2) * (i + 1))) for i in range(d)]
-        # Elevate onto the hyperplane (E in Adams et al. p.5): e_j = sum_{k>=j} cf_k - j cf_{j-1}.
-        elevated = torch.empty(d + 1, num_points, device=device)
-        suffix = torch.zeros(num_points, device=device)
-        for j in range(d, 0, -1):
-            elevated[j] = suffix - j * cf[j - 1]
-            suffix = suffix + cf[j - 1]
-        elevated[0] = suffix
-
-        # Closest remainder-0 lattice point by rounding (half to even, as densecrf's SSE build) ...
-        # Integers are kept in float32 (exact here) while they are per point: it vectorises best.
-        rounded = torch.round(elevated * (1.0 / (d + 1)))  # (d+1, P): remainder-0 point / (d+1)
-        diff = elevated - rounded * (d + 1)
-        # ... and the simplex from the order of the remainders, counted pair by pair as densecrf does.
-        rank = torch.zeros(d + 1, num_points, device=device)
-        for i in range(d):
-            for j in range(i + 1, d + 1):
-                less = diff[i] < diff[j]
-                rank[i] += less
-                rank[j] += ~less
-        rank += rounded.sum(0)
-        # bring points whose rounded coordinates do not sum to 0 back onto the plane
-        wrap = (rank < 0).float() - (rank > d).float()
-        rank += wrap * (d + 1)
-        rounded += wrap
-
-        # Barycentric coordinates (p.10): vertex k of the simplex gets weight bary[k].
-        v = (elevated - rounded * (d + 1)) * (1.0 / (d + 1))
-        slot = (d - rank).long()
-        bary = torch.zeros(d + 2, num_points, device=device)
-        bary.scatter_add_(0, slot, v)
-        bary.scatter_add_(0, slot + 1, -v)
-        bary[0] += 1.0 + bary[d + 1]
-        bary = bary[: d + 1]  # (d+1, P)
-        base = rounded[:d].long()  # (d, P)
-        rank = rank[:d].long()  # (d, P)
-
-        # Deduplicate simplices: (group, base_i, rank_i for i < d) fixes all d+1 vertices.
-        simplex_codec = _MixedRadix([num_groups] + [_span(base[i]) for i in range(d)] + [(0, d)] * d)
-        simplex_keys = simplex_codec.encode([group] + list(base) + list(rank))  # (P,)
-        simplex_of, first = _unique(simplex_keys)  # (P,), (U,)
-        num_simplices = first.numel()
-        base_u, rank_u, group_u = base[:, first], rank[:, first], group[first]  # (d, U), (d, U), (U,)
-
-        # Vertex k of a simplex: coordinates (d+1) * base_i + canonical_k(rank_i), all congruent to k
-        # mod (d+1), with canonical_k(r) = k if r <= d - k else k - (d+1). Keyed as (k, group, z) with
-        # z_i = (c_i - k) / (d+1) over the first d coordinates (the last is minus their sum). k is the
-        # most significant field: the vertices of remainder k form one block of ids, so a point's
-        # vertex ids increase with k (sorted CSR columns) and every block can be sorted on its own.
-        spans = [_span(base[i]) for i in range(d)]
-        codec = _MixedRadix([d + 1, num_groups] + [(lo - 2, hi + 1) for lo, hi in spans])  # blur moves z by <= 1
-        # Vertex 0 is the remainder-0 point itself; vertex k adds k and takes 1 from z_i where
-        # rank_i > d - k, i.e. from one more coordinate (the one ranked d - k + 1) at every step.
-        key0 = codec.encode([torch.zeros_like(group_u), group_u] + list(base_u))  # (U,)
-        z_strides = torch.tensor(codec.strides[2:], device=device)  # (d,)
-        stride_of_rank = torch.zeros(d + 1, num_simplices, dtype=torch.long, device=device)
-        stride_of_rank.scatter_(0, rank_u, z_strides[:, None].expand(-1, num_simplices))  # coordinate d: 0
-        taken = torch.cumsum(stride_of_rank.flip(0), 0)[:d]  # (d, U): strides of ranks d .. d-k+1
-        ks = torch.arange(d + 1, device=device)
-        vertex_keys = key0 + ks[:, None] * codec.strides[0]  # (d+1, U)
-        vertex_keys[1:] -= taken
-        vertex_of_simplex = torch.empty(d + 1, num_simplices, dtype=torch.long, device=device)
-        unique_keys = []
-        for k in range(d + 1):
-            ids, firsts = _unique(vertex_keys[k])
-            vertex_of_simplex[k] = ids + sum(u.numel() for u in unique_keys)
-            unique_keys.append(vertex_keys[k, firsts])
-        block_sizes = torch.tensor([u.numel() for u in unique_keys], device=device)
-        unique_keys = torch.cat(unique_keys)  # (M,), sorted
+        rounded, rank, bary = _simplices(features, d)
+        simplex_of, vertex_of_simplex, unique_keys, block_sizes, codec = _vertices(
+            rounded[:d].long(), rank[:d].long(), group, num_groups, d)
         num_vertices = unique_keys.numel()
         self.num_vertices = num_vertices
         index_dtype = torch.int32 if max(num_points, num_vertices) * (d + 1) < 2**31 else torch.long
-        vertex_of = vertex_of_simplex.to(index_dtype)[:, simplex_of]  # (d+1, P)
+        self._build_splat_slice(bary, simplex_of, vertex_of_simplex, index_dtype)
+        self._blur = _blur_matrices(unique_keys, block_sizes, codec, d, index_dtype)
+        self.set_point_scale(None, None)
 
+    def _build_splat_slice(self, bary: torch.Tensor, simplex_of: torch.Tensor, vertex_of_simplex: torch.Tensor,
+                           index_dtype: torch.dtype) -> None:
+        """The splat (vertices x points) and slice (points x vertices) matrices' structure and weights."""
+        d, num_points, num_vertices = self.d, self.num_points, self.num_vertices
+        device = bary.device
+        num_simplices = vertex_of_simplex.shape[1]
+        vertex_of = vertex_of_simplex.to(index_dtype)[:, simplex_of]  # (d+1, P)
         # Sparse matrices in CSR form; int32 indices avoid a conversion on every product.
         # splat rows are vertices: each k's points sorted by vertex (stable: ascending columns)
         point_sorted = torch.cat([torch.sort(vertex_of[k], stable=True)[1] for k in range(d + 1)])  # (P*(d+1),)
@@ -224,33 +197,6 @@ class PermutohedralLattice:
         self._slice_crow = torch.arange(0, num_points * (d + 1) + 1, d + 1, device=device, dtype=index_dtype)
         self._slice_col = vertex_of.T.reshape(-1)
         self._slice_bary = (bary.T / (1.0 + 2.0**-d)).reshape(-1)
-
-        # Blur along direction j: new_v = v + (v[n1] + v[n2]) / 2 with n1 = c - 1 in every coordinate
-        # and + (d+1) in coordinate j, n2 the reverse move; missing neighbours count as 0. The key
-        # encoding is linear with a margin for these moves, so n1's key is the vertex's key plus a
-        # constant of its remainder k; n2 is the inverse relation of n1. Each direction is a sparse
-        # matrix I + (N1 + N2) / 2, applied with one product.
-        remainder = torch.repeat_interleave(torch.arange(d + 1, device=device), block_sizes)  # (M,)
-        strides = codec.strides
-        all_z = sum(strides[2:])
-        self._blur = []
-        for j in range(d + 1):
-            e_j = strides[2 + j] if j < d else 0
-            # k >= 1: (k - 1, z + e_j); k = 0: (d, z - 1 + e_j)
-            delta = torch.tensor([d * strides[0] - all_z + e_j] + [-strides[0] + e_j] * d, device=device)
-            n1_keys = unique_keys + delta[remainder]
-            pos = torch.searchsorted(unique_keys, n1_keys).clamp_(max=num_vertices - 1)
-            found = unique_keys[pos] == n1_keys
-            n1 = torch.where(found, pos, -1)  # (M,), -1: no such vertex
-            n2 = torch.full_like(n1, -1)
-            n2[pos[found]] = torch.nonzero(found)[:, 0]
-            # row i holds (n1, i, n2) with weights (1/2, 1, 1/2), columns sorted, missing ones dropped
-            cols, order = torch.sort(torch.stack([n1, torch.arange(num_vertices, device=device), n2], 1), dim=1)
-            vals = torch.tensor([0.5, 1.0, 0.5], device=device).expand(num_vertices, 3).gather(1, order)
-            keep = cols >= 0  # (M, 3)
-            crow = torch.cat([cols.new_zeros(1), torch.cumsum(keep.sum(1), 0)]).to(index_dtype)
-            self._blur.append(_csr(crow, cols[keep].to(index_dtype), vals[keep], (num_vertices, num_vertices)))
-        self.set_point_scale(None, None)
 
     def set_point_scale(self, splat_scale: torch.Tensor | None, slice_scale: torch.Tensor | None) -> None:
         """Scale every point's value by ``splat_scale`` (P,) before splatting and by ``slice_scale`` after slicing."""
@@ -272,6 +218,123 @@ class PermutohedralLattice:
         if out is None:
             return self._slice @ lattice  # (P, C)
         return out.addmm_(self._slice, lattice)
+
+
+def _simplices(features: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each point's enclosing simplex on the permutohedral lattice: the remainder-0 vertex (rounded,
+    (d+1, P)), the coordinates' ranks ((d+1, P)) and the barycentric weights of its d+1 vertices."""
+    num_points = features.shape[0]
+    device = features.device
+    f = features.float().T  # (d, P)
+    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)  # the lattice blur then has std 1 (Adams et al. p.6)
+    cf = [f[i] * (inv_std / math.sqrt((i + 2) * (i + 1))) for i in range(d)]
+    # Elevate onto the hyperplane (E in Adams et al. p.5): e_j = sum_{k>=j} cf_k - j cf_{j-1}.
+    elevated = torch.empty(d + 1, num_points, device=device)
+    suffix = torch.zeros(num_points, device=device)
+    for j in range(d, 0, -1):
+        elevated[j] = suffix - j * cf[j - 1]
+        suffix = suffix + cf[j - 1]
+    elevated[0] = suffix
+
+    # Closest remainder-0 lattice point by rounding (half to even, as densecrf's SSE build) ...
+    # Integers are kept in float32 (exact here) while they are per point: it vectorises best.
+    rounded = torch.round(elevated * (1.0 / (d + 1)))  # (d+1, P): remainder-0 point / (d+1)
+    diff = elevated - rounded * (d + 1)
+    # ... and the simplex from the order of the remainders, counted pair by pair as densecrf does.
+    rank = torch.zeros(d + 1, num_points, device=device)
+    for i in range(d):
+        for j in range(i + 1, d + 1):
+            less = diff[i] < diff[j]
+            rank[i] += less
+            rank[j] += ~less
+    rank += rounded.sum(0)
+    # bring points whose rounded coordinates do not sum to 0 back onto the plane
+    wrap = (rank < 0).float() - (rank > d).float()
+    rank += wrap * (d + 1)
+    rounded += wrap
+
+    # Barycentric coordinates (p.10): vertex k of the simplex gets weight bary[k].
+    v = (elevated - rounded * (d + 1)) * (1.0 / (d + 1))
+    slot = (d - rank).long()
+    bary = torch.zeros(d + 2, num_points, device=device)
+    bary.scatter_add_(0, slot, v)
+    bary.scatter_add_(0, slot + 1, -v)
+    bary[0] += 1.0 + bary[d + 1]
+    bary = bary[: d + 1]  # (d+1, P)
+    return rounded, rank, bary
+
+
+def _vertices(base: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, num_groups: int,
+              d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _MixedRadix]:
+    """The lattice vertices the points touch: each point's simplex id, each simplex's d+1 vertex ids,
+    the vertices' sorted keys, the number of vertices of each remainder, and the key codec."""
+    device = base.device
+    # Deduplicate simplices: (group, base_i, rank_i for i < d) fixes all d+1 vertices.
+    simplex_codec = _MixedRadix([num_groups] + [_span(base[i]) for i in range(d)] + [(0, d)] * d)
+    simplex_keys = simplex_codec.encode([group] + list(base) + list(rank))  # (P,)
+    simplex_of, first = _unique(simplex_keys)  # (P,), (U,)
+    num_simplices = first.numel()
+    base_u, rank_u, group_u = base[:, first], rank[:, first], group[first]  # (d, U), (d, U), (U,)
+
+    # Vertex k of a simplex: coordinates (d+1) * base_i + canonical_k(rank_i), all congruent to k
+    # mod (d+1), with canonical_k(r) = k if r <= d - k else k - (d+1). Keyed as (k, group, z) with
+    # z_i = (c_i - k) / (d+1) over the first d coordinates (the last is minus their sum). k is the
+    # most significant field: the vertices of remainder k form one block of ids, so a point's
+    # vertex ids increase with k (sorted CSR columns) and every block can be sorted on its own.
+    spans = [_span(base[i]) for i in range(d)]
+    codec = _MixedRadix([d + 1, num_groups] + [(lo - 2, hi + 1) for lo, hi in spans])  # blur moves z by <= 1
+    # Vertex 0 is the remainder-0 point itself; vertex k adds k and takes 1 from z_i where
+    # rank_i > d - k, i.e. from one more coordinate (the one ranked d - k + 1) at every step.
+    key0 = codec.encode([torch.zeros_like(group_u), group_u] + list(base_u))  # (U,)
+    z_strides = torch.tensor(codec.strides[2:], device=device)  # (d,)
+    stride_of_rank = torch.zeros(d + 1, num_simplices, dtype=torch.long, device=device)
+    stride_of_rank.scatter_(0, rank_u, z_strides[:, None].expand(-1, num_simplices))  # coordinate d: 0
+    taken = torch.cumsum(stride_of_rank.flip(0), 0)[:d]  # (d, U): strides of ranks d .. d-k+1
+    ks = torch.arange(d + 1, device=device)
+    vertex_keys = key0 + ks[:, None] * codec.strides[0]  # (d+1, U)
+    vertex_keys[1:] -= taken
+    vertex_of_simplex = torch.empty(d + 1, num_simplices, dtype=torch.long, device=device)
+    unique_keys = []
+    for k in range(d + 1):
+        ids, firsts = _unique(vertex_keys[k])
+        vertex_of_simplex[k] = ids + sum(u.numel() for u in unique_keys)
+        unique_keys.append(vertex_keys[k, firsts])
+    block_sizes = torch.tensor([u.numel() for u in unique_keys], device=device)
+    unique_keys = torch.cat(unique_keys)  # (M,), sorted
+    return simplex_of, vertex_of_simplex, unique_keys, block_sizes, codec
+
+
+def _blur_matrices(unique_keys: torch.Tensor, block_sizes: torch.Tensor, codec: _MixedRadix, d: int,
+                   index_dtype: torch.dtype) -> list[torch.Tensor]:
+    """One sparse matrix I + (N1 + N2) / 2 per lattice direction (see below)."""
+    device = unique_keys.device
+    num_vertices = unique_keys.numel()
+    # Blur along direction j: new_v = v + (v[n1] + v[n2]) / 2 with n1 = c - 1 in every coordinate
+    # and + (d+1) in coordinate j, n2 the reverse move; missing neighbours count as 0. The key
+    # encoding is linear with a margin for these moves, so n1's key is the vertex's key plus a
+    # constant of its remainder k; n2 is the inverse relation of n1. Each direction is a sparse
+    # matrix I + (N1 + N2) / 2, applied with one product.
+    remainder = torch.repeat_interleave(torch.arange(d + 1, device=device), block_sizes)  # (M,)
+    strides = codec.strides
+    all_z = sum(strides[2:])
+    blur = []
+    for j in range(d + 1):
+        e_j = strides[2 + j] if j < d else 0
+        # k >= 1: (k - 1, z + e_j); k = 0: (d, z - 1 + e_j)
+        delta = torch.tensor([d * strides[0] - all_z + e_j] + [-strides[0] + e_j] * d, device=device)
+        n1_keys = unique_keys + delta[remainder]
+        pos = torch.searchsorted(unique_keys, n1_keys).clamp_(max=num_vertices - 1)
+        found = unique_keys[pos] == n1_keys
+        n1 = torch.where(found, pos, -1)  # (M,), -1: no such vertex
+        n2 = torch.full_like(n1, -1)
+        n2[pos[found]] = torch.nonzero(found)[:, 0]
+        # row i holds (n1, i, n2) with weights (1/2, 1, 1/2), columns sorted, missing ones dropped
+        cols, order = torch.sort(torch.stack([n1, torch.arange(num_vertices, device=device), n2], 1), dim=1)
+        vals = torch.tensor([0.5, 1.0, 0.5], device=device).expand(num_vertices, 3).gather(1, order)
+        keep = cols >= 0  # (M, 3)
+        crow = torch.cat([cols.new_zeros(1), torch.cumsum(keep.sum(1), 0)]).to(index_dtype)
+        blur.append(_csr(crow, cols[keep].to(index_dtype), vals[keep], (num_vertices, num_vertices)))
+    return blur
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -480,14 +543,10 @@ def dense_crf(
     Shape:
         probs ``(B, K, H, W)``, image ``(B, 3, H, W)``, ignore_mask ``(B, H, W)`` -> ``(B, K, H, W)``.
     """
-    _check_inputs(probs, image, ignore_mask, iterations, compat, filtering,
-                  gaussian_sxy=gaussian_sxy, gaussian_weight=gaussian_weight, bilateral_sxy=bilateral_sxy,
-                  bilateral_srgb=bilateral_srgb, bilateral_weight=bilateral_weight)
-    params = {"iterations": int(iterations), "gaussian_sxy": float(gaussian_sxy),
-              "gaussian_weight": float(gaussian_weight), "bilateral_sxy": float(bilateral_sxy),
-              "bilateral_srgb": float(bilateral_srgb), "bilateral_weight": float(bilateral_weight),
-              "compat": None if compat is None else torch.as_tensor(compat, dtype=torch.float32, device=probs.device),
-              "filtering": filtering}
+    crf = CRFParams(iterations, bilateral_weight, bilateral_sxy, bilateral_srgb, gaussian_weight, gaussian_sxy)
+    _check_inputs(probs, image, ignore_mask, compat, filtering)
+    params = {**crf.kwargs(), "filtering": filtering,
+              "compat": None if compat is None else torch.as_tensor(compat, dtype=torch.float32, device=probs.device)}
     b, _, h, w = probs.shape
     # On a CPU the arrays of one 480x360 image stay in cache and those of a whole batch do not (a
     # batch of 8 at once measured 1.35x slower per image), so images go through in chunks of about
@@ -564,53 +623,41 @@ def _build_kernels(image: torch.Tensor, valid: torch.Tensor, *, gaussian_sxy: fl
             _LatticeKernel(bilateral, group, bilateral_weight))
 
 
-def _check_inputs(probs: object, image: object, ignore_mask: object, iterations: object, compat: object,
-                  filtering: object, **sigmas_and_weights: object) -> None:
-    """One UserError naming the argument, its value and the fix, for every kind of bad input."""
+def _check_inputs(probs: object, image: object, ignore_mask: object, compat: object, filtering: object) -> None:
+    """One ValueError naming the argument, its value and the fix, for every kind of bad input."""
     if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or not probs.is_floating_point():
         got = (f"{tuple(probs.shape)} {probs.dtype}" if isinstance(probs, torch.Tensor) else type(probs).__name__)
-        raise UserError(f"dense_crf: probs must be a float tensor (B, K, H, W), got {got}; "
+        raise ValueError(f"dense_crf: probs must be a float tensor (B, K, H, W), got {got}; "
                         "pass logits.softmax(1)")
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise UserError(f"dense_crf: image must be an RGB tensor (B, 3, H, W), got {got}; "
+        raise ValueError(f"dense_crf: image must be an RGB tensor (B, 3, H, W), got {got}; "
                         "convert grayscale with image.expand(-1, 3, -1, -1)")
     if image.dtype != torch.uint8:
-        raise UserError(f"dense_crf: image must be uint8 0..255, got {image.dtype}; "
+        raise ValueError(f"dense_crf: image must be uint8 0..255, got {image.dtype}; "
                         "pass the image before normalisation, e.g. (x * 255).round().to(torch.uint8)")
     b, _, h, w = probs.shape
     if image.shape[0] != b or image.shape[2:] != probs.shape[2:]:
-        raise UserError(f"dense_crf: image of size {tuple(image.shape)} does not match probs of size "
+        raise ValueError(f"dense_crf: image of size {tuple(image.shape)} does not match probs of size "
                         f"{tuple(probs.shape)}; resize the scores to the image (B, K, H, W) first")
     if probs.shape[1] < 1:
-        raise UserError("dense_crf: probs has 0 classes; it needs K >= 1 channels")
+        raise ValueError("dense_crf: probs has 0 classes; it needs K >= 1 channels")
     # NaN fails ">= 0"; once all are >= 0, an infinity makes the sum infinite
     if not bool((probs >= 0).all()) or not math.isfinite(float(probs.double().sum())):
         bad = ~torch.isfinite(probs) | (probs < 0)
-        raise UserError(f"dense_crf: probs contains {probs[bad][0].item()} (NaN, infinite or negative); "
+        raise ValueError(f"dense_crf: probs contains {probs[bad][0].item()} (NaN, infinite or negative); "
                         "pass probabilities, e.g. logits.softmax(1)")
     if ignore_mask is not None and (not isinstance(ignore_mask, torch.Tensor) or ignore_mask.shape != (b, h, w)):
         got = tuple(ignore_mask.shape) if isinstance(ignore_mask, torch.Tensor) else type(ignore_mask).__name__
-        raise UserError(f"dense_crf: ignore_mask must be a bool tensor of shape {(b, h, w)}, got {got}")
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-        raise UserError(f"dense_crf: iterations={iterations!r} must be an integer >= 0 (DeepLab uses 10)")
-    for name, value in sigmas_and_weights.items():
-        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        if name.endswith("weight"):
-            if not number or value < 0:
-                raise UserError(f"dense_crf: {name}={value!r} must be a number >= 0 (0 switches the kernel off); "
-                                "use compat for other label interactions")
-        elif not number or value <= 0:
-            raise UserError(f"dense_crf: {name}={value!r} must be a positive number of pixels / RGB levels, "
-                            "e.g. 3 (smoothness) or 80 and 13 (appearance)")
+        raise ValueError(f"dense_crf: ignore_mask must be a bool tensor of shape {(b, h, w)}, got {got}")
     if compat is not None:
         k = probs.shape[1]
         mu = torch.as_tensor(compat)
         if mu.shape != (k, k) or not bool(torch.isfinite(mu.double()).all()):
-            raise UserError(f"dense_crf: compat must be a finite ({k}, {k}) matrix for {k} classes, "
+            raise ValueError(f"dense_crf: compat must be a finite ({k}, {k}) matrix for {k} classes, "
                             f"got shape {tuple(mu.shape)}; or None for the Potts model")
     if filtering not in FILTERINGS:
-        raise UserError(f"dense_crf: filtering={filtering!r} is not supported; choose one of {', '.join(FILTERINGS)}")
+        raise ValueError(f"dense_crf: filtering={filtering!r} is not supported; choose one of {', '.join(FILTERINGS)}")
 
 
 class DenseCRF(nn.Module):
@@ -625,30 +672,19 @@ class DenseCRF(nn.Module):
         -> ``(B, K, H, W)`` probabilities.
     """
 
-    def __init__(
-        self,
-        *,
-        iterations: int = 10,
-        gaussian_sxy: float,
-        gaussian_weight: float,
-        bilateral_sxy: float,
-        bilateral_srgb: float,
-        bilateral_weight: float,
-        compat: torch.Tensor | Sequence[Sequence[float]] | None = None,
-        filtering: str = "lattice",
-    ) -> None:
+    def __init__(self, *, compat: torch.Tensor | Sequence[Sequence[float]] | None = None,
+                 filtering: str = "lattice", **params: float | int) -> None:
+        """`params`: the fields of `CRFParams` (all of them, or use `from_preset`)."""
         super().__init__()
-        self.iterations = iterations
-        self.gaussian_sxy = gaussian_sxy
-        self.gaussian_weight = gaussian_weight
-        self.bilateral_sxy = bilateral_sxy
-        self.bilateral_srgb = bilateral_srgb
-        self.bilateral_weight = bilateral_weight
+        missing = [f.name for f in fields(CRFParams) if f.name not in params and f.name != "iterations"]
+        if missing:
+            raise TypeError(f"DenseCRF() missing {', '.join(missing)}; give every CRFParams field or use from_preset")
+        self.params = CRFParams().replace(**params)
         self.filtering = filtering
         self.register_buffer("compat", None if compat is None else torch.as_tensor(compat, dtype=torch.float32))
 
     @classmethod
-    def from_preset(cls, preset: str, **overrides: object) -> DenseCRF:
+    def from_preset(cls, preset: str, **overrides: float | int) -> DenseCRF:
         """``DenseCRF.from_preset("deeplab_resnet", iterations=5)``; see `CRF_PRESETS`."""
         return cls(**crf_kwargs(preset, **overrides))
 
@@ -656,13 +692,8 @@ class DenseCRF(nn.Module):
         self, probs: torch.Tensor, image: torch.Tensor, ignore_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Refined probabilities (B, K, H, W); see `dense_crf`."""
-        return dense_crf(probs, image, iterations=self.iterations, gaussian_sxy=self.gaussian_sxy,
-                         gaussian_weight=self.gaussian_weight, bilateral_sxy=self.bilateral_sxy,
-                         bilateral_srgb=self.bilateral_srgb, bilateral_weight=self.bilateral_weight,
-                         compat=self.compat, ignore_mask=ignore_mask, filtering=self.filtering)
+        return dense_crf(probs, image, **self.params.kwargs(), compat=self.compat, ignore_mask=ignore_mask,
+                         filtering=self.filtering)
 
     def extra_repr(self) -> str:
-        return (f"iterations={self.iterations}, gaussian_sxy={self.gaussian_sxy}, "
-                f"gaussian_weight={self.gaussian_weight}, bilateral_sxy={self.bilateral_sxy}, "
-                f"bilateral_srgb={self.bilateral_srgb}, bilateral_weight={self.bilateral_weight}, "
-                f"filtering={self.filtering!r}")
+        return ", ".join(f"{k}={v}" for k, v in self.params.kwargs().items()) + f", filtering={self.filtering!r}"

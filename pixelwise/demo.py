@@ -8,7 +8,6 @@ for a few validation images (class-index PNGs and colour overlays) and `report.h
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ def run_demo(cfg: Config, *, num_predictions: int = 4) -> dict[str, Any]:
         {"miou": best validation mIoU, "seconds": wall time, "out": output folder}
     """
     from pixelwise.data import build_dataset
-    from pixelwise.inference import predict_logits
+    from pixelwise.engine import InferenceSpec, read_metrics, segment
     from pixelwise.palette import overlay, save_index_png, save_rgb_png
     from pixelwise.train import train
     from pixelwise.weights import load_weights
@@ -69,18 +68,15 @@ def run_demo(cfg: Config, *, num_predictions: int = 4) -> dict[str, Any]:
 
     model, meta = load_weights(out / "best.safetensors")
     val = build_dataset("synthetic", "", cfg.data.val_split, **cfg.data.kwargs)  # raw images come from .load()
-    mean = torch.tensor(meta.mean).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std).view(1, 3, 1, 1)
     pred_dir = out / "predictions"
     for i in range(min(num_predictions, len(val))):
         image, _ = val.load(i)  # (H, W, 3) uint8
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-        with torch.no_grad():
-            pred = predict_logits(model, (x - mean) / std).argmax(1)[0].numpy()  # (H, W)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        pred = segment(model, x, InferenceSpec(), mean=meta.mean, std=meta.std).argmax(1)[0].numpy()  # (H, W)
         save_index_png(pred_dir / f"val_{i:03d}.png", pred, meta.palette)
         save_rgb_png(pred_dir / f"val_{i:03d}_overlay.png", overlay(image, pred, meta.palette))
     seconds = time.perf_counter() - start
-    miou = json.loads((out / "metrics.json").read_text())["val"]["miou"]
+    miou = read_metrics(out / "metrics.json")["scores"]["miou"]
     return {"miou": miou, "seconds": seconds, "out": str(out)}
 
 

@@ -19,9 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 
-MODES = ("whole", "slide", "multiscale")
+# the inference modes: the one list that configs, the CLI and the service take their choices from
+MODES: tuple[str, ...] = ("whole", "slide", "multiscale")
+# multiscale default: DeepLab's test scales (Chen et al., TPAMI 2017, Sec. 4.1)
+DEEPLAB_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def resolve_device(name: str, argument: str = "--device") -> torch.device:
@@ -70,20 +73,15 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float() / 255.0 - m) / s
 
 
-def _run(model: nn.Module, x: torch.Tensor, size_divisor: int | None) -> torch.Tensor:
-    """One forward pass returning logits at x's size; pads to `size_divisor` first if given. (B, K, H, W)."""
-    h, w = x.shape[-2:]
-    if size_divisor and size_divisor > 1:
-        ph, pw = -h % size_divisor, -w % size_divisor
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))  # (B, C, H', W'); zero = the mean colour after normalising
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One forward pass returning logits at x's size. Shape: (B, C, H, W) -> (B, K, H, W)."""
     y = model(x)
     if isinstance(y, dict):  # torchvision-style {"out": ..., "aux": ...}
         y = y["out"]
     if y.shape[-2:] != x.shape[-2:]:
         # the model contract is logits at input size; a stride-s output is brought back bilinearly
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H', W')
-    return y[..., :h, :w]
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+    return y
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
@@ -99,7 +97,7 @@ def _batched(items: list, n: int) -> list[list]:
 
 
 def _slide(model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int],
-           batch_size: int, size_divisor: int | None) -> torch.Tensor:
+           batch_size: int) -> torch.Tensor:
     """Average of overlapping window logits. Shape: (B, C, H, W) -> (B, K, H, W)."""
     b, _, h, w = x.shape
     wh, ww = window
@@ -110,7 +108,7 @@ def _slide(model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: t
     count = torch.zeros(1, 1, hp, wp, device=x.device)
     for chunk in _batched(boxes, max(1, batch_size // b)):
         crops = torch.cat([x[..., y0 : y0 + wh, x0 : x0 + ww] for y0, x0 in chunk])  # (n*B, C, wh, ww)
-        out = _run(model, crops, size_divisor)  # (n*B, K, wh, ww)
+        out = _run(model, crops)  # (n*B, K, wh, ww)
         if total is None:
             total = torch.zeros(b, out.shape[1], hp, wp, device=x.device)  # float32 sums, also under autocast
         for i, (y0, x0) in enumerate(chunk):
@@ -161,6 +159,29 @@ def _is_valid_conv(model: nn.Module) -> bool:
     return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
 
 
+def check_options(mode: str, window: Sequence[int] | None, stride: Sequence[int] | None,
+                  scales: Sequence[float]) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Check `predict_logits`' options (ArgumentError naming the argument); return (window, stride) as
+    int pairs, the stride defaulting to 2/3 of the window."""
+    if mode not in MODES:
+        raise ArgumentError("mode", mode, f"unknown inference mode; choose one of {', '.join(MODES)}")
+    if mode == "multiscale" and (not scales or min(scales) <= 0):
+        raise ArgumentError("scales", list(scales), "give one or more positive factors, e.g. 0.5 1.0 1.5")
+    if mode == "slide" and window is None:
+        raise ArgumentError("window", None, "slide mode needs a window size (H, W)")
+    if window is None:
+        return None, None
+    if len(window) != 2 or min(window) < 1:
+        raise ArgumentError("window", list(window), "give two positive sizes (H, W)")
+    window = (int(window[0]), int(window[1]))
+    if stride is None:
+        stride = (max(1, math.ceil(window[0] * 2 / 3)), max(1, math.ceil(window[1] * 2 / 3)))
+    if len(stride) != 2 or not (0 < stride[0] <= window[0] and 0 < stride[1] <= window[1]):
+        raise ArgumentError("stride", list(stride), f"must be positive and at most the window {list(window)}, "
+                            "or pixels between windows get no prediction")
+    return window, (int(stride[0]), int(stride[1]))
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -172,7 +193,6 @@ def predict_logits(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     num_classes: int | None = None,
-    size_divisor: int | None = None,
     batch_size: int = 4,
 ) -> torch.Tensor:
     """Class scores for normalised images at their own size, by one of three modes.
@@ -190,7 +210,6 @@ def predict_logits(
         scales: multiscale factors (DeepLab: 0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
         flip: also predict the horizontally flipped image and average with it (per scale).
         num_classes: if given, the model's output channels are checked against it.
-        size_divisor: pad each forward input to a multiple of this (zeros) and crop back.
         batch_size: windows per forward pass (times the image batch), bounding memory.
 
     Returns:
@@ -199,31 +218,16 @@ def predict_logits(
     Shape:
         (B, C, H, W) -> (B, K, H, W).
     """
-    if mode not in MODES:
-        raise UserError(f"--mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
-    if mode == "slide" and window is None:
-        raise UserError("--mode slide needs a window size: give --window H W")
-    if window is not None:
-        window = (int(window[0]), int(window[1]))
-        if min(window) < 1:
-            raise UserError(f"--window {window[0]} {window[1]}: sizes must be positive")
-        if stride is None:
-            stride = (max(1, math.ceil(window[0] * 2 / 3)), max(1, math.ceil(window[1] * 2 / 3)))
-        stride = (int(stride[0]), int(stride[1]))
-        if not (0 < stride[0] <= window[0] and 0 < stride[1] <= window[1]):
-            raise UserError(f"--stride {stride[0]} {stride[1]} must be positive and at most the window "
-                            f"{window[0]} {window[1]}, or pixels between windows get no prediction")
-    if mode == "multiscale" and (not scales or min(scales) <= 0):
-        raise UserError(f"--scales {list(scales)}: give one or more positive factors, e.g. 0.5 1.0 1.5")
+    window, stride = check_options(mode, window, stride, scales)
 
     def single(x: torch.Tensor) -> torch.Tensor:
         if window is not None and mode != "whole":
             if _is_valid_conv(model):
                 return _overlap_tile(model, x, window, batch_size)
-            return _slide(model, x, window, stride, batch_size, size_divisor)
-        return _run(model, x, size_divisor)
+            return _slide(model, x, window, stride, batch_size)
+        return _run(model, x)
 
     def with_flip(x: torch.Tensor) -> torch.Tensor:
         y = single(x)

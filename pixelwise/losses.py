@@ -19,7 +19,6 @@ from pixelwise.errors import UserError
 if TYPE_CHECKING:
     from pixelwise.config import LossConfig
 
-LOSS_NAMES = ("cross_entropy", "unet_weight_map", "dice", "lovasz_softmax", "ohem")
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -91,6 +90,9 @@ def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     return jaccard
 
 
+LOVASZ_CLASSES = ("present", "all")  # which classes the Lovasz-Softmax loss averages over
+
+
 def lovasz_softmax_flat(probs: torch.Tensor, labels: torch.Tensor, *, classes: str = "present") -> torch.Tensor:
     """Lovász-Softmax on flattened, already-filtered pixels (Berman et al. 2018, eq. 8-9).
 
@@ -101,7 +103,7 @@ def lovasz_softmax_flat(probs: torch.Tensor, labels: torch.Tensor, *, classes: s
     Shape:
         probs (N, K) softmax probabilities, labels (N,) int64 in 0..K-1 -> scalar.
     """
-    if classes not in ("present", "all"):
+    if classes not in LOVASZ_CLASSES:
         raise ValueError(f"classes={classes!r} is not supported; choose 'present' or 'all'")
     if probs.numel() == 0:
         return probs.sum() * 0.0  # keeps the graph: an all-ignored batch contributes nothing
@@ -277,22 +279,26 @@ class OhemCrossEntropyLoss(nn.Module):
                                   weight=self.weight, ignore_index=self.ignore_index)
 
 
+# loss.name -> builder from (loss config, class weights, ignore index): the one list of losses
+LOSSES: dict[str, Callable[[LossConfig, torch.Tensor | None, int], nn.Module]] = {
+    "cross_entropy": lambda cfg, w, ignore: CrossEntropyLoss(weight=w, ignore_index=ignore),
+    "unet_weight_map": lambda cfg, w, ignore: UNetWeightMapLoss(w0=cfg.w0, sigma=cfg.sigma, ignore_index=ignore),
+    "dice": lambda cfg, w, ignore: DiceLoss(smooth=cfg.dice_smooth, ignore_index=ignore),
+    "lovasz_softmax": lambda cfg, w, ignore: LovaszSoftmaxLoss(classes=cfg.lovasz_classes,
+                                                               per_image=cfg.lovasz_per_image, ignore_index=ignore),
+    "ohem": lambda cfg, w, ignore: OhemCrossEntropyLoss(thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept,
+                                                        weight=w, ignore_index=ignore),
+}
+LOSS_NAMES = tuple(LOSSES)
+_WEIGHTED = ("cross_entropy", "ohem")  # the losses that take class weights
+
+
 def build_loss(cfg: LossConfig, *, class_weights: torch.Tensor | None = None, ignore_index: int = 255) -> nn.Module:
     """The loss module named by `cfg.name`; `class_weights` (K,) apply to the cross-entropy losses."""
     name = cfg.name
-    if class_weights is not None and name not in ("cross_entropy", "ohem"):
-        raise UserError(f"loss.class_weights is only used by cross_entropy and ohem, not loss.name={name!r}; "
+    if name not in LOSSES:
+        raise UserError(f"loss.name={name!r} is not a loss; choose one of {', '.join(LOSSES)}")
+    if class_weights is not None and name not in _WEIGHTED:
+        raise UserError(f"loss.class_weights is only used by {' and '.join(_WEIGHTED)}, not loss.name={name!r}; "
                         "set loss.class_weights=none")
-    if name == "cross_entropy":
-        return CrossEntropyLoss(weight=class_weights, ignore_index=ignore_index)
-    if name == "unet_weight_map":
-        return UNetWeightMapLoss(w0=cfg.w0, sigma=cfg.sigma, ignore_index=ignore_index)
-    if name == "dice":
-        return DiceLoss(smooth=cfg.dice_smooth, ignore_index=ignore_index)
-    if name == "lovasz_softmax":
-        return LovaszSoftmaxLoss(classes=cfg.lovasz_classes, per_image=cfg.lovasz_per_image,
-                                 ignore_index=ignore_index)
-    if name == "ohem":
-        return OhemCrossEntropyLoss(thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept, weight=class_weights,
-                                    ignore_index=ignore_index)
-    raise UserError(f"loss.name={name!r} is not a loss; choose one of {', '.join(LOSS_NAMES)}")
+    return LOSSES[name](cfg, class_weights, ignore_index)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 
-def _labels(pred: torch.Tensor) -> torch.Tensor:
+def to_labels(pred: torch.Tensor) -> torch.Tensor:
     """Logits (B, K, H, W) -> labels (B, H, W); labels pass through.
 
     On CPU, `max(dim=0)` over one sample's leading class axis is several times faster than
@@ -67,7 +67,7 @@ class ConfusionMatrix:
         k = self.num_classes
         if pred.is_floating_point() and pred.ndim == 4 and pred.shape[1] != k:
             raise ValueError(f"logits have {pred.shape[1]} channels but the matrix has num_classes={k}")
-        labels = _labels(pred)
+        labels = to_labels(pred)
         if not pred.is_floating_point() and labels.numel() and (labels.min() < 0 or labels.max() >= k):
             raise ValueError(f"predicted labels span {int(labels.min())}..{int(labels.max())}, outside 0..{k - 1}")
         if labels.shape != target.shape:
@@ -209,7 +209,7 @@ class BoundaryF1:
         self.per_image = []
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        labels = _labels(pred).cpu()
+        labels = to_labels(pred).cpu()
         for p, t in zip(labels, target.cpu(), strict=True):
             self.per_image.append(boundary_f1_per_image(p, t, self.num_classes, ignore_index=self.ignore_index,
                                                         tolerance=self.tolerance))

@@ -47,11 +47,12 @@ def predict_command(args: argparse.Namespace) -> int:
     """`pixelwise predict --weights W INPUT... --out DIR`."""
     from tqdm import tqdm
 
+    from pixelwise.cli import inference_spec
     from pixelwise.data.imageio import read_image
-    from pixelwise.evaluate import inference_window, write_bad_files
-    from pixelwise.inference import normalize, predict_logits, resolve_device, resolve_dtype
+    from pixelwise.engine import segment
+    from pixelwise.evaluate import write_bad_files
+    from pixelwise.inference import resolve_device, resolve_dtype
     from pixelwise.palette import overlay, save_index_png, save_rgb_png
-    from pixelwise.precision import autocast
     from pixelwise.weights import load_weights
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -60,10 +61,6 @@ def predict_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    if args.crf:
-        from pixelwise.crf import crf_kwargs, dense_crf
-
-        crf_args = crf_kwargs(args.crf_preset)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     model, meta = load_weights(args.weights, device)
@@ -71,8 +68,7 @@ def predict_command(args: argparse.Namespace) -> int:
     if channels != 3:
         raise UserError(f"{args.weights}: the model takes {channels}-channel input but predict feeds RGB images; "
                         "use weights of a 3-channel model")
-    window = inference_window(args, meta.extra)
-    stride = tuple(args.stride) if args.stride else None
+    spec = inference_spec(args, meta.extra, dtype)
     bad: list[tuple[str, str]] = []
     written = 0
     # the bar is shown on terminals only and cleared on exit, so an error stays a single clean line
@@ -86,14 +82,8 @@ def predict_command(args: argparse.Namespace) -> int:
                 bad.append((str(path), str(e)))
                 continue
             x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
-            with autocast(device, dtype):
-                logits = predict_logits(model, normalize(x, meta.mean, meta.std), mode=args.mode, window=window,
-                                        stride=stride, scales=args.scales, flip=args.flip,
-                                        num_classes=meta.num_classes)
-            logits = logits.float()  # (1, K, H, W)
-            if args.crf:
-                logits = dense_crf(logits.softmax(1), x, **crf_args)  # refined probabilities, same argmax role
-            labels = logits.argmax(1)[0].cpu().numpy()  # (H, W)
+            scores = segment(model, x, spec, mean=meta.mean, std=meta.std, num_classes=meta.num_classes)
+            labels = scores.argmax(1)[0].cpu().numpy()  # (H, W)
             save_index_png(out / "masks" / f"{path.stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
             shown = overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index)
             if args.side_by_side:

@@ -29,6 +29,8 @@ class Pretrained:
         sha256: hex digest of that file.
         recipe: how it was trained (config and command), in words.
         metrics: its scores, with the split they were measured on.
+        crf: the dense CRF parameters chosen for it (`pixelwise.crf.CRFParams` fields), used by
+            `--crf` and the service's `?crf=1` unless told otherwise; None if none was chosen.
     """
 
     model: str
@@ -37,6 +39,7 @@ class Pretrained:
     sha256: str
     recipe: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    crf: dict[str, float] | None = None
 
     @property
     def name(self) -> str:
@@ -82,6 +85,9 @@ PRETRAINED: dict[str, Pretrained] = {
                "87 min on 2 CPU cores; stored as fp16",
         metrics={"split": "CamVid val (101 images), whole 360x480 images",
                  "global_acc": 87.86, "class_avg": 73.47, "miou": 57.00, "boundary_f1": 54.31},
+        # benchmarks/crf_search.py: DeepLab-style search on held-aside train images (RESULTS.md, dense CRF)
+        crf={"iterations": 5, "bilateral_weight": 3.0, "bilateral_sxy": 100.0, "bilateral_srgb": 3.0,
+             "gaussian_weight": 3.0, "gaussian_sxy": 3.0},
     ),
 }
 

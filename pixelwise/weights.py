@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError, translated
 from pixelwise.fileio import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics: every backbone here was trained on them
@@ -96,11 +96,13 @@ def save_weights(
 
 
 def read_weights_meta(path: str | Path) -> WeightsMeta:
-    """Read only the metadata of a pixelwise `.safetensors` file (or of built-in weights by name)."""
+    """Read only the metadata of a pixelwise `.safetensors` file (or of built-in weights by name: their
+    entry's chosen CRF, if any, is added to `extra["crf"]`)."""
     from safetensors import safe_open
 
-    from pixelwise.pretrained import resolve
+    from pixelwise.pretrained import find, resolve
 
+    entry = None if Path(path).is_file() else find(str(path))
     path = resolve(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -115,9 +117,12 @@ def read_weights_meta(path: str | Path) -> WeightsMeta:
         raw = json.loads(header["meta"])
         raw["palette"] = [tuple(c) for c in raw["palette"]]
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-        return WeightsMeta(**raw)
+        meta = WeightsMeta(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"{path}: damaged pixelwise metadata ({_short(e)})") from None
+    if entry is not None and entry.crf:
+        meta.extra.setdefault("crf", dict(entry.crf))
+    return meta
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, WeightsMeta]:
@@ -129,13 +134,16 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from pixelwise.models import get_model
     from pixelwise.pretrained import resolve
 
+    meta = read_weights_meta(path)  # with a built-in's chosen CRF
     path = resolve(path)  # a built-in name becomes its file, sha256 checked
-    meta = read_weights_meta(path)
     for key in ("weights_backbone", "init_from"):  # save_weights never stores them: a file must not name files
         if key in meta.model_kwargs:
             raise UserError(f"{path}: metadata model_kwargs names {key}={meta.model_kwargs[key]!r}; a weights file "
                             "holds its own tensors and may not point at other files — re-save it with pixelwise")
-    model = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
+    try:
+        model = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
+    except ArgumentError as e:
+        raise UserError(f"{path}: its metadata cannot build a model ({e}); re-save the file with pixelwise") from None
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
@@ -196,7 +204,8 @@ def init_weights_command(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.weights_backbone:
         kwargs["weights_backbone"] = args.weights_backbone
-    model = get_model(args.model, num_classes=args.num_classes, **kwargs)
+    with translated({"name": "MODEL"}, flags=True):
+        model = get_model(args.model, num_classes=args.num_classes, **kwargs)
     save_weights(args.out, model, model_name=args.model, model_kwargs={}, classes=classes)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {args.model}, {args.num_classes} classes, {n / 1e6:.1f} M parameters")

@@ -18,7 +18,7 @@ from pixelwise.data import (
     build_dataset,
     raw_transforms,
 )
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RNG = np.random.default_rng(0)
@@ -136,11 +136,11 @@ def test_size_mismatch_names_both_files(tmp_path):
 
 
 def test_build_dataset_errors():
-    with pytest.raises(UserError, match="did you mean 'camvid'"):
+    with pytest.raises(ArgumentError, match="did you mean 'camvid'"):
         build_dataset("camvd", ".", "val")
     with pytest.raises(UserError, match="does not exist"):
         build_dataset("camvid", "/no/such/folder", "val")
-    with pytest.raises(UserError, match="takes no option 'sbd_root'"):
+    with pytest.raises(ArgumentError, match="takes no option 'sbd_root'"):
         build_dataset("ade20k", ".", "val", sbd_root="x")
 
 

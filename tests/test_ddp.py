@@ -111,9 +111,9 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
     for a, b in zip(val_ddp, val_single, strict=True):
         for key in ("miou", "pixel_acc", "mean_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    final = json.loads((out / "metrics.json").read_text())["val"]
-    assert final["miou"] == pytest.approx(json.loads((tmp_path / "single" / "metrics.json").read_text())["val"]["miou"],
-                                          abs=1e-6)
+    final = json.loads((out / "metrics.json").read_text())["scores"]
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())["scores"]
+    assert final["miou"] == pytest.approx(single["miou"], abs=1e-6)
     # the training log is rank 0's alone: one line per step, not two
     train_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
                    if json.loads(line)["kind"] == "train"]

@@ -41,7 +41,7 @@ def test_reduced_demo_writes_weights_metrics_predictions_and_report(tmp_path):
     summary = run_demo(cfg, num_predictions=2)
     out = tmp_path / "d"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert summary["miou"] == metrics["val"]["miou"] and 0 <= summary["miou"] <= 1
+    assert summary["miou"] == metrics["scores"]["miou"] and 0 <= summary["miou"] <= 1
     model, meta = load_weights(out / "best.safetensors")
     assert meta.model_name == "unet" and len(meta.classes) == 5
     for i in range(2):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pixelwise.cli import main
+from pixelwise.crf import CRF_PRESETS
 from pixelwise.data import CamVid, raw_transforms
 from pixelwise.inference import normalize, predict_logits
 from pixelwise.metrics import ConfusionMatrix
@@ -57,11 +58,13 @@ def test_evaluate_writes_metrics_matching_a_direct_computation(tmp_path, weights
     rc, out, _ = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
                       "--out", tmp_path / "ev", "--batch-size", "2", "--precision", "fp32")
     assert rc == 0
-    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert m["precision"] == "fp32"
-    for key in ("pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "dice", "mean_dice", "boundary_f1"):
+    record = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert record["inference"]["precision"] == "fp32"
+    m = record["scores"]
+    for key in ("pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "per_class_dice", "mean_dice",
+                "boundary_f1"):
         assert key in m
-    assert m["num_images"] == 3 and m["classes"] == CamVid.classes and len(m["per_class_iou"]) == 11
+    assert record["num_images"] == 3 and record["classes"] == CamVid.classes and len(m["per_class_iou"]) == 11
     assert "Bicyclist" in out and "mean" in out
     from pixelwise.weights import load_weights
 
@@ -79,8 +82,9 @@ def test_evaluate_slide_flip_crf_runs(tmp_path, weights, capsys):
                       "--out", tmp_path, "--mode", "slide", "--window", "8", "8", "--flip", "--crf",
                       "--crf-preset", "deeplab_resnet")
     assert rc == 0, err
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["mode"] == "slide" and m["window"] == [8, 8] and m["crf"] == "deeplab_resnet" and m["flip"]
+    m = json.loads((tmp_path / "metrics.json").read_text())["inference"]
+    assert m["mode"] == "slide" and m["window"] == [8, 8] and m["flip"]
+    assert m["crf"] == CRF_PRESETS["deeplab_resnet"].to_dict()
 
 
 def test_evaluate_bad_samples_stop_or_are_skipped(tmp_path, weights, capsys):

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError
 from pixelwise.inference import normalize, predict_logits
 
 
@@ -97,11 +97,11 @@ def test_valid_unet_overlap_tile_matches_whole_image():
 def test_errors_and_normalize():
     model = _pointwise()
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(UserError, match="needs a window"):
+    with pytest.raises(ArgumentError, match="needs a window"):
         predict_logits(model, x, mode="slide")
-    with pytest.raises(UserError, match="at most the window"):
+    with pytest.raises(ArgumentError, match="at most the window"):
         predict_logits(model, x, mode="slide", window=(4, 4), stride=(5, 2))
-    with pytest.raises(UserError, match="unknown"):
+    with pytest.raises(ArgumentError, match="unknown"):
         predict_logits(model, x, mode="tiles")
     img = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
     assert torch.allclose(normalize(img, (0.5, 0.5, 0.5), (0.5, 0.25, 1.0)).flatten(), torch.tensor([1.0, 2.0, 0.5]))

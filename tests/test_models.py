@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError
 from pixelwise.models import MODELS, get_model
 
 # Tiny widths where the design allows them; ResNet/VGG-LargeFOV models run at full width on a small input.
@@ -50,11 +50,22 @@ def test_forward_backward_shape_no_nan(name):
     assert y.shape == (1, 5, 35, 47) and torch.isfinite(y).all()
 
 
-def test_unknown_model_and_bad_kwarg_are_user_errors():
-    with pytest.raises(UserError, match="did you mean 'segnet'"):
+def test_unknown_model_and_bad_kwarg_are_argument_errors():
+    with pytest.raises(ArgumentError, match="did you mean 'segnet'") as info:
         get_model("segnett", num_classes=3)
-    with pytest.raises(UserError, match="unet"):
+    assert info.value.argument == "name"
+    with pytest.raises(ArgumentError, match="unet") as info:
         get_model("unet", num_classes=3, no_such_option=1)
+    assert info.value.argument == "kwargs" and "no_such_option" in str(info.value)
+
+
+def test_a_bug_inside_a_builder_keeps_its_traceback(monkeypatch):
+    def broken(*, num_classes: int):
+        return len(num_classes)  # TypeError: a bug, not a user's mistake
+
+    monkeypatch.setitem(MODELS, "broken", broken)
+    with pytest.raises(TypeError, match="has no len"):
+        get_model("broken", num_classes=3)
 
 
 def test_flop_count_matches_hand_count_for_a_plain_conv_stack():

@@ -89,7 +89,7 @@ def test_cli_accepts_the_name_for_predict_and_evaluate(builtin, tmp_path, capsys
     assert main(["evaluate", "--weights", "segnet_basic_tiny", "--data", str(root), "--dataset", "camvid",
                  "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["num_images"] == 2 and metrics["precision"] in ("fp32", "bf16")
+    assert metrics["num_images"] == 2 and metrics["inference"]["precision"] in ("fp32", "bf16")
     capsys.readouterr()
     assert main(["predict", "--weights", "segnet_basic_nope", str(root / "val"), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import pixelwise.train as train_module
+import pixelwise.engine.training as training_module
 from pixelwise.config import load_config
+from pixelwise.crf import CRF_PRESETS
+from pixelwise.engine.parts import build_optimizer
 from pixelwise.errors import UserError
 from pixelwise.models import get_model
 from pixelwise.train import train
@@ -63,8 +65,8 @@ def test_train_writes_every_output(tmp_path):
     assert meta.mean == (0.485, 0.456, 0.406) and meta.extra["val_miou"] == max(r["miou"] for r in log
                                                                                  if r["kind"] == "val")
     final = json.loads((out / "metrics.json").read_text())
-    assert final["val"]["miou"] == pytest.approx(meta.extra["val_miou"])  # metrics.json scores the best weights
-    assert set(final["val"]["per_class_iou"]) == set(meta.classes)
+    assert final["scores"]["miou"] == pytest.approx(meta.extra["val_miou"])  # metrics.json scores the best weights
+    assert set(final["scores"]["per_class_iou"]) == set(meta.classes)
     ckpt = torch.load(out / "last.pt", weights_only=True)  # plain tensors and containers only
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2
     assert "<img src=\"samples.png\"" in (out / "report.html").read_text()
@@ -105,7 +107,7 @@ def test_resume_at_an_epoch_boundary_and_periodic_checkpoints(tmp_path):
 
 def _loss_that(monkeypatch, action):
     """Patch build_loss so that the n-th loss call runs `action(n, loss)` and returns its value."""
-    real = train_module.build_loss
+    real = training_module.build_loss
     calls = {"n": 0}
 
     class Patched(torch.nn.Module):
@@ -120,7 +122,7 @@ def _loss_that(monkeypatch, action):
     def build(*args, **kwargs):
         return Patched(real(*args, **kwargs))
 
-    monkeypatch.setattr(train_module, "build_loss", build)
+    monkeypatch.setattr(training_module, "build_loss", build)
 
 
 def test_sigint_finishes_the_step_and_checkpoints(tmp_path, monkeypatch, capsys):
@@ -186,13 +188,13 @@ def test_learning_rate_schedules(tmp_path, schedule, expected):
 
 def test_median_frequency_weights_are_used(tmp_path, capsys, monkeypatch):
     seen = {}
-    real = train_module.build_loss
+    real = training_module.build_loss
 
     def spy(cfg, *, class_weights=None, ignore_index=255):
         seen["weights"] = class_weights
         return real(cfg, class_weights=class_weights, ignore_index=ignore_index)
 
-    monkeypatch.setattr(train_module, "build_loss", spy)
+    monkeypatch.setattr(training_module, "build_loss", spy)
     train(_cfg(tmp_path, "loss.class_weights=median_frequency", "train.epochs=1", "data.max_train_images=8"))
     from pixelwise.data import build_dataset
     from pixelwise.data.stats import median_frequency_weights
@@ -211,7 +213,7 @@ def test_fcn_stages_train_in_turn(tmp_path):
     for stage in ("fcn32s", "fcn16s", "fcn8s"):
         assert load_weights(out / stage / "best.safetensors")[1].model_name == stage
     assert load_weights(out / "best.safetensors")[1].model_name == "fcn8s"
-    assert result["metrics"]["miou"] == json.loads((out / "metrics.json").read_text())["val"]["miou"]
+    assert result["metrics"]["miou"] == json.loads((out / "metrics.json").read_text())["scores"]["miou"]
     # a finished staged run resumes to "done" without training again
     stamp = (out / "fcn8s" / "last.pt").stat().st_mtime_ns
     assert not train(_cfg(tmp_path, *stages), resume=True)["interrupted"]
@@ -249,9 +251,9 @@ def test_camvid_short_slice(tmp_path):
     result = train(cfg)
     assert result["step"] == 2
     final = json.loads((tmp_path / "camvid" / "metrics.json").read_text())
-    assert list(final["val"]["per_class_iou"]) == ["Sky", "Building", "Pole", "Road", "Pavement", "Tree",
+    assert list(final["scores"]["per_class_iou"]) == ["Sky", "Building", "Pole", "Road", "Pavement", "Tree",
                                                    "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
-    assert final["val"]["num_pixels"] > 0.8 * 2 * 360 * 480  # two full-size val images, Unlabelled ignored
+    assert final["scores"]["num_pixels"] > 0.8 * 2 * 360 * 480  # two full-size val images, Unlabelled ignored
 
 
 def test_aux_output_adds_weighted_loss(tmp_path, monkeypatch):
@@ -320,10 +322,12 @@ def test_final_validation_with_the_dense_crf(tmp_path):
     train(_cfg(tmp_path, "train.epochs=1", out="plain"))
     with_crf = json.loads((tmp_path / "crf" / "metrics.json").read_text())
     without = json.loads((tmp_path / "plain" / "metrics.json").read_text())
-    assert with_crf["crf"] is True and without["crf"] is False
+    assert with_crf["inference"]["crf"] == {**CRF_PRESETS["deeplab_vgg"].to_dict(), "iterations": 2}
+    assert without["inference"]["crf"] is None
+    assert load_weights(tmp_path / "crf" / "best.safetensors")[1].extra["crf"]["iterations"] == 2  # recorded
     # same weights (same seed), scored with and without the CRF: the CRF changes some predictions
-    assert with_crf["val"]["num_pixels"] == without["val"]["num_pixels"]
-    assert with_crf["val"]["per_class_acc"] != without["val"]["per_class_acc"]
+    assert with_crf["scores"]["num_pixels"] == without["scores"]["num_pixels"]
+    assert with_crf["scores"]["per_class_acc"] != without["scores"]["per_class_acc"]
 
 
 @pytest.mark.parametrize("mode", [["eval.mode=slide", "eval.window=[32, 32]"],
@@ -332,14 +336,14 @@ def test_eval_modes_reduce_to_whole_image(tmp_path, mode):
     # one window covering the image, or the single scale 1: the same scores as whole-image inference
     train(_cfg(tmp_path, "train.epochs=1", out="whole"))
     train(_cfg(tmp_path, "train.epochs=1", *mode, out="mode"))
-    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())["val"]
-    b = json.loads((tmp_path / "mode" / "metrics.json").read_text())["val"]
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())["scores"]
+    b = json.loads((tmp_path / "mode" / "metrics.json").read_text())["scores"]
     assert a == b
 
 
 def test_multiscale_eval_runs(tmp_path):
     train(_cfg(tmp_path, "train.epochs=1", "eval.mode=multiscale", "eval.scales=[0.5, 1.5]", "eval.flip=true"))
-    assert 0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["val"]["miou"] <= 1
+    assert 0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["scores"]["miou"] <= 1
 
 
 def test_lr_multipliers_reach_the_optimiser_groups(tmp_path):
@@ -347,7 +351,7 @@ def test_lr_multipliers_reach_the_optimiser_groups(tmp_path):
     cfg = _cfg(tmp_path, "train.optimizer=sgd", "train.lr=0.01", "train.head_lr_mult=10", "train.bias_lr_mult=2",
                "train.weight_decay=0.001", "train.epochs=1")
     model = get_model("segnet_basic", num_classes=3, encoder_channels=8, decoder_channels=8)
-    optimizer = train_module._optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
     expected = {"classifier.weight": (0.1, 0.001), "classifier.bias": (0.2, 0.0),
@@ -378,7 +382,7 @@ def test_default_optimiser_has_two_groups(tmp_path):
     """Unchanged defaults give the layout checkpoints had before the multipliers (decayed / not decayed)."""
     cfg = _cfg(tmp_path)
     model = get_model("unet", num_classes=3, padding="same", base_channels=4, depth=2)
-    optimizer = train_module._optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     assert [(g["lr_mult"], g["weight_decay"] > 0) for g in optimizer.param_groups] == [(1.0, True), (1.0, False)]
 
 

@@ -28,7 +28,7 @@ from pixelwise.data.imageio import (
 )
 from pixelwise.data.synthetic import SyntheticShapes
 from pixelwise.data.transforms import Compose, eval_transforms, to_tv_tensors
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 from pixelwise.palette import default_palette
 
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -497,7 +497,7 @@ def build_dataset(name: str, root: str | Path, split: str, transforms: Transform
     if name not in DATASETS:
         close = difflib.get_close_matches(name, DATASETS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(DATASETS)}"
-        raise UserError(f"--dataset {name!r} is unknown; {hint}")
+        raise ArgumentError("name", name, f"unknown data set; {hint}")
     if name != "synthetic" and not Path(root).is_dir():
         raise UserError(f"data root {root} does not exist; give the folder of the {name} data set")
     builder = DATASETS[name]
@@ -505,7 +505,8 @@ def build_dataset(name: str, root: str | Path, split: str, transforms: Transform
     allowed = set(inspect.signature(target).parameters) - {"root", "split", "transforms"}
     unknown = sorted(set(kw) - allowed - ({"seed", "num_images"} if name == "synthetic" else set()))
     if unknown:
-        raise UserError(f"data set {name!r} takes no option {unknown[0]!r}; it takes {', '.join(sorted(allowed))}")
+        raise ArgumentError("kwargs", {unknown[0]: kw[unknown[0]]},
+                            f"data set {name!r} takes no option {unknown[0]!r}; it takes {', '.join(sorted(allowed))}")
     return builder(root, split, transforms=transforms, **kw)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 from collections.abc import Callable
 
 import torch.nn as nn
 
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 from pixelwise.models.deeplab import (
     deeplab_v1,
     deeplab_v2,
@@ -47,17 +48,33 @@ def get_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
     With `weights` (a tag of built-in trained weights, e.g. `get_model("segnet_basic", weights="camvid")`)
     the model is built as those weights were trained and loaded with them, in eval mode; `num_classes`
     may then be left out. Their classes, palette and preprocessing: `pixelwise.pretrained`.
+
+    Raises:
+        ArgumentError: `name` is not in MODELS ("name"), or `kwargs` has an argument the builder does not
+            take ("kwargs"). An error inside the builder keeps its own type and traceback.
     """
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(MODELS)}"
-        raise UserError(f"unknown model {name!r}{hint}")
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(MODELS)}"
+        raise ArgumentError("name", name, f"unknown model; {hint}")
     if weights is not None:
         return _pretrained_model(name, weights, kwargs)
-    try:
-        return MODELS[name](**kwargs)
-    except TypeError as e:
-        raise UserError(f"model {name!r}: {e}") from None
+    _check_kwargs(name, kwargs)
+    return MODELS[name](**kwargs)
+
+
+def _check_kwargs(name: str, kwargs: dict) -> None:
+    """The builder's keyword arguments, checked against its signature before it runs."""
+    params = inspect.signature(MODELS[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ArgumentError("kwargs", {unknown[0]: kwargs[unknown[0]]},
+                            f"model {name!r} takes no argument {unknown[0]!r}; it takes {', '.join(params)}")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise ArgumentError("kwargs", kwargs, f"model {name!r} needs {', '.join(missing)}")
 
 
 def _pretrained_model(name: str, tag: str, kwargs: dict) -> nn.Module:

@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pixelwise.crf import CRFParams
 from pixelwise.palette import index_png_bytes, overlay
 from pixelwise.precision import precision_name
 from pixelwise.weights import WeightsMeta
@@ -164,27 +165,25 @@ class Segmenter:
     """Runs the model on one decoded image at a time (called from the single worker thread)."""
 
     def __init__(self, model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, crf_preset: str = "deeplab_vgg"):
+                 dtype: torch.dtype | None = None, crf: CRFParams | None = None):
+        """`crf`: the CRF of `?crf=1`; default the one recorded in the weights, else DeepLab's (VGG)."""
+        from pixelwise.engine import InferenceSpec
+
         self.device = torch.device(device)
-        self.dtype = dtype  # autocast dtype, None = fp32
         self.model = model.to(self.device).eval()
         self.meta = meta
-        self.crf_preset = crf_preset
+        if crf is None:
+            crf = CRFParams.from_dict(meta.extra["crf"]) if "crf" in meta.extra else CRFParams.preset("deeplab_vgg")
+        self.plain = InferenceSpec(dtype=dtype)  # whole-image inference, autocast dtype (None = fp32)
+        self.refined = InferenceSpec(dtype=dtype, crf=crf)
 
     def __call__(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
-        """RGB uint8 ``(H, W, 3)`` -> class indices int64 ``(H, W)``, whole-image inference."""
-        from pixelwise.inference import normalize, predict_logits
-        from pixelwise.precision import autocast
+        """RGB uint8 ``(H, W, 3)`` -> class indices int64 ``(H, W)``."""
+        from pixelwise.engine import segment
 
         x = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device)  # (1, 3, H, W) uint8
-        with autocast(self.device, self.dtype):
-            logits = predict_logits(self.model, normalize(x, self.meta.mean, self.meta.std))
-        logits = logits.float()  # (1, K, H, W)
-        if crf:
-            from pixelwise.crf import crf_kwargs, dense_crf
-
-            logits = dense_crf(logits.softmax(1), x, **crf_kwargs(self.crf_preset))  # refined probabilities
-        return logits.argmax(1)[0].cpu().numpy()
+        scores = segment(self.model, x, self.refined if crf else self.plain, mean=self.meta.mean, std=self.meta.std)
+        return scores.argmax(1)[0].cpu().numpy()  # (H, W)
 
 
 def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
@@ -243,7 +242,8 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
             "mean": list(meta.mean),
             "std": list(meta.std),
             "device": str(segmenter.device),
-            "precision": precision_name(segmenter.dtype),
+            "precision": precision_name(segmenter.plain.dtype),
+            "crf": segmenter.refined.crf.to_dict(),
             "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
                        "max_queue": limits.max_queue},
         }

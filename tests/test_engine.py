@@ -1,0 +1,157 @@
+"""The engine the commands share: one metrics.json layout and the same numbers from training and
+`pixelwise evaluate`, old files migrated, registries that the CLI and configs cannot drift from, and
+library errors that the front ends translate into their own flag and key names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise.cli import INFERENCE_FLAGS, build_parser, main
+from pixelwise.config import choices, load_config
+from pixelwise.crf import CRF_PRESETS, CRFParams
+from pixelwise.engine import InferenceSpec, read_metrics
+from pixelwise.engine.state import CHECKPOINT_VERSION, read_checkpoint
+from pixelwise.errors import ArgumentError, UserError, translated
+from pixelwise.inference import DEEPLAB_SCALES, MODES
+from pixelwise.losses import LOSSES
+from pixelwise.train import train
+
+TINY_CAMVID = [
+    "data.dataset=camvid", "data.crop_size=[20, 28]", "data.batch_size=2", "data.workers=0",
+    "model.name=unet", "model.kwargs={padding: same, base_channels: 4, depth: 2}", "train.optimizer=adamw",
+    "train.lr=0.01", "train.epochs=1", "train.amp=none", "train.channels_last=false", "output.progress=false",
+    "output.report=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _camvid(root, n=4, h=20, w=28):
+    """A CamVid-layout folder: random images, labels 0..11 (11 = Unlabelled, ignored)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / f"f{i}.png")
+            Image.fromarray(rng.integers(0, 12, (h, w), dtype=np.uint8)).save(root / f"{split}annot" / f"f{i}.png")
+    return root
+
+
+def test_train_and_evaluate_write_one_layout_with_the_same_numbers(tmp_path, capsys):
+    data = _camvid(tmp_path / "camvid")
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY_CAMVID, f"data.root={data}", f"output.dir={run}"]))
+    assert main(["evaluate", "--weights", str(run / "best.safetensors"), "--data", str(data), "--dataset", "camvid",
+                 "--split", "val", "--precision", "fp32"]) == 0
+    trained = json.loads((run / "metrics.json").read_text())
+    evaluated = json.loads((run / "eval_camvid_val" / "metrics.json").read_text())  # not over the run's own
+    assert set(trained) == set(evaluated) and set(trained["scores"]) == set(evaluated["scores"])
+    assert trained["scores"] == evaluated["scores"]
+    for key in ("model", "classes", "num_images", "dataset", "split", "inference", "trained"):
+        assert trained[key] == evaluated[key], key
+    assert "boundary_f1" in trained["scores"] and list(trained["scores"]["per_class_iou"]) == trained["classes"]
+    capsys.readouterr()
+
+
+def test_version_1_metrics_files_are_read_in_the_current_layout(tmp_path):
+    classes = ["a", "b"]
+    old_train = {"model": "unet", "val": {"miou": 0.5, "per_class_iou": {"a": 0.4, "b": 0.6}}}
+    old_eval = {"miou": 0.5, "per_class_iou": [0.4, 0.6], "dice": [0.5, None], "classes": classes, "split": "val"}
+    for name, record in (("train.json", old_train), ("eval.json", old_eval)):
+        (tmp_path / name).write_text(json.dumps(record))
+        m = read_metrics(tmp_path / name)
+        assert m["scores"]["miou"] == 0.5 and m["scores"]["per_class_iou"] == {"a": 0.4, "b": 0.6}
+        assert m["classes"] == classes
+    assert read_metrics(tmp_path / "eval.json")["scores"]["per_class_dice"] == {"a": 0.5, "b": None}
+
+
+def test_a_version_1_checkpoint_resumes(tmp_path):
+    cfg = [*TINY_CAMVID, f"data.root={_camvid(tmp_path / 'camvid')}", f"output.dir={tmp_path / 'run'}",
+           "train.epochs=2"]
+    train(load_config(None, cfg), stop_at_step=2)
+    path = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.update(version=1, scheduler={"schedule": "poly", "step": ckpt["step"]})  # the layout before the engine
+    del ckpt["elapsed_s"]
+    torch.save(ckpt, path)
+    assert read_checkpoint(path)["version"] == CHECKPOINT_VERSION
+    result = train(load_config(None, cfg), resume=True)
+    assert not result["interrupted"] and result["epoch"] == 2
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"version": 2, "step": "7"}, path)
+    with pytest.raises(UserError, match="missing model_name") as info:
+        read_checkpoint(path)
+    assert "\n" not in str(info.value)
+    torch.save([1, 2], path)
+    with pytest.raises(UserError, match="not a pixelwise checkpoint"):
+        read_checkpoint(path)
+
+
+def _choices(parser, command: str, flag: str):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return next(a for a in sub._actions if flag in a.option_strings)
+
+
+def test_cli_and_config_choices_come_from_the_registries():
+    parser = build_parser()
+    for command in ("evaluate", "predict"):
+        assert tuple(_choices(parser, command, "--mode").choices) == MODES
+        assert list(_choices(parser, command, "--crf-preset").choices) == list(CRF_PRESETS)
+        assert tuple(_choices(parser, command, "--scales").default) == DEEPLAB_SCALES
+    allowed = choices()
+    assert allowed["loss.name"] == tuple(LOSSES) and allowed["eval.mode"] == MODES
+    assert allowed["crf.preset"] == tuple(CRF_PRESETS)
+    assert set(INFERENCE_FLAGS) >= {"mode", "window", "stride", "scales"}
+
+
+def test_library_errors_name_arguments_and_front_ends_name_flags_and_keys():
+    with pytest.raises(ArgumentError) as info:
+        InferenceSpec(mode="slide", window=(0, 8))
+    assert info.value.argument == "window" and "--" not in str(info.value)
+    with pytest.raises(UserError, match=r"^--window 0 8: give two positive sizes"):
+        with translated(INFERENCE_FLAGS, flags=True):
+            InferenceSpec(mode="slide", window=(0, 8))
+    with pytest.raises(UserError, match=r"^eval\.window=\[0, 8\]: give two positive sizes"):
+        with translated({"window": "eval.window"}):
+            InferenceSpec(mode="slide", window=(0, 8))
+
+
+def test_a_bad_eval_key_is_named_before_training(tmp_path):
+    cfg = load_config(None, [*TINY_CAMVID, f"data.root={_camvid(tmp_path / 'camvid')}",
+                             f"output.dir={tmp_path / 'run'}", "eval.mode=slide", "eval.window=[8, 8]",
+                             "eval.stride=[9, 9]"])
+    with pytest.raises(UserError, match=r"^eval\.stride=\[9, 9\]: must be positive and at most the window"):
+        train(cfg)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_crf_params_round_trip_and_validate():
+    vgg = CRFParams.preset("deeplab_vgg", iterations=3)
+    assert CRFParams.from_dict(vgg.to_dict()) == vgg and vgg.iterations == 3
+    assert CRF_PRESETS["deeplab_resnet"].name() == "deeplab_resnet" and vgg.name() == "custom"
+    with pytest.raises(ArgumentError, match="bilateral_sxy=-1"):
+        vgg.replace(bilateral_sxy=-1)
+    with pytest.raises(ArgumentError, match="preset='deeplab'"):
+        CRFParams.preset("deeplab")
+
+
+def test_builtin_weights_carry_their_chosen_crf():
+    from pixelwise.weights import read_weights_meta
+
+    crf = CRFParams.from_dict(read_weights_meta("segnet_basic_camvid").extra["crf"])
+    assert (crf.bilateral_weight, crf.bilateral_sxy, crf.bilateral_srgb) == (3.0, 100.0, 3.0)
