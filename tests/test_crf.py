@@ -26,14 +26,7 @@ SMALL = {"iterations": 5, "gaussian_sxy": 1.5, "gaussian_weight": 3.0, "bilatera
          "bilateral_srgb": 20.0, "bilateral_weight": 5.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: the results do not depend on it, and on a busy 2-core machine every
-    OpenMP fork-join waits for a descheduled thread, which made this file 7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def smooth_image(b: int, h: int, w: int, seed: int) -> torch.Tensor:

@@ -13,13 +13,7 @@ from pixelwise.cli import main
 from pixelwise.demo import DEMO_SETTINGS, demo_config, run_demo
 from pixelwise.weights import load_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_demo_config_is_the_documented_job(tmp_path):
