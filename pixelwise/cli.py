@@ -17,6 +17,7 @@ from pixelwise.errors import UserError
 HANDLERS = {
     "models": "pixelwise.models:models_command",
     "demo": "pixelwise.demo:demo_command",
+    "configs": "pixelwise.config:configs_command",
     "train": "pixelwise.train:train_command",
     "evaluate": "pixelwise.evaluate:evaluate_command",
     "predict": "pixelwise.predict:predict_command",
@@ -66,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
+    p = sub.add_parser("configs", help="list the built-in paper configs, or print one")
+    p.add_argument("name", nargs="?", help="print this config's YAML (e.g. camvid/segnet_basic) to copy and edit")
+
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("config", help="YAML config file, or a built-in config's name (see `pixelwise configs`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

@@ -13,7 +13,7 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("models", "demo", "train", "evaluate", "predict", "init-weights", "export", "serve"):
+    for cmd in ("models", "configs", "demo", "train", "evaluate", "predict", "init-weights", "export", "serve"):
         assert cmd in out
 
 
