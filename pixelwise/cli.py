@@ -51,11 +51,32 @@ def _add_precision_option(p: argparse.ArgumentParser) -> None:
                    help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: pixelwise's version and torch's; torch is imported only when asked, so --help stays fast."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args) -> None:
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """What `pixelwise --version` prints, e.g. "pixelwise 0.1.0 (torch 2.14.1+cu128)"."""
+    import torch
+
+    from pixelwise import __version__
+
+    return f"pixelwise {__version__} (torch {torch.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixelwise",
         description="Semantic segmentation: FCN, SegNet, U-Net, DeepLab v1-v3+, dense CRF.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of pixelwise and torch")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("models", help="list every model with parameters and GFLOPs")
@@ -124,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     # OpenMP threads that spin-wait between torch ops steal the cores whenever anything else runs: the demo
     # took 617 s of CPU instead of 46 s beside one other busy process on 2 cores. Read when torch loads, so
-    # it is set before any handler imports torch; an explicit OMP_WAIT_POLICY from the user wins.
+    # it is set before anything imports torch (--version, the handlers); an explicit value from the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
     module_name, func_name = HANDLERS[args.command].split(":")
     try:
         handler = getattr(importlib.import_module(module_name), func_name)

@@ -17,6 +17,23 @@ def test_help_lists_every_command(capsys):
         assert cmd in out
 
 
+def test_version_is_pixelwise_and_torch_from_one_source(capsys):
+    import tomllib
+    from pathlib import Path
+
+    import torch
+
+    import pixelwise
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"pixelwise {pixelwise.__version__} (torch {torch.__version__})\n"
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pixelwise.__version__"}
+
+
 def test_models_table_lists_every_model(capsys):
     from pixelwise.models import MODELS
 
