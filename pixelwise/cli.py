@@ -13,6 +13,15 @@ import sys
 
 from pixelwise.errors import UserError
 
+# top-level module an optional feature imports -> the extra that installs it (pyproject.toml)
+MISSING_EXTRA = {
+    "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "starlette": "serve",
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+    "pydensecrf": "crf",
+    "huggingface_hub": "hub",
+    "timm": "timm",
+}
+
 # sub-command -> "module:function" taking the parsed argparse.Namespace
 HANDLERS = {
     "models": "pixelwise.models:models_command",
@@ -159,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixelwise {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        extra = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "fastapi": "serve",
-                 "uvicorn": "serve", "multipart": "serve", "pydensecrf": "crf"}.get((e.name or "").split(".")[0])
+        extra = MISSING_EXTRA.get((e.name or "").split(".")[0])
         if extra is None:
             raise
         print(f"pixelwise {args.command}: error: missing package {e.name!r}; "
