@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, evaluate and predict on built-in synthetic data")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--quick", action="store_true",
+                   help="16 images of 32x32 for one epoch: checks an install in seconds (its mIoU means nothing)")
 
     p = sub.add_parser("configs", help="list the built-in paper configs, or print one")
     p.add_argument("name", nargs="?", help="print this config's YAML (e.g. camvid/segnet_basic) to copy and edit")
