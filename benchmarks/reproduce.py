@@ -1,6 +1,6 @@
 """Reproduce the papers' numbers (shortened schedules on CPU) and compare with the published ones.
 
-Experiments (configs in ``configs/reproduce/``, trained by ``pixelwise.train.train``):
+Experiments (the built-in configs ``reproduce/*`` in ``pixelwise/configs/``, trained by ``pixelwise.train.train``):
 
 - ``camvid_segnet_basic``: SegNet-Basic on CamVid (Badrinarayanan et al., TPAMI 2017, Table 1, median-
   frequency balancing; paper test G/C/mIoU/BF = 82.7 / 62.0 / 47.7 / 35.78);
@@ -59,7 +59,7 @@ from pixelwise.metrics import BoundaryF1, ConfusionMatrix  # noqa: E402
 class Experiment:
     """A config to train and the paper's row to compare with."""
 
-    config: str  # relative to the repository root
+    config: str  # a built-in config's name (pixelwise/configs/reproduce/)
     dataset: str  # camvid | isbi2012
     paper_row: str
     paper: dict[str, float]  # metric name -> the paper's value (percent for CamVid, fraction for ISBI)
@@ -68,17 +68,17 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     "camvid_segnet_basic": Experiment(
-        "configs/reproduce/camvid_segnet_basic.yaml", "camvid", "SegNet-Basic (TPAMI 2017, Table 1)",
+        "reproduce/camvid_segnet_basic", "camvid", "SegNet-Basic (TPAMI 2017, Table 1)",
         {"G": 82.7, "C": 62.0, "mIoU": 47.7, "BF": 35.78}, "CamVid test (233 images)"),
     "camvid_segnet_basic_single_channel": Experiment(
-        "configs/reproduce/camvid_segnet_basic_single_channel.yaml", "camvid",
+        "reproduce/camvid_segnet_basic_single_channel", "camvid",
         "SegNet-Basic-SingleChannelDecoder (Table 1)",
         {"G": 81.2, "C": 60.7, "mIoU": 46.1, "BF": 31.62}, "CamVid test (233 images)"),
     "camvid_bilinear": Experiment(
-        "configs/reproduce/camvid_bilinear.yaml", "camvid", "Bilinear-Interpolation (Table 1)",
+        "reproduce/camvid_bilinear", "camvid", "Bilinear-Interpolation (Table 1)",
         {"G": 77.9, "C": 61.1, "mIoU": 43.3, "BF": 20.83}, "CamVid test (233 images)"),
     "isbi2012_unet": Experiment(
-        "configs/reproduce/isbi2012_unet.yaml", "isbi2012", "U-Net (MICCAI 2015, Table 1)",
+        "reproduce/isbi2012_unet", "isbi2012", "U-Net (MICCAI 2015, Table 1)",
         {"rand_error": 0.0382, "pixel_error": 0.0611, "warping_error": 0.000353}, "ISBI 2012 challenge test stack"),
 }
 
@@ -228,7 +228,7 @@ def load_experiment(name: str, overrides: list[str], quick: bool) -> Config:
     extra = []
     if quick:
         extra = ["data.max_train_images=8", "train.epochs=1", f"output.dir=runs/reproduce_quick/{name}"]
-    return _resolve(load_config(ROOT / exp.config, [*extra, *overrides]))
+    return _resolve(load_config(exp.config, [*extra, *overrides]))
 
 
 def run(name: str, overrides: list[str], *, quick: bool, eval_at_epochs: list[int], fresh: bool) -> dict:

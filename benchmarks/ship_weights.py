@@ -1,6 +1,6 @@
 """Turn a finished run's best weights into built-in package weights: fp16 tensors, the recipe in the metadata.
 
-    python benchmarks/ship_weights.py RUN_DIR --name segnet_basic_camvid --recipe "configs/camvid/..."
+    python benchmarks/ship_weights.py RUN_DIR --name segnet_basic_camvid --recipe "config camvid/..."
 
 Writes pixelwise/trained/<name>.safetensors (floating tensors as fp16: half the size, and the
 predictions agree with the fp32 weights on all but a few pixels: the script measures how many on

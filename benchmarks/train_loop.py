@@ -1,6 +1,6 @@
 """How much of a SegNet-Basic CamVid training step is not forward, backward or the optimiser?
 
-Runs the real loop (`pixelwise.train` with configs/camvid/segnet_basic_fast.yaml: 240x320 crops, batch 4,
+Runs the real loop (`pixelwise.train` with the built-in config camvid/segnet_basic_fast: 240x320 crops, batch 4,
 bf16 where native) for a few steps per variant and times the span of steps `--warmup`+1 .. end from the
 loop's own log (mean a step), then times the bare compute (forward, loss, backward, AdamW step on one
 fixed batch, same model, layout and precision) the same number of times. Overhead = 1 - bare / loop.
@@ -36,7 +36,7 @@ from pixelwise.models import get_model
 from pixelwise.precision import precision_name, resolve_precision
 from pixelwise.train import train
 
-CONFIG = ROOT / "configs" / "camvid" / "segnet_basic_fast.yaml"
+CONFIG = "camvid/segnet_basic_fast"  # a built-in config (pixelwise/configs/)
 VARIANTS = {
     "cached, channels_last (default)": [],
     "no cache, 0 workers": ["data.cache_mb=0"],
@@ -48,7 +48,7 @@ VARIANTS = {
 def loop_seconds(overrides: list[str], data: str, steps: int, warmup: int) -> float:
     """Mean seconds a step over the `steps` steps after `warmup` steps of the real loop, from its log."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(str(CONFIG), [f"data.root={data}", f"output.dir={tmp}", "output.log_every_steps=1",
+        cfg = load_config(CONFIG, [f"data.root={data}", f"output.dir={tmp}", "output.log_every_steps=1",
                                         "output.progress=false", "output.report=false", "eval.every_epochs=0",
                                         "data.max_val_images=1", *overrides])
         train(cfg, stop_at_step=warmup + steps)
@@ -59,7 +59,7 @@ def loop_seconds(overrides: list[str], data: str, steps: int, warmup: int) -> fl
 
 def bare_seconds(steps: int, channels_last: bool) -> tuple[list[float], float]:
     """Seconds of `steps` bare compute steps on one fixed batch, and the FLOPs of one step."""
-    cfg = load_config(str(CONFIG), [])
+    cfg = load_config(CONFIG, [])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = get_model("segnet_basic", num_classes=11).to(memory_format=fmt).train()
     loss_fn = build_loss(cfg.loss, class_weights=torch.tensor(cfg.loss.class_weights), ignore_index=255)
@@ -92,9 +92,9 @@ def main() -> None:
     add_common_args(parser)
     args = parser.parse_args()
     set_threads(args.threads)
-    dtype = resolve_precision(load_config(str(CONFIG), []).train.amp, torch.device("cpu"))
+    dtype = resolve_precision(load_config(CONFIG, []).train.amp, torch.device("cpu"))
     peak = gemm_peak(dtype or torch.float32)
-    batch = load_config(str(CONFIG), []).data.batch_size
+    batch = load_config(CONFIG, []).data.batch_size
     rows, results = [], {}
     for name, overrides in VARIANTS.items():
         loop = loop_seconds(overrides, args.data, args.steps, args.warmup)

@@ -15,10 +15,20 @@ import sys
 
 from pixelwise.errors import ArgumentError, UserError
 
+# top-level module an optional feature imports -> the extra that installs it (pyproject.toml)
+MISSING_EXTRA = {
+    "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "starlette": "serve",
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+    "pydensecrf": "crf",
+    "huggingface_hub": "hub",
+    "timm": "timm",
+}
+
 # sub-command -> "module:function" taking the parsed argparse.Namespace
 HANDLERS = {
     "models": "pixelwise.models:models_command",
     "demo": "pixelwise.demo:demo_command",
+    "configs": "pixelwise.config:configs_command",
     "train": "pixelwise.train:train_command",
     "evaluate": "pixelwise.evaluate:evaluate_command",
     "predict": "pixelwise.predict:predict_command",
@@ -89,11 +99,32 @@ def _add_precision_option(p: argparse.ArgumentParser) -> None:
                    help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: pixelwise's version and torch's; torch is imported only when asked, so --help stays fast."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args) -> None:
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """What `pixelwise --version` prints, e.g. "pixelwise 0.1.0 (torch 2.14.1+cu128)"."""
+    import torch
+
+    from pixelwise import __version__
+
+    return f"pixelwise {__version__} (torch {torch.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixelwise",
         description="Semantic segmentation: FCN, SegNet, U-Net, DeepLab v1-v3+, dense CRF.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of pixelwise and torch")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("models", help="list every model with parameters and GFLOPs")
@@ -104,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, evaluate and predict on built-in synthetic data")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--quick", action="store_true",
+                   help="16 images of 32x32 for one epoch: checks an install in seconds (its mIoU means nothing)")
+
+    p = sub.add_parser("configs", help="list the built-in paper configs, or print one")
+    p.add_argument("name", nargs="?", help="print this config's YAML (e.g. camvid/segnet_basic) to copy and edit")
 
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("config", help="YAML config file, or a built-in config's name (see `pixelwise configs`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -159,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     # OpenMP threads that spin-wait between torch ops steal the cores whenever anything else runs: the demo
     # took 617 s of CPU instead of 46 s beside one other busy process on 2 cores. Read when torch loads, so
-    # it is set before any handler imports torch; an explicit OMP_WAIT_POLICY from the user wins.
+    # it is set before anything imports torch (--version, the handlers); an explicit value from the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
     module_name, func_name = HANDLERS[args.command].split(":")
     try:
         handler = getattr(importlib.import_module(module_name), func_name)
@@ -173,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixelwise {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        extra = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "fastapi": "serve",
-                 "uvicorn": "serve", "multipart": "serve", "pydensecrf": "crf"}.get((e.name or "").split(".")[0])
+        extra = MISSING_EXTRA.get((e.name or "").split(".")[0])
         if extra is None:
             raise
         print(f"pixelwise {args.command}: error: missing package {e.name!r}; "

@@ -6,14 +6,20 @@ parsed as a YAML scalar or list (`--set data.crop_size=[256,256]`); a builder's 
 arguments live in `model.kwargs` (`--set model.kwargs.base_channels=16`). There is no inheritance
 between files and nothing is ever executed: an unknown key or a wrong type is a UserError naming it.
 Relative paths (data.root, output.dir, model.kwargs.weights_backbone) are relative to the working
-directory of the command, not to the YAML file; the shipped configs assume the repository root.
+directory of the command, not to the YAML file.
+
+The paper recipes ship inside the package (`pixelwise/configs/`, which a clone also shows as `configs/`)
+and load by name: `load_config("camvid/segnet_basic")`, `pixelwise train camvid/segnet_basic`. Their
+`data.root` assumes a clone with `../shared/data` beside it; elsewhere give `--set data.root=PATH`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,12 +172,16 @@ def choices() -> dict[str, tuple[str, ...]]:
             "crf.preset": tuple(CRF_PRESETS)}
 
 
+CONFIGS_DIR = Path(__file__).parent / "configs"  # the paper recipes: package data, one YAML per recipe
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from the defaults when `path` is None) and apply `--set` overrides."""
+    """Read a YAML config (a file, or a shipped config's name such as "camvid/segnet_basic"; the
+    defaults when `path` is None) and apply `--set` overrides."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         source = str(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -187,6 +197,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw, source=source)
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The shipped configs by name: "camvid/segnet_basic" -> .../pixelwise/configs/camvid/segnet_basic.yaml."""
+    return {p.relative_to(CONFIGS_DIR).with_suffix("").as_posix(): p for p in sorted(CONFIGS_DIR.rglob("*.yaml"))}
+
+
+def resolve_config(path_or_name: str | Path) -> Path:
+    """A config file: `path_or_name` itself when it is a file, else the shipped config of that name
+    (with or without `.yaml`); a UserError with the closest name otherwise."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    configs = builtin_configs()
+    name = str(path_or_name).removesuffix(".yaml")
+    if name in configs:
+        return configs[name]
+    close = difflib.get_close_matches(name, configs, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else "`pixelwise configs` lists the built-in ones"
+    raise UserError(f"config {path_or_name}: no such file, nor a built-in config of that name; {hint}")
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
@@ -363,3 +393,34 @@ def _check_values(cfg: Config, source: str) -> None:
          f"model.stages={cfg.model.stages} must hold model names (see `pixelwise models`), not paths")
     need(not cfg.model.stages or cfg.model.stages[-1] == cfg.model.name,
          f"model.stages={cfg.model.stages} must end with model.name={cfg.model.name!r}, the model the run delivers")
+
+
+# ------------------------------------------------------------------------------ `pixelwise configs`
+def configs_command(args: argparse.Namespace) -> int:
+    """`pixelwise configs [NAME]`: one line per shipped config, or the YAML of one (to copy and edit)."""
+    if args.name:
+        sys.stdout.write(resolve_config(args.name).read_text(encoding="utf-8"))
+        return 0
+    rows = [("name", "paper", "model", "data set", "schedule")]
+    rows += [(name, config_paper(path), *_summary(load_config(path))) for name, path in builtin_configs().items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
+    print("\n`pixelwise configs NAME` prints one; `pixelwise train NAME --set data.root=PATH` trains it")
+    return 0
+
+
+def config_paper(path: Path) -> str:
+    """The paper a shipped config follows: its first line, `# paper: ...`."""
+    first = path.read_text(encoding="utf-8").partition("\n")[0]
+    return first.removeprefix("# paper:").strip() if first.startswith("# paper:") else "-"
+
+
+def _summary(cfg: Config) -> tuple[str, str, str]:
+    """The model(s), data set and schedule of a config, in a few words each."""
+    t = cfg.train
+    epochs = f"{t.epochs} epoch{'s' * (t.epochs > 1)}"
+    if cfg.model.stages:
+        epochs = f"{len(cfg.model.stages)} stages x {epochs}"
+    schedule = f"{epochs}, {t.optimizer} lr {t.lr:g} {t.schedule}, batch {cfg.data.batch_size}"
+    return ",".join(cfg.model.stages) or cfg.model.name, cfg.data.dataset, schedule

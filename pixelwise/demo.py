@@ -43,9 +43,21 @@ DEMO_SETTINGS = [
 ]
 
 
-def demo_config(out: str | Path, *, device: str = "auto") -> Config:
-    """The demo's training configuration, writing into `out`."""
-    return load_config(None, [*DEMO_SETTINGS, f"output.dir={out}", f"train.device={device}"])
+# `pixelwise demo --quick`: every step of the job on 16 images of 32x32 for one epoch, a few seconds: it checks
+# that an install works (the wheel test runs it); its mIoU says nothing about the model.
+QUICK_SETTINGS = [
+    "data.kwargs={size: [32, 32], num_classes: 5, num_images: 16, seed: 0}",
+    "data.crop_size=[32, 32]",
+    "data.max_val_images=4",
+    "train.epochs=1",
+    "train.warmup_steps=0",  # 2 steps in all
+]
+
+
+def demo_config(out: str | Path, *, device: str = "auto", quick: bool = False) -> Config:
+    """The demo's training configuration, writing into `out`; `quick` shrinks it to a seconds-long check."""
+    quick_settings = QUICK_SETTINGS if quick else []
+    return load_config(None, [*DEMO_SETTINGS, *quick_settings, f"output.dir={out}", f"train.device={device}"])
 
 
 def run_demo(cfg: Config, *, num_predictions: int = 4) -> dict[str, Any]:
@@ -81,8 +93,8 @@ def run_demo(cfg: Config, *, num_predictions: int = 4) -> dict[str, Any]:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    """`pixelwise demo [--out DIR] [--device D]`."""
-    cfg = demo_config(args.out, device=args.device)
+    """`pixelwise demo [--out DIR] [--device D] [--quick]`."""
+    cfg = demo_config(args.out, device=args.device, quick=args.quick)
     summary = run_demo(cfg)
     if summary["miou"] is None:
         print(f"demo interrupted after {summary['seconds']:.0f} s; run it again to start over")

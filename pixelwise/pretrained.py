@@ -80,7 +80,7 @@ PRETRAINED: dict[str, Pretrained] = {
         file="segnet_basic_camvid.safetensors",
         sha256="58a0968ffed288d61eb2a1c2c97c7bd8a07bacbac217f06c4f0b0e99ca3ce436",
         recipe="SegNet-Basic (Badrinarayanan et al., TPAMI 2017) from scratch on CamVid train (367 images): "
-               "configs/camvid/segnet_basic_fast.yaml, AdamW 1e-3 with poly decay, 240x320 native-scale crops "
+               "config camvid/segnet_basic_fast, AdamW 1e-3 with poly decay, 240x320 native-scale crops "
                "and flips, square-rooted median-frequency class weights, batch 4, 36 epochs, bf16 autocast, "
                "87 min on 2 CPU cores; stored as fp16",
         metrics={"split": "CamVid val (101 images), whole 360x480 images",

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pixelwise.config import Config, config_from_dict, config_to_dict, load_config
+from pixelwise.config import CONFIGS_DIR, Config, config_from_dict, config_to_dict, load_config
 from pixelwise.errors import UserError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -70,7 +70,7 @@ def test_file_errors_name_the_file_and_key(tmp_path):
         load_config(_write(tmp_path, "train: [\n"))
     with pytest.raises(UserError, match=r"c\.yaml: section 'train' must be a mapping"):
         load_config(_write(tmp_path, "train: 3\n"))
-    with pytest.raises(UserError, match=r"cannot read it"):
+    with pytest.raises(UserError, match=r"missing\.yaml: no such file, nor a built-in config of that name"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(UserError, match=r"model\.stages=.* must end with model\.name"):
         load_config(_write(tmp_path, "model:\n  name: fcn8s\n  stages: [fcn32s, fcn16s]\n"))
@@ -97,6 +97,45 @@ def test_shipped_configs_exist():
     assert {"camvid/segnet_basic.yaml", "camvid/fcn8s.yaml", "camvid/unet.yaml", "camvid/deeplabv3plus.yaml",
             "isbi2012/unet.yaml", "voc/fcn8s_staged.yaml", "voc/deeplab_v1.yaml", "voc/deeplab_v2.yaml",
             "voc/deeplab_v3.yaml", "cityscapes/deeplabv3plus.yaml"} <= names
+
+
+def test_shipped_configs_load_by_name_and_a_file_wins(tmp_path, monkeypatch):
+    assert load_config("camvid/segnet_basic") == load_config(CONFIGS_DIR / "camvid" / "segnet_basic.yaml")
+    assert load_config("camvid/segnet_basic.yaml", ["train.epochs=2"]).train.epochs == 2
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "camvid").mkdir()
+    (tmp_path / "camvid" / "segnet_basic").write_text("train:\n  epochs: 3\n")  # a user's file of the same name
+    assert load_config("camvid/segnet_basic").train.epochs == 3
+    with pytest.raises(UserError, match=r"config configs/camvid/segnet\.yaml: .* did you mean 'camvid/segnet_basic'"):
+        load_config("configs/camvid/segnet.yaml")  # an old clone path, outside the clone
+
+
+def test_every_shipped_config_names_its_paper():
+    from pixelwise.config import builtin_configs, config_paper
+
+    configs = builtin_configs()
+    assert set(configs) == {p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS}
+    assert all(config_paper(p) != "-" for p in configs.values())
+    assert config_paper(configs["camvid/segnet_basic"]) == "SegNet (Badrinarayanan et al., TPAMI 2017)"
+
+
+def test_configs_command_lists_each_and_prints_one(capsys):
+    from pixelwise.cli import main
+
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("camvid/segnet_basic "))
+    assert row.split("  ")[0] == "camvid/segnet_basic"
+    for cell in ("SegNet (Badrinarayanan et al., TPAMI 2017)", "segnet_basic", "camvid",
+                 "520 epochs, sgd lr 0.1 constant, batch 12"):
+        assert cell in row
+    assert "3 stages x 30 epochs" in next(line for line in lines if line.startswith("voc/fcn8s_staged "))
+    assert len([line for line in lines if "epoch" in line]) == len(CONFIGS)
+    assert main(["configs", "camvid/segnet_basic"]) == 0
+    assert capsys.readouterr().out == (CONFIGS_DIR / "camvid" / "segnet_basic.yaml").read_text()
+    assert main(["configs", "camvid/nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "camvid/nope: no such file, nor a built-in config" in err
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -1,4 +1,4 @@
-"""`pixelwise demo` in a reduced mode: the same pipeline on fewer, smaller images for one epoch."""
+"""`pixelwise demo` and its --quick mode: the same pipeline on fewer, smaller images for one epoch."""
 
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ def test_demo_config_is_the_documented_job(tmp_path):
     assert len(DEMO_SETTINGS) == len({s.split("=")[0] for s in DEMO_SETTINGS})  # no field set twice
 
 
-def test_reduced_demo_writes_weights_metrics_predictions_and_report(tmp_path):
-    cfg = demo_config(tmp_path / "d", device="cpu")
-    cfg.data.kwargs = cfg.data.kwargs | {"num_images": 16, "size": [32, 32]}
-    cfg.data.crop_size = [32, 32]
-    cfg.data.max_val_images = 4
-    cfg.train.epochs = 1
-    cfg.train.warmup_steps = 0
+def test_quick_demo_writes_weights_metrics_predictions_and_report(tmp_path):
+    cfg = demo_config(tmp_path / "d", device="cpu", quick=True)
+    full = demo_config(tmp_path / "d", device="cpu")
+    assert cfg.data.kwargs == full.data.kwargs | {"num_images": 16, "size": [32, 32]}  # the same job, smaller
+    assert (cfg.model, cfg.train.optimizer, cfg.train.epochs, cfg.data.crop_size) == (full.model, "adamw", 1, [32, 32])
     cfg.output.progress = False
     summary = run_demo(cfg, num_predictions=2)
     out = tmp_path / "d"

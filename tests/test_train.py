@@ -237,7 +237,7 @@ def test_fcn16s_stage_starts_from_fcn32s(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (DATA / "camvid").is_dir(), reason="needs ../shared/data/camvid")
 def test_camvid_short_slice(tmp_path):
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "camvid" / "segnet_basic.yaml", [
+    cfg = load_config("camvid/segnet_basic", [
         f"data.root={DATA / 'camvid'}", f"output.dir={tmp_path / 'camvid'}", "data.max_train_images=4",
         "data.max_val_images=2", "data.batch_size=2", "data.crop_size=[96, 128]", "data.scale_range=[0.3, 0.3]",
         "data.workers=0", "train.epochs=1", "model.kwargs={encoder_channels: 8, decoder_channels: 8}",
@@ -309,6 +309,12 @@ def test_train_cli(tmp_path, capsys):
     assert load_config(out / "config.yaml") == load_config(config, [f"output.dir={out}", "train.epochs=1"])
     assert main(["train", str(config), "--set", "train.epoch=1"]) == 2
     assert "unknown key train.epoch; did you mean train.epochs?" in capsys.readouterr().err
+    # a built-in config run where its data.root (a clone's ../shared/data) is not: one line naming the fix
+    assert main(["train", "camvid/segnet_basic", "--set", f"data.root={tmp_path / 'nowhere'}",
+                 "--set", f"output.dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.root=" in err and "nowhere': no such folder" in err
+    assert "--set data.root=PATH" in err
 
 
 def test_final_validation_with_the_dense_crf(tmp_path):

@@ -164,6 +164,9 @@ def build_datasets(cfg: Config) -> dict[str, Any]:
     from pixelwise.data.transforms import train_transforms
 
     dc = cfg.data
+    if dc.dataset != "synthetic" and not Path(dc.root).is_dir():  # e.g. a built-in config run outside a clone
+        raise UserError(f"data.root={dc.root!r}: no such folder; give the {dc.dataset} data set's folder "
+                        "with --set data.root=PATH")
     scale_range = None if dc.scale_range == [1.0, 1.0] else tuple(dc.scale_range)
     train_tf = train_transforms(crop_size=tuple(dc.crop_size), scale_range=scale_range, flip=dc.flip,
                                 rotation=dc.rotation, color_jitter=dc.color_jitter, elastic=dc.elastic,
