@@ -42,6 +42,13 @@ class ModelConfig:
     stages: list[str] = field(default_factory=list)
 
 
+def _imagenet(which: str) -> list[float]:
+    """torchvision's ImageNet mean or std (`pixelwise.inference`), read when a config is built."""
+    from pixelwise.inference import IMAGENET_MEAN, IMAGENET_STD
+
+    return list(IMAGENET_MEAN if which == "mean" else IMAGENET_STD)
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are augmented."""
@@ -59,8 +66,8 @@ class DataConfig:
     rotation: float = 0.0  # random rotation up to +-N degrees; off: the photo papers do not rotate
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; off: none of the papers jitter
     elastic: bool = False  # elastic deformation: the U-Net paper's key augmentation for EM, off for photos
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet: the backbones' statistics
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # ImageNet, as mean
+    mean: list[float] = field(default_factory=lambda: _imagenet("mean"))  # ImageNet: the backbones' statistics
+    std: list[float] = field(default_factory=lambda: _imagenet("std"))  # ImageNet, as mean
     batch_size: int = 8  # fits a 256x256 crop of the larger models in a few GB
     workers: int = 2  # loader processes; 0 loads in the training process (debugging, or cached data on few cores)
     cache_mb: int = 2048  # keep decoded training images in memory up to this many MB (CamVid train ~250); 0 = off

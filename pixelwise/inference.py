@@ -20,7 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.errors import ArgumentError, UserError
+from pixelwise.layers import mirror_pad
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, which every backbone here expects
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # the inference modes: the one list that configs, the CLI and the service take their choices from
 MODES: tuple[str, ...] = ("whole", "slide", "multiscale")
 # multiscale default: DeepLab's test scales (Chen et al., TPAMI 2017, Sec. 4.1)
@@ -117,18 +120,6 @@ def _slide(model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: t
     return (total / count)[..., :h, :w]  # (B, K, H, W)
 
 
-def _mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
-    """Reflect padding of any width (repeated reflection when the margin exceeds the image)."""
-    while left or right or top or bottom:
-        h, w = x.shape[-2:]
-        if h == 1 or w == 1:
-            return F.pad(x, (left, right, top, bottom), mode="replicate")
-        step = (min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1))
-        x = F.pad(x, step, mode="reflect")  # (B, C, H + top' + bottom', W + left' + right')
-        left, right, top, bottom = left - step[0], right - step[1], top - step[2], bottom - step[3]
-    return x
-
-
 def _overlap_tile(model: nn.Module, x: torch.Tensor, window: tuple[int, int], batch_size: int) -> torch.Tensor:
     """U-Net's overlap-tile strategy for a valid-convolution model. Shape: (B, C, H, W) -> (B, K, H, W).
 
@@ -141,7 +132,7 @@ def _overlap_tile(model: nn.Module, x: torch.Tensor, window: tuple[int, int], ba
     tout = [s - margin for s in tin]  # its output
     ny, nx = math.ceil(h / tout[0]), math.ceil(w / tout[1])
     ctx = margin // 2
-    x = _mirror_pad(x, ctx, nx * tout[1] - w + margin - ctx, ctx, ny * tout[0] - h + margin - ctx)
+    x = mirror_pad(x, ctx, nx * tout[1] - w + margin - ctx, ctx, ny * tout[0] - h + margin - ctx)
     boxes = [(i, j) for i in range(ny) for j in range(nx)]
     total = None
     for chunk in _batched(boxes, max(1, batch_size // b)):

@@ -10,12 +10,26 @@ import numpy as np
 from PIL import Image
 
 from pixelwise.fileio import atomic_write_bytes
-from pixelwise.weights import default_palette
 
 __all__ = ["IGNORE_COLOR", "colorize", "default_palette", "index_png_bytes", "overlay", "save_index_png",
            "save_rgb_png"]
 
 IGNORE_COLOR = (224, 224, 192)  # PASCAL VOC's colour for "void" pixels
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved class index), defined for any number of classes."""
+    palette = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
 
 
 def _lut(palette: Sequence[tuple[int, int, int]], ignore_index: int) -> np.ndarray:

@@ -20,9 +20,9 @@ import torch.nn as nn
 
 from pixelwise.errors import ArgumentError, UserError, translated
 from pixelwise.fileio import atomic_path
+from pixelwise.inference import IMAGENET_MEAN, IMAGENET_STD
+from pixelwise.palette import default_palette
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics: every backbone here was trained on them
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = "1"  # bump when the metadata layout changes
 
 
@@ -42,21 +42,6 @@ class WeightsMeta:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """The PASCAL VOC colour map (bit-interleaved class index), defined for any number of classes."""
-    palette = []
-    for i in range(num_classes):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.append((r, g, b))
-    return palette
 
 
 def save_weights(

@@ -155,7 +155,7 @@ def test_weight_map_matches_brute_force():
 def test_mirror_pad_repeats_reflection_for_tiny_maps():
     import torch.nn.functional as F
 
-    from pixelwise.models.unet import _mirror_pad
+    from pixelwise.layers import mirror_pad as _mirror_pad
 
     x = torch.randn(1, 2, 5, 7)
     torch.testing.assert_close(_mirror_pad(x, 3, 2, 4, 1), F.pad(x, (3, 2, 4, 1), mode="reflect"))

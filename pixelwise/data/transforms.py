@@ -15,8 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, which every backbone here expects
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pixelwise.inference import IMAGENET_MEAN, IMAGENET_STD
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

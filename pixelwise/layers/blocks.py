@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class ConvNormAct(nn.Sequential):
@@ -71,3 +72,25 @@ def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"center_crop: cannot crop a {big_h}x{big_w} map to the larger size {h}x{w}")
     top, left = (big_h - h) // 2, (big_w - w) // 2
     return x[..., top : top + h, left : left + w]  # (..., h, w)
+
+
+def mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """Mirror (reflect) padding of any width: maps narrower than the margin are mirrored repeatedly, a
+    dimension of size 1 is repeated (U-Net's overlap-tile context, Ronneberger et al. 2015, Fig. 2).
+
+    Shape:
+        (..., H, W) -> (..., H + top + bottom, W + left + right).
+    """
+    for dim, (before, after) in ((-1, (left, right)), (-2, (top, bottom))):
+        while before or after:
+            n = x.shape[dim]
+            if n == 1:  # nothing to reflect across: repeat the single row/column
+                step = (before, after)
+                mode = "replicate"
+            else:
+                step = (min(before, n - 1), min(after, n - 1))
+                mode = "reflect"
+            pad = step + (0, 0) if dim == -1 else (0, 0) + step
+            x = F.pad(x, pad, mode=mode)  # (B, C, H(+top+bottom), W(+left+right)), one step
+            before, after = before - step[0], after - step[1]
+    return x

@@ -17,24 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pixelwise.errors import UserError
-from pixelwise.layers import UPSAMPLE_KINDS, ConvNormAct, center_crop, make_upsample
-
-
-def _mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
-    """Mirror (reflect) padding of any width: maps narrower than the margin are mirrored repeatedly."""
-    for dim, (before, after) in ((-1, (left, right)), (-2, (top, bottom))):
-        while before or after:
-            n = x.shape[dim]
-            if n == 1:  # nothing to reflect across: repeat the single row/column
-                step = (before, after)
-                mode = "replicate"
-            else:
-                step = (min(before, n - 1), min(after, n - 1))
-                mode = "reflect"
-            pad = step + (0, 0) if dim == -1 else (0, 0) + step
-            x = F.pad(x, pad, mode=mode)  # (B, C, H(+top+bottom), W(+left+right)), one step
-            before, after = before - step[0], after - step[1]
-    return x
+from pixelwise.layers import UPSAMPLE_KINDS, ConvNormAct, center_crop, make_upsample, mirror_pad
 
 
 class DoubleConv(nn.Sequential):
@@ -192,7 +175,7 @@ class UNet(nn.Module):
         h, w = x.shape[-2:]
         in_h, in_w = self.valid_input_size(h), self.valid_input_size(w)
         before = self.margin // 2  # the context of the overlap-tile strategy (92 px at depth 4)
-        x = _mirror_pad(x, before, in_w - w - before, before, in_h - h - before)  # (B, C, in_h, in_w)
+        x = mirror_pad(x, before, in_w - w - before, before, in_h - h - before)  # (B, C, in_h, in_w)
         y = self.forward_valid(x)  # (B, K, in_h - margin, in_w - margin)
         return y[..., :h, :w]  # (B, K, H, W)
 
