@@ -15,14 +15,12 @@ resized to the scale the network was trained at, the logits are upsampled biline
 G (global pixel accuracy), C (mean class accuracy), mIoU and BF (boundary F1, 0.75% of the diagonal)
 are computed at full resolution against the original labels.
 
-ISBI 2012 is scored on slices 25..29 at 512x512: pixel error (1 - pixel accuracy), IoU of the
-cell-interior class and mIoU of the two classes, and two Rand errors over the connected components
-(4-connectivity) of cell interior in the ground truth and in the prediction (argmax, i.e. threshold
-0.5): ``rand_error`` = 1 - the foreground-restricted Rand F-score (V_Rand of the ISBI 2012 challenge,
-Arganda-Carreras et al. 2015; as ``skimage.metrics.adapted_rand_error``: only pixels inside
-ground-truth cells count, predicted membrane is one segment), and ``rand_error_full`` = 1 - the
-classic Rand index over all pixels (membrane one segment on both sides). Both are averaged over the
-five slices.
+ISBI 2012 is scored on slices 25..29 at 512x512: pixel error at the argmax (1 - pixel accuracy), IoU
+of the cell-interior class and mIoU of the two classes, and the challenge's own scores from the softmax
+probability of cell interior (``pixelwise.metrics.isbi_challenge_scores``, docs/metrics.md): V_Rand and
+V_Info after border thinning, each at its best threshold of 0.0, 0.1, ..., 1.0 for the five slices
+together, with ``rand_error`` = 1 - V_Rand, and the challenge's pixel error (1 - the best F-score of the
+cell pixels over the same thresholds).
 
     python benchmarks/reproduce.py run camvid_segnet_basic --eval-at-epochs 3
     python benchmarks/reproduce.py run isbi2012_unet
@@ -42,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -49,10 +48,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import RESULTS_DIR, ROOT, format_table, machine_info, progress, set_threads, write_results  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from pixelwise.config import Config, config_to_dict, load_config  # noqa: E402
-from pixelwise.metrics import BoundaryF1, ConfusionMatrix  # noqa: E402
+from pixelwise.metrics import BoundaryF1, ConfusionMatrix, isbi_challenge_scores  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -81,51 +79,6 @@ EXPERIMENTS: dict[str, Experiment] = {
         "reproduce/isbi2012_unet", "isbi2012", "U-Net (MICCAI 2015, Table 1)",
         {"rand_error": 0.0382, "pixel_error": 0.0611, "warping_error": 0.000353}, "ISBI 2012 challenge test stack"),
 }
-
-
-# ------------------------------------------------------------------------------------- metrics
-def _components(foreground: np.ndarray) -> np.ndarray:
-    """Connected components (4-connectivity) of a boolean map; 0 = background."""
-    labels, _ = ndimage.label(foreground)
-    return labels
-
-
-def _contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pair counts n_ij and the marginals of two label maps (flattened, same size)."""
-    a = a.astype(np.int64).ravel()
-    b = b.astype(np.int64).ravel()
-    _, n_ij = np.unique(a * (int(b.max()) + 1) + b, return_counts=True)
-    return n_ij.astype(np.float64), np.bincount(a).astype(np.float64), np.bincount(b).astype(np.float64)
-
-
-def rand_errors(true_fg: np.ndarray, pred_fg: np.ndarray) -> dict[str, float]:
-    """Foreground-restricted Rand error (1 - V_Rand F-score) and classic Rand error of two boolean maps.
-
-    Segments are the 4-connected components of each foreground (cell interior); background (membrane)
-    is label 0. V_Rand (ISBI 2012; ``skimage.metrics.adapted_rand_error``): over the pixels inside
-    ground-truth cells, precision = sum n_ij^2 - n over sum b_j^2 - n, recall likewise with a_i, F =
-    2PR/(P+R). Classic: the fraction of pixel pairs (over all pixels) on which the two segmentations
-    disagree about "same segment".
-    """
-    true_seg, pred_seg = _components(true_fg), _components(pred_fg)
-    inside = true_seg > 0
-    n_ij, a, b = _contingency(true_seg[inside], pred_seg[inside])
-    n = float(inside.sum())
-    sum_ij = (n_ij**2).sum() - n
-    precision = sum_ij / max((b**2).sum() - n, 1e-12)
-    recall = sum_ij / max((a**2).sum() - n, 1e-12)
-    f = 2 * precision * recall / max(precision + recall, 1e-12)
-
-    n_ij, a, b = _contingency(true_seg, pred_seg)
-    n = float(true_seg.size)
-
-    def pairs(x: np.ndarray) -> float:
-        return float((x * (x - 1) / 2).sum())
-
-    total = n * (n - 1) / 2
-    disagree = pairs(a) + pairs(b) - 2 * pairs(n_ij)
-    return {"rand_error": 1 - f, "rand_precision": precision, "rand_recall": recall,
-            "rand_error_full": disagree / total}
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -182,26 +135,29 @@ def evaluate_camvid(model: torch.nn.Module, cfg: Config, scale: float) -> dict[s
 
 
 @torch.no_grad()
-def evaluate_isbi(model: torch.nn.Module, cfg: Config) -> dict[str, float]:
-    """Pixel error, IoU and Rand errors on slices 25..29 (whole 512x512 slices)."""
+def evaluate_isbi(model: torch.nn.Module, cfg: Config) -> dict[str, Any]:
+    """Argmax pixel error and IoU, and the challenge's V_Rand, V_Info and pixel error on slices 25..29."""
     from pixelwise.data import build_dataset
     from pixelwise.data.transforms import eval_transforms
 
     tf = eval_transforms(mean=cfg.data.mean, std=cfg.data.std)
     ds = build_dataset("isbi2012", cfg.data.root, "val", transforms=tf)
     cm = ConfusionMatrix(2, ignore_index=255)
-    rands = []
+    cell_prob, masks = [], []
     for i in range(len(ds)):
         image, mask = ds[i]
-        pred = model(image.unsqueeze(0)).argmax(1)  # (1, H, W); 1 = cell interior
-        cm.update(pred, mask.unsqueeze(0))
-        rands.append(rand_errors(mask.numpy() == 1, pred[0].numpy() == 1))
+        logits = model(image.unsqueeze(0))  # (1, 2, H, W); class 1 = cell interior
+        cm.update(logits.argmax(1), mask.unsqueeze(0))
+        cell_prob.append(logits.float().softmax(1)[0, 1].numpy())  # (H, W)
+        masks.append(mask.numpy())
     s = cm.compute()
-    out = {"pixel_error": 1 - s["pixel_acc"], "iou_cell": s["per_class_iou"][1], "iou_membrane": s["per_class_iou"][0],
-           "miou": s["miou"]}
-    for k in rands[0]:
-        out[k] = float(np.mean([r[k] for r in rands]))
-    return out
+    challenge = isbi_challenge_scores(np.stack(cell_prob), np.stack(masks))
+    return {"pixel_error": 1 - s["pixel_acc"], "iou_cell": s["per_class_iou"][1],
+            "iou_membrane": s["per_class_iou"][0], "miou": s["miou"],
+            "v_rand": challenge["v_rand"], "rand_error": 1 - challenge["v_rand"], "v_info": challenge["v_info"],
+            "challenge_pixel_error": challenge["pixel_error"],
+            "v_rand_threshold": challenge["v_rand_threshold"], "v_info_threshold": challenge["v_info_threshold"],
+            "v_rand_per_slice": challenge["v_rand_per_slice"], "v_info_per_slice": challenge["v_info_per_slice"]}
 
 
 def evaluate_run(name: str, cfg: Config, *, from_checkpoint: bool = False,
@@ -327,17 +283,18 @@ def table() -> str:
                                f"{ep} ep / {inter['steps']} steps"])
             camvid.append(["", "ours (val)", *[r["ours"][k] for k in keys], sched])
         else:
-            isbi.append([r["paper_row"], "paper (challenge test)", r["paper"]["pixel_error"], r["paper"]["rand_error"],
-                         None, None, None, "-"])
+            isbi.append([r["paper_row"], "paper (challenge test)", r["paper"]["pixel_error"], None,
+                         r["paper"]["rand_error"], None, None, None, "-"])
             o = r["ours"]
-            isbi.append(["", "ours (slices 25-29)", o["pixel_error"], o["rand_error"], o["rand_error_full"],
-                         o["iou_cell"], o["miou"], sched])
+            rand_error = 1 - o["v_rand"] if "v_rand" in o else None  # results from before the challenge's V_Rand
+            isbi.append(["", "ours (slices 25-29)", o.get("challenge_pixel_error"), o["pixel_error"], rand_error,
+                         o.get("v_info"), o["iou_cell"], o["miou"], sched])
     out = []
     if camvid:
         out.append(format_table(["model", "", "G", "C", "mIoU", "BF", "schedule"], camvid))
     if isbi:
-        out.append(format_table(["model", "", "pixel error", "Rand error (V_Rand)", "Rand error (full RI)",
-                                 "IoU cell", "mIoU", "schedule"], isbi))
+        out.append(format_table(["model", "", "pixel error (1 - max F)", "pixel error (argmax)",
+                                 "Rand error (1 - V_Rand)", "V_Info", "IoU cell", "mIoU", "schedule"], isbi))
     return "\n\n".join(out)
 
 

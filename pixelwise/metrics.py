@@ -1,4 +1,4 @@
-"""Segmentation metrics: a streaming confusion matrix and the boundary F1 score.
+"""Segmentation metrics: a streaming confusion matrix, the boundary F1 score, and the ISBI 2012 scores.
 
 Conventions (see docs/metrics.md):
 - Pixels whose target is the ignore index (or any value outside 0..K-1) are not counted.
@@ -17,6 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# re-exported ("x as x"): the ISBI 2012 challenge's scores
+from pixelwise.metrics_em import ISBI_THRESHOLDS as ISBI_THRESHOLDS
+from pixelwise.metrics_em import cell_segments as cell_segments
+from pixelwise.metrics_em import isbi_challenge_scores as isbi_challenge_scores
+from pixelwise.metrics_em import isbi_pixel_error as isbi_pixel_error
+from pixelwise.metrics_em import rand_info_scores as rand_info_scores
+from pixelwise.metrics_em import thin_borders as thin_borders
 
 
 def to_labels(pred: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Benchmark helpers: the Rand errors of benchmarks/reproduce.py and the timing/table helpers of common.py."""
+"""Benchmark helpers: the timing/table helpers of common.py and the verdict of bf16_accuracy.py."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    """Import a benchmark script as `python benchmarks/<name>.py` would: its folder on sys.path."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"_pixelwise_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -20,34 +22,7 @@ def _load(name: str):
     return module
 
 
-reproduce = _load("reproduce")
 common = _load("common")
-
-
-def test_rand_errors_hand_computed_merge():
-    # two 2-pixel cells split by one membrane pixel; the prediction merges them into one segment
-    true_fg = np.array([[1, 1, 0, 1, 1]], dtype=bool)
-    pred_fg = np.ones((1, 5), dtype=bool)
-    r = reproduce.rand_errors(true_fg, pred_fg)
-    # inside the true cells: n_ij = (2, 2), a = (2, 2), b = (4,): P = (8-4)/(16-4) = 1/3, R = 1, F = 1/2
-    assert r["rand_precision"] == pytest.approx(1 / 3)
-    assert r["rand_recall"] == pytest.approx(1.0)
-    assert r["rand_error"] == pytest.approx(0.5)
-    # all 10 pixel pairs: only (0,1) and (3,4) are "same" in the truth, all 10 in the prediction
-    assert r["rand_error_full"] == pytest.approx(8 / 10)
-
-
-def test_rand_errors_split_and_perfect():
-    true_fg = np.array([[1, 1, 1, 1]], dtype=bool)
-    pred_fg = np.array([[1, 1, 0, 1]], dtype=bool)  # one cell split in two, one pixel called membrane
-    r = reproduce.rand_errors(true_fg, pred_fg)
-    # n_ij over the 4 true-cell pixels: pred segments (1: 2 px, 0: 1 px, 2: 1 px) -> sum n^2 - n = 6 - 4 = 2
-    # a = (4,): 16 - 4 = 12 -> R = 1/6; b = (2, 1, 1): 6 - 4 = 2 -> P = 1
-    assert r["rand_recall"] == pytest.approx(1 / 6)
-    assert r["rand_precision"] == pytest.approx(1.0)
-    assert r["rand_error"] == pytest.approx(1 - 2 * (1 / 6) / (1 + 1 / 6))
-    perfect = reproduce.rand_errors(true_fg, true_fg)
-    assert perfect["rand_error"] == pytest.approx(0.0) and perfect["rand_error_full"] == pytest.approx(0.0)
 
 
 def test_time_alternating_interleaves_and_summarizes():
