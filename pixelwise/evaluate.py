@@ -48,10 +48,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.weights, args.dataset, args.split)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for metrics.json")
+    extra = []
+    if args.dataset == "isbi2012":  # the challenge's own scores beside the pixel ones
+        from pixelwise.metrics import ISBIChallenge
+
+        extra.append(ISBIChallenge(cell_class=list(meta.classes).index("cell") if "cell" in meta.classes else 1))
     with translated({"batch_size": "--batch-size", "workers": "--workers"}, flags=True):
         result = evaluate(model, dataset, spec, mean=meta.mean, std=meta.std, num_classes=meta.num_classes,
                           ignore_index=dataset.ignore_index, batch_size=args.batch_size, workers=args.workers,
-                          skip_bad=args.skip_bad, progress=True)
+                          skip_bad=args.skip_bad, progress=True, extra_metrics=extra)
     if result.num_images == 0:
         raise UserError(f"no sample of {args.dataset}/{args.split} could be read ({len(result.bad)} bad, listed "
                         f"in {out / 'bad_files.txt'}); fix or replace those files")
@@ -61,6 +66,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if result.bad:
         write_bad_files(out, result.bad)
     print(format_table(record["scores"]))
+    if "isbi_challenge" in record["scores"]:
+        c = record["scores"]["isbi_challenge"]
+        print(f"ISBI 2012 challenge: V_Rand {c['v_rand']:.4f} (t={c['v_rand_threshold']:.1f})  V_Info "
+              f"{c['v_info']:.4f} (t={c['v_info_threshold']:.1f})  pixel error {c['pixel_error']:.4f}")
     print(f"{result.num_images} images; wrote {out / 'metrics.json'}"
           + (f"; skipped {len(result.bad)} bad files, listed in {out / 'bad_files.txt'}" if result.bad else ""))
     return 0

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 # re-exported ("x as x"): the ISBI 2012 challenge's scores
 from pixelwise.metrics_em import ISBI_THRESHOLDS as ISBI_THRESHOLDS
+from pixelwise.metrics_em import ISBIChallenge as ISBIChallenge
 from pixelwise.metrics_em import cell_segments as cell_segments
 from pixelwise.metrics_em import isbi_challenge_scores as isbi_challenge_scores
 from pixelwise.metrics_em import isbi_pixel_error as isbi_pixel_error

@@ -302,3 +302,31 @@ def isbi_challenge_scores(cell_prob: np.ndarray, labels: np.ndarray, *,
     out.update(isbi_pixel_error(prob, labels, thresholds=thresholds))
     out["thresholds"] = list(thresholds)
     return out
+
+
+class ISBIChallenge:
+    """Streaming form of `isbi_challenge_scores` for `pixelwise.engine.evaluate(extra_metrics=...)`:
+    collects each image's probability of the cell class and scores the stack at the end.
+
+    Args:
+        cell_class: the class index of cell interior (1 in pixelwise's ISBI 2012 data set).
+
+    Shape:
+        update(probs, target): probs (B, K, H, W) probabilities, target (B, H, W) labels.
+    """
+
+    def __init__(self, cell_class: int = 1) -> None:
+        self.cell_class = cell_class
+        self.probs: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def update(self, probs: Any, target: Any) -> None:
+        for p, t in zip(probs, target, strict=True):
+            self.probs.append(p[self.cell_class].float().cpu().numpy())
+            self.labels.append((t == self.cell_class).cpu().numpy())
+
+    def compute(self) -> dict[str, Any]:
+        """{"isbi_challenge": v_rand, v_info, pixel_error and their thresholds} (slices of one size)."""
+        scores = isbi_challenge_scores(np.stack(self.probs), np.stack(self.labels))
+        keys = ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold", "pixel_error", "pixel_error_threshold")
+        return {"isbi_challenge": {k: scores[k] for k in keys}}

@@ -5,6 +5,7 @@ library errors that the front ends translate into their own flag and key names."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,36 @@ def test_builtin_weights_carry_their_chosen_crf():
 
     crf = CRFParams.from_dict(read_weights_meta("segnet_basic_camvid").extra["crf"])
     assert (crf.bilateral_weight, crf.bilateral_sxy, crf.bilateral_srgb) == (3.0, 100.0, 3.0)
+
+
+def test_isbi_challenge_metric_streams_through_the_engine():
+    from pixelwise.metrics import ISBIChallenge
+
+    labels = torch.ones(2, 12, 12, dtype=torch.long)
+    labels[:, :, 5] = 0  # a membrane line between two cells in each slice
+    perfect = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()  # (B, 2, H, W)
+    metric = ISBIChallenge(cell_class=1)
+    metric.update(perfect[:1], labels[:1])
+    metric.update(perfect[1:], labels[1:])
+    scores = metric.compute()["isbi_challenge"]
+    assert scores["v_rand"] == pytest.approx(1.0) and scores["v_info"] == pytest.approx(1.0)
+    assert scores["pixel_error"] == pytest.approx(0.0)
+
+
+ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
+
+
+@pytest.mark.skipif(not ISBI.is_dir(), reason="needs ../shared/data/isbi2012")
+def test_evaluate_isbi2012_prints_the_challenge_scores(tmp_path, capsys):
+    from pixelwise.models import get_model
+    from pixelwise.weights import save_weights
+
+    kwargs = {"padding": "same", "base_channels": 4, "depth": 2}
+    torch.manual_seed(0)
+    save_weights(tmp_path / "w.safetensors", get_model("unet", num_classes=2, **kwargs), model_name="unet",
+                 model_kwargs=kwargs, classes=["membrane", "cell"])
+    assert main(["evaluate", "--weights", str(tmp_path / "w.safetensors"), "--data", str(ISBI), "--dataset",
+                 "isbi2012", "--split", "val", "--precision", "fp32", "--out", str(tmp_path / "ev")]) == 0
+    assert "ISBI 2012 challenge: V_Rand" in capsys.readouterr().out
+    c = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scores"]["isbi_challenge"]
+    assert all(0 <= c[k] <= 1 for k in ("v_rand", "v_info", "pixel_error"))

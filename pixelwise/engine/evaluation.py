@@ -101,7 +101,7 @@ class EvalResult:
 def evaluate(model: nn.Module, dataset: Dataset, spec: InferenceSpec, *, mean: Sequence[float],
              std: Sequence[float], num_classes: int, ignore_index: int, batch_size: int = 1, workers: int = 0,
              boundary_f1: bool = True, skip_bad: bool = False, keep_samples: int = 0, shard: bool = False,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, extra_metrics: Sequence[Any] = ()) -> EvalResult:
     """Score `model` on `dataset` of (uint8 (3, H, W) image, (H, W) mask) pairs.
 
     Args:
@@ -111,6 +111,8 @@ def evaluate(model: nn.Module, dataset: Dataset, spec: InferenceSpec, *, mean: S
         shard: under DDP, each process scores every world_size-th image and the confusion matrices are
             summed over processes (all must call this; boundary F1 then covers this process's share).
         progress: a progress bar (on terminals only; cleared when done).
+        extra_metrics: objects with `update(probs (B, K, H, W), target (B, H, W))` and `compute() -> dict`
+            (e.g. `pixelwise.metrics.ISBIChallenge`); their results join `EvalResult.scores`.
     """
     from tqdm import tqdm
 
@@ -132,7 +134,10 @@ def evaluate(model: nn.Module, dataset: Dataset, spec: InferenceSpec, *, mean: S
         for batch in bar:
             for images, masks in _same_size_groups(_good(batch, result.bad, skip_bad)):
                 images, masks = images.to(device), masks.to(device)  # (B, 3, H, W) uint8, (B, H, W)
-                pred = to_labels(segment(model, images, spec, mean=mean, std=std, num_classes=num_classes))
+                scores = segment(model, images, spec, mean=mean, std=std, num_classes=num_classes)
+                pred = to_labels(scores)
+                for metric in extra_metrics:
+                    metric.update(scores if spec.crf is not None else scores.softmax(1), masks)
                 cm.update(pred, masks)
                 if bf is not None:
                     bf.update(pred, masks)
@@ -142,6 +147,8 @@ def evaluate(model: nn.Module, dataset: Dataset, spec: InferenceSpec, *, mean: S
         cm.all_reduce()  # DDP: the scores of the whole data set on every process
     result.confusion = cm.mat.cpu()
     result.scores = {**cm.compute(), **(bf.compute() if bf is not None else {})}
+    for metric in extra_metrics:
+        result.scores.update(metric.compute())
     return result
 
 
