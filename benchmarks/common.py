@@ -5,8 +5,9 @@ side by side in one process, the same input, the same thread count, repetitions 
 A B A B ... after warm-up, medians and the ratio ours/peer. Absolute CPU times on shared machines
 are noisy; the ratios are what the tables report first.
 
-Import it from a script in this folder as ``from common import ...`` (the scripts put their own
-folder on ``sys.path``; ``python benchmarks/x.py`` does that by itself).
+Import it from a script in this folder as ``from common import ...``: ``python benchmarks/x.py`` puts
+the script's folder on the import path, and pytest does the same for the tests (pyproject's
+``pythonpath``); ``pixelwise`` itself comes from the install (``make test`` / ``make bench``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a clone without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
 
 # ------------------------------------------------------------------------------------ machine

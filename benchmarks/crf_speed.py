@@ -24,20 +24,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 # On a shared, oversubscribed machine OpenMP's default spin-waiting makes every parallel op of a
 # 2-thread PyTorch wait for a descheduled thread (10x slower, see docs/crf.md); sleeping waits cost
 # nothing measurable on an idle machine. Must be set before torch starts; a value already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import numpy as np
+import torch
+from common import (
     ROOT,
     add_common_args,
     format_table,
@@ -50,7 +47,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from pixelwise.crf import CRF_PRESETS, crf_kwargs, dense_crf  # noqa: E402
+from pixelwise.crf import CRF_PRESETS, crf_kwargs, dense_crf
 
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 NUM_CLASSES = 11

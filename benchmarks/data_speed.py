@@ -14,16 +14,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pixelwise.fileio import atomic_write_text
 
-from pixelwise.fileio import atomic_write_text  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def loader_speed(root: Path, workers: int, images: int, batch_size: int, crop: tuple[int, int]) -> dict:

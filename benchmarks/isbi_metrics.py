@@ -20,18 +20,15 @@ Writes ``benchmarks/results/isbi_metrics.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from common import ROOT, format_table, machine_info, progress, write_results
+from PIL import Image
+from scipy import ndimage
 
-import numpy as np  # noqa: E402
-from common import ROOT, format_table, machine_info, progress, write_results  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from pixelwise.metrics import ISBI_THRESHOLDS, isbi_challenge_scores  # noqa: E402
+from pixelwise.metrics import ISBI_THRESHOLDS, isbi_challenge_scores
 
 
 def probability_maps(labels: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:

@@ -20,13 +20,9 @@ Writes ``benchmarks/results/metrics.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import torch
+from common import (
     add_common_args,
     format_table,
     machine_info,
@@ -39,7 +35,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from pixelwise.metrics import ConfusionMatrix  # noqa: E402
+from pixelwise.metrics import ConfusionMatrix
 
 
 def make_batch(batch: int, classes: int, h: int, w: int, ignore: float, device: torch.device, seed: int = 0):

@@ -36,21 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import RESULTS_DIR, ROOT, format_table, machine_info, progress, set_threads, write_results
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import RESULTS_DIR, ROOT, format_table, machine_info, progress, set_threads, write_results  # noqa: E402
-
-from pixelwise.config import Config, config_to_dict, load_config  # noqa: E402
-from pixelwise.metrics import BoundaryF1, ConfusionMatrix, isbi_challenge_scores  # noqa: E402
+from pixelwise.config import Config, config_to_dict, load_config
+from pixelwise.metrics import BoundaryF1, ConfusionMatrix, isbi_challenge_scores
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,14 @@ import argparse
 import copy
 import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import (  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from common import (
     RESULTS_DIR,
     add_common_args,
     count_flops,
@@ -56,8 +53,8 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from pixelwise.fast import prepare_fast  # noqa: E402
-from pixelwise.models import get_model  # noqa: E402
+from pixelwise.fast import prepare_fast
+from pixelwise.models import get_model
 
 NUM_CLASSES = 11  # CamVid's classes: the size of the head does not matter at this scale
 # Peaks for MFU: H100 bf16 dense (BENCHMARKS.md); this project's CPU in fp32: 2 cores x 2.6 GHz x 2 AVX-512

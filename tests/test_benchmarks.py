@@ -2,27 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import common  # benchmarks/ is on the import path under pytest (pyproject: pythonpath), as for the scripts
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    """Import a benchmark script as `python benchmarks/<name>.py` would: its folder on sys.path."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_pixelwise_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load("common")
 
 
 def test_time_alternating_interleaves_and_summarizes():
@@ -43,7 +24,7 @@ def test_format_table_aligns_and_formats():
 
 
 def test_bf16_accuracy_verdict_compares_the_gap_with_the_seed_spread():
-    bf16_accuracy = _load("bf16_accuracy")
+    import bf16_accuracy
     runs = [{"amp": "none", "miou": m} for m in (0.80, 0.82, 0.84)] + [{"amp": "bf16", "miou": m} for m in (0.81, 0.83)]
     s = bf16_accuracy.summarise(runs)
     assert s["none"]["mean"] == pytest.approx(0.82) and s["none"]["std"] == pytest.approx(0.02)
