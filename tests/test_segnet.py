@@ -34,7 +34,8 @@ def test_decoder_unpools_with_the_encoders_indices(build):
     )
     with torch.no_grad():
         model(torch.randn(2, 3, 45, 61))
-    feats, indices, sizes = seen["encoder"]
+    feats = seen["encoder"]
+    indices, sizes = feats.indices, feats.sizes
     assert seen["kwargs"]["indices"] is indices[-1]  # the deepest pool's indices go to the first unpooling
     assert tuple(seen["kwargs"]["output_size"]) == sizes[-1]
     out, x, idx = seen["out"], seen["x"], indices[-1]

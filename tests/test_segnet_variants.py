@@ -109,7 +109,7 @@ def test_each_skip_is_added_at_its_resolution_before_the_remaining_upsamplings()
     model = _tiny("FCN-Basic")
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
-        _, _, sizes = model.encoder(x)  # pre-pool sizes: (45, 61), (23, 31), (12, 16), (6, 8)
+        sizes = model.encoder(x).sizes  # pre-pool sizes: (45, 61), (23, 31), (12, 16), (6, 8)
         base = model(x)
         d = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
         for j, conv in enumerate(model.decoder.reduce_skips):  # j = 0: pool3, 1: pool2, 2: pool1
@@ -130,7 +130,8 @@ def test_forward_equals_a_functional_reference(variant):
     add, reduce_ = kw.get("skip_addition", True), kw.get("dim_reduction", True)
     x = torch.randn(2, 3, 27, 35)
     with torch.no_grad():
-        pooled, _, sizes = model.encoder(x)  # 8-channel maps at 14x18, 7x9, 4x5, 2x3
+        pooled = model.encoder(x)  # 8-channel maps at 14x18, 7x9, 4x5, 2x3
+        sizes = pooled.sizes
         assert [tuple(p.shape[-2:]) for p in pooled] == [(14, 18), (7, 9), (4, 5), (2, 3)]
         dec = model.decoder
         convs = [dec.reduce_input] + list(dec.reduce_skips)

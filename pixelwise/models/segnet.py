@@ -32,11 +32,9 @@ import os
 import torch
 import torch.nn as nn
 
-from pixelwise.encoders.vgg import VGGEncoder
+from pixelwise.encoders import Features, VGGEncoder
 from pixelwise.errors import UserError
 from pixelwise.layers import ConvNormAct, bilinear_kernel, make_upsample
-
-Features = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]
 
 
 def _decoder_upsample(kind: str, channels: int) -> nn.Module:
@@ -54,8 +52,8 @@ class SegNetDecoder(nn.Module):
         upsample: a ``make_upsample`` kind; "max_unpool" uses the encoder's indices (SegNet).
 
     Shape:
-        (B, C, h, w) + indices and pre-pool sizes of every encoder stage -> (B, C', H, W), where
-        (H, W) is the size before the first pool (the input size).
+        the encoder's ``Features`` (the deepest map (B, C, h, w) is the input; ``indices`` and ``sizes``
+        of every stage) -> (B, C', H, W), where (H, W) is the size before the first pool (the input size).
     """
 
     def __init__(self, stages: list[nn.Sequential], in_channels: list[int], upsample: str) -> None:
@@ -63,8 +61,10 @@ class SegNetDecoder(nn.Module):
         self.ups = nn.ModuleList([_decoder_upsample(upsample, c) for c in in_channels])
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x: torch.Tensor, indices: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
-        for up, stage, idx, size in zip(self.ups, self.stages, reversed(indices), reversed(sizes), strict=True):
+    def forward(self, feats: Features) -> torch.Tensor:
+        x = feats[-1]
+        indices = reversed(feats.indices) if feats.indices is not None else [None] * len(self.ups)
+        for up, stage, idx, size in zip(self.ups, self.stages, indices, reversed(feats.sizes), strict=True):
             x = up(x, indices=idx, output_size=size)  # (B, C, *size): values back at their argmax positions
             x = stage(x)
         return x
@@ -90,8 +90,8 @@ class SegNet(nn.Module):
         return [self.classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats, indices, sizes = self.encoder(x)  # pooled maps high -> low res, argmax indices, pre-pool sizes
-        y = self.decoder(feats[-1], indices, sizes)  # (B, C, H, W)
+        feats = self.encoder(x)  # pooled maps high -> low res, with their argmax indices and pre-pool sizes
+        y = self.decoder(feats)  # (B, C, H, W)
         return self.classifier(y)  # (B, K, H, W)
 
 
@@ -107,8 +107,8 @@ class SegNetBasicEncoder(nn.Module):
         strides: ``[2, 4, 8, 16]``.
 
     Shape:
-        (B, 3, H, W) -> ``(features, indices, sizes)``: 4 maps (B, channels, ~H/2^i, ~W/2^i), their
-        pooling indices, and the (H, W) of each stage before pooling.
+        (B, 3, H, W) -> ``Features``: 4 maps (B, channels, ~H/2^i, ~W/2^i) with their pooling
+        ``indices`` and the ``sizes`` (H, W) of each stage before pooling.
     """
 
     def __init__(self, *, channels: int = 64, lrn: bool = True) -> None:
@@ -123,15 +123,15 @@ class SegNetBasicEncoder(nn.Module):
         self.strides = [2, 4, 8, 16]
 
     def forward(self, x: torch.Tensor) -> Features:
-        features, indices, sizes = [], [], []
+        maps, indices, sizes = [], [], []
         x = self.norm(x)
         for conv in self.convs:
             x = conv(x)
             sizes.append((x.shape[-2], x.shape[-1]))
             x, idx = self.pool(x)  # (B, C, ceil(h/2), ceil(w/2)) and argmax positions
-            features.append(x)
+            maps.append(x)
             indices.append(idx)
-        return features, indices, sizes
+        return Features(maps, indices=indices, sizes=sizes)
 
 
 def segnet(
@@ -326,8 +326,8 @@ class FCNBasic(nn.Module):
         return [self.classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats, _, sizes = self.encoder(x)  # pooled maps high -> low res (indices unused), pre-pool sizes
-        y = self.decoder(feats, sizes)  # (B, C, H, W)
+        feats = self.encoder(x)  # pooled maps high -> low res (indices unused), pre-pool sizes
+        y = self.decoder(feats, feats.sizes)  # (B, C, H, W)
         return self.classifier(y)  # (B, K, H, W)
 
 
