@@ -94,7 +94,7 @@ def test_segnet_decoder_mirrors_vgg16():
         [(64, 64)],
     ]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.decoder.modules()) == 12
-    last = model.classifier  # conv1_1_D: a 3x3 conv straight to the class scores
+    last = model.head  # conv1_1_D: a 3x3 conv straight to the class scores
     assert isinstance(last, nn.Conv2d) and last.kernel_size == (3, 3) and last.out_channels == 11
 
 
@@ -118,7 +118,7 @@ def test_single_channel_decoder():
 def test_decoder_channels():
     model = segnet_basic(num_classes=3, encoder_channels=8, decoder_channels=4, upsample="bilinear")
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3, 16, 16)
-    assert model.classifier.in_channels == 4
+    assert model.head.in_channels == 4
     with pytest.raises(UserError, match="per channel"):
         segnet_basic(num_classes=3, encoder_channels=8, decoder_channels=4)  # indices are per channel
 

@@ -354,7 +354,7 @@ def test_lr_multipliers_reach_the_optimiser_groups(tmp_path):
     optimizer = build_optimizer(cfg, model)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
-    expected = {"classifier.weight": (0.1, 0.001), "classifier.bias": (0.2, 0.0),
+    expected = {"head.weight": (0.1, 0.001), "head.bias": (0.2, 0.0),
                 "encoder.convs.0.0.weight": (0.01, 0.001), "encoder.convs.0.1.bias": (0.02, 0.0),
                 "encoder.convs.0.1.weight": (0.01, 0.0)}
     for name, (lr, wd) in expected.items():

@@ -211,13 +211,16 @@ def class_weights(cfg: Config, train_set: Dataset, num_classes: int) -> torch.Te
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum (the papers) or AdamW, with the Caffe solvers' per-parameter rates.
 
-    The classifier head (`model.classifier_layers()`) learns at train.head_lr_mult x the rate, biases at
-    train.bias_lr_mult x (multiplied for the head's biases: DeepLab's fc8 gets 10x / 20x); biases decay
-    only with train.bias_weight_decay, norm layers never. Groups with equal settings are merged, so with
-    the defaults there are two: decayed weights and the rest. Each group's `lr_mult` scales the schedule.
+    The model's head (`model.head`, the layers to class scores; see `pixelwise.models`) learns at
+    train.head_lr_mult x the rate, biases at train.bias_lr_mult x (multiplied for the head's biases:
+    DeepLab's fc8 gets 10x / 20x); biases decay only with train.bias_weight_decay, norm layers never.
+    Groups with equal settings are merged, so with the defaults there are two: decayed weights and the
+    rest. Each group's `lr_mult` scales the schedule. A model without a head (a user's own) learns at the
+    rate everywhere.
     """
     tc = cfg.train
-    head = {id(p) for layer in classifier_layers(model) for p in layer.parameters()}
+    head_module = getattr(model, "head", None)
+    head = {id(p) for p in head_module.parameters()} if isinstance(head_module, nn.Module) else set()
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -236,9 +239,3 @@ OPTIMIZERS: dict[str, Any] = {
     "sgd": lambda groups, tc: torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum),
     "adamw": lambda groups, tc: torch.optim.AdamW(groups, lr=tc.lr),
 }
-
-
-def classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's layers to class scores; none for a model that does not name them (e.g. a user's own)."""
-    layers = getattr(model, "classifier_layers", None)
-    return layers() if layers is not None else []
