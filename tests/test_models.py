@@ -1,5 +1,5 @@
 """Every model in MODELS: logits at input size, backward, no NaN; the builder contract; one anatomy
-(encoder, decoder, head) with one encoder contract, and old weights' key names."""
+(encoder, decoder, head) with one encoder contract, freezing and per-part learning rates."""
 
 import inspect
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from pixelwise.config import load_config
 from pixelwise.encoders import Features
+from pixelwise.engine.parts import build_optimizer
 from pixelwise.errors import ArgumentError
 from pixelwise.models import MODELS, get_model
 from pixelwise.models.anatomy import current_key
@@ -126,6 +128,24 @@ def test_only_the_documented_models_have_an_auxiliary_head():
     """The auxiliary-output convention (pixelwise.models) names the builders that take `aux`."""
     with_aux = {name for name, builder in MODELS.items() if "aux" in inspect.signature(builder).parameters}
     assert with_aux == {"fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_freeze_encoder_and_per_part_rates_reach_the_optimiser(name):
+    model = _meta_model(name)
+    cfg = load_config(None, ["train.freeze_encoder=true", "train.head_lr_mult=10", "train.optimizer=sgd"])
+    optimizer = build_optimizer(cfg, model)
+    in_optimizer = {id(p): g["lr_mult"] for g in optimizer.param_groups for p in g["params"]}
+    assert all(not p.requires_grad and id(p) not in in_optimizer for p in model.encoder.parameters())
+    assert all(in_optimizer[id(p)] == 10 for p in model.head.parameters())
+    assert all(in_optimizer[id(p)] == 1 for p in model.decoder.parameters() if p.requires_grad)
+
+    model = _meta_model(name)
+    cfg = load_config(None, ["train.encoder_lr_mult=0.1", "train.head_lr_mult=10", "train.optimizer=sgd"])
+    in_optimizer = {id(p): g["lr_mult"] for g in build_optimizer(cfg, model).param_groups for p in g["params"]}
+    assert all(in_optimizer[id(p)] == pytest.approx(0.1) for p in model.encoder.parameters())
+    assert all(in_optimizer[id(p)] == 10 for p in model.head.parameters())
+    assert {id(p) for p in model.parameters() if p.requires_grad} == set(in_optimizer)
 
 
 # Key names of the module layout before the anatomy (read off that version's state dicts), at least one

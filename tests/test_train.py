@@ -407,3 +407,21 @@ def test_decoded_cache_changes_nothing_but_speed(tmp_path):
         train(cfg)
         losses[cache] = [r["loss"] for r in _log(tmp_path / str(cache)) if r["kind"] == "train"]
     assert len(losses[0]) == 2 and losses[0] == losses[64]
+
+
+def test_freeze_encoder_trains_only_the_decoder_and_head(tmp_path, monkeypatch):
+    seen = {}
+    real_build_optimizer = training_module.build_optimizer
+
+    def spy(cfg, model):
+        seen["model"] = model
+        seen["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        seen["head"] = {k: v.clone() for k, v in model.head.state_dict().items()}
+        return real_build_optimizer(cfg, model)
+
+    monkeypatch.setattr(training_module, "build_optimizer", spy)
+    train(_cfg(tmp_path, "train.freeze_encoder=true", "train.epochs=1"))
+    model = seen["model"]
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(torch.equal(v, seen["encoder"][k]) for k, v in model.encoder.state_dict().items())
+    assert not all(torch.equal(v, seen["head"][k]) for k, v in model.head.state_dict().items())

@@ -40,6 +40,7 @@ from pixelwise.engine.parts import (
     build_optimizer,
     check_writable,
     class_weights,
+    freeze_encoder,
     ignore_sigint,
     is_main,
     learning_rate,
@@ -245,6 +246,7 @@ def _build_model(cfg: Config, model_name: str, num_classes: int, device: torch.d
             raise UserError("train.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
                             "set train.sync_bn=false for CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    freeze_encoder(cfg, model)  # before DDP, which only reduces the gradients of parameters that require them
     # DDP: the wrapper averages gradients over processes; `model` (its module) is saved and evaluated
     wrapped = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -4,7 +4,7 @@ Anatomy. Every model has three parts, each an ``nn.Module``, whose parameters pa
 
 * ``encoder``: the network the features come from (VGG-16, ResNet, U-Net's contracting path). It
   returns a ``pixelwise.encoders.Features`` (a list of maps, high to low resolution, with the record
-  of its max-pools) and exposes ``out_channels`` and ``strides``.
+  of its max-pools) and exposes ``out_channels`` and ``strides``. ``train.freeze_encoder`` freezes it.
 * ``decoder``: what turns features into the input of the class scores or upsamples the scores:
   U-Net's expanding path, SegNet's unpooling decoder, ASPP, LargeFOV's fc6/fc7, FCN's skip upsampling.
   ``nn.Identity`` where the paper has none (DeepLab v2, whose ASPP-L branches score directly).

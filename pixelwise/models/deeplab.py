@@ -260,8 +260,8 @@ class DeepLabV3PlusDecoder(nn.Module):
     The stride-4 low-level features are reduced by a 1x1 conv to 48 channels (so they do not
     outweigh the 256 ASPP channels), concatenated with the ASPP output upsampled to their size and
     refined by two 3x3 convs with 256 channels; the model's head classifies them. The paper counts
-    ASPP in its encoder (DeepLabv3 as encoder); here the encoder is the ImageNet ResNet and ASPP
-    opens the decoder.
+    ASPP in its encoder (DeepLabv3 as encoder); here the encoder is the ImageNet ResNet (what
+    ``train.freeze_encoder`` freezes) and ASPP opens the decoder.
 
     Args:
         aspp: the v3 ASPP (256 output channels).
