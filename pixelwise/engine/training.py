@@ -47,7 +47,13 @@ from pixelwise.engine.parts import (
     seed_everything,
     truncate_log,
 )
-from pixelwise.engine.state import TrainState, read_checkpoint, save_checkpoint, set_rng_state
+from pixelwise.engine.state import (
+    TrainState,
+    align_optimizer_state,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from pixelwise.errors import UserError, translated
 from pixelwise.fileio import atomic_path, atomic_write_text, remove_stale_temporaries
 from pixelwise.inference import resolve_device
@@ -267,7 +273,8 @@ def restore(run: Run) -> None:
                         "resume with the config the run started with") from None
     mults = [group["lr_mult"] for group in run.optimizer.param_groups]
     try:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.optimizer.load_state_dict(align_optimizer_state(ckpt["optimizer"], list(ckpt["model"]), run.model,
+                                                            run.optimizer))
     except ValueError as e:  # other parameter groups: the lr/decay multipliers changed since
         raise UserError(f"{path}: the optimiser state does not fit this config ({e}); resume with "
                         "the train.* settings the run started with") from None
