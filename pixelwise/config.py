@@ -88,6 +88,8 @@ class TrainConfig:
     step_gamma: float = 0.1  # DeepLab v1's factor
     warmup_steps: int = 0  # linear warm-up from 0; helps AdamW and large batches, not needed for SGD recipes
     head_lr_mult: float = 1.0  # lr factor of the classifier head (DeepLab's solvers: 10 for fc8; FCN: 1)
+    encoder_lr_mult: float = 1.0  # lr factor of the encoder; the papers fine-tune it at the base rate
+    freeze_encoder: bool = False  # the papers fine-tune the whole net; true trains only decoder and head
     bias_lr_mult: float = 1.0  # lr factor of biases (FCN and DeepLab Caffe solvers: 2)
     bias_weight_decay: bool = False  # decay biases too; off as in the Caffe solvers (decay_mult 0)
     grad_accum: int = 1  # micro-batches per optimiser step: effective batch = data.batch_size * grad_accum
@@ -383,6 +385,8 @@ def _check_values(cfg: Config, source: str) -> None:
     need(cfg.train.grad_accum >= 1, f"train.grad_accum={cfg.train.grad_accum} must be at least 1")
     need(cfg.train.step_every >= 1, f"train.step_every={cfg.train.step_every} must be at least 1")
     need(cfg.train.warmup_steps >= 0, f"train.warmup_steps={cfg.train.warmup_steps} must be 0 or more")
+    need(cfg.train.encoder_lr_mult > 0, f"train.encoder_lr_mult={cfg.train.encoder_lr_mult} must be positive; "
+         "to stop the encoder learning set train.freeze_encoder=true")
     need(cfg.eval.every_epochs >= 0, f"eval.every_epochs={cfg.eval.every_epochs} must be 0 or more")
     need(len(cfg.eval.scales) > 0 and min(cfg.eval.scales) > 0, f"eval.scales={cfg.eval.scales} must be positive")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be at least 1")

@@ -105,11 +105,13 @@ def test_bad_output_stride() -> None:
 @pytest.mark.parametrize(("output_stride", "size"), [(16, (63, 95)), (8, (33, 47))])
 def test_deeplabv3plus_shapes_and_wiring(output_stride: int, size: tuple[int, int]) -> None:
     model = deeplabv3plus_resnet50(num_classes=5, output_stride=output_stride)
-    aspp = [branch[0].dilation[0] for branch in model.aspp.convs[1:4]]
+    aspp = [branch[0].dilation[0] for branch in model.decoder.aspp.convs[1:4]]
     assert aspp == ([6, 12, 18] if output_stride == 16 else [12, 24, 36])
     seen = {}
-    model.aspp.register_forward_pre_hook(lambda m, args: seen.update(aspp=args[0].shape))
-    model.decoder.register_forward_pre_hook(lambda m, args: seen.update(decoder=[a.shape for a in args]))
+    model.decoder.aspp.register_forward_pre_hook(lambda m, args: seen.update(aspp=args[0].shape))
+    # what the decoder proper reads: the ASPP output and the low-level features its 1x1 conv reduces
+    model.decoder.aspp.register_forward_hook(lambda m, args, out: seen.update(decoder=[out.shape]))
+    model.decoder.reduce.register_forward_pre_hook(lambda m, args: seen["decoder"].append(args[0].shape))
     x = torch.randn(2, 3, *size)
     out = model.train()(x)
     assert out.shape == (2, 5, *size)
@@ -135,14 +137,14 @@ def test_deeplabv3plus_param_counts() -> None:
 # ---------------------------------------------------------------------------------------------- v2
 def test_deeplab_v2_sums_four_atrous_branches() -> None:
     model = deeplab_v2(num_classes=3).eval()
-    branches = model.classifier.branches
+    branches = model.head.branches
     assert [b[0].dilation[0] for b in branches] == [6, 12, 18, 24]
-    assert [block.conv2.dilation[0] for block in model.backbone.layer4] == [2, 4, 4]  # output stride 8
+    assert [block.conv2.dilation[0] for block in model.encoder.layer4] == [2, 4, 4]  # output stride 8
     # ResNet-101 without fc + four 3x3 convs 2048 -> 3 with bias
     assert _n_params(model) == 42_500_160 + 4 * (2048 * 9 * 3 + 3)
     x = torch.randn(1, 3, 41, 57)
     with torch.no_grad():
-        feats = model.backbone(x)[-1]  # (1, 2048, 6, 8)
+        feats = model.encoder(x)[-1]  # (1, 2048, 6, 8)
         scores = sum(
             torch.nn.functional.conv2d(feats, b[0].weight, b[0].bias, padding=r, dilation=r)
             for b, r in zip(branches, (6, 12, 18, 24), strict=True)
@@ -158,10 +160,10 @@ def test_deeplab_v1_params_and_shapes() -> None:
     model = deeplab_v1(num_classes=21)
     # VGG-16 convs 14,714,688 + fc6 512*1024*9+1024 + fc7 1024*1024+1024 + fc8 1024*21+21: the paper's 20.5 M
     assert _n_params(model) == 14_714_688 + 4_719_616 + 1_049_600 + 21_525 == 20_505_429
-    fc6 = model.classifier[0]
+    fc6 = model.decoder[0]
     assert (fc6.kernel_size, fc6.dilation, fc6.out_channels) == ((3, 3), (12, 12), 1024)
     seen = []
-    model.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    model.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     y = model.train()(torch.randn(2, 3, 63, 95))
     assert y.shape == (2, 21, 63, 95)
     # output stride 8, Caffe's 3x3 pad-1 pools rounding up (ceil((H - 1) / 2) + 1): 63 -> 32 -> 17 -> 9
@@ -188,7 +190,7 @@ def _vgg_fc_standin(row_index: bool) -> torch.nn.Sequential:
 
 
 def test_deeplab_v1_fc_decimation() -> None:
-    head = deeplab_v1(num_classes=2).classifier
+    head = deeplab_v1(num_classes=2).decoder  # fc6, fc7
     fc6, fc7 = head[0], head[3]
     head.init_from_vgg16_fc(_vgg_fc_standin(row_index=True))
     assert fc6.weight[5, 7, 1, 2] == 20 and fc7.weight[3, 10, 0, 0] == 12  # every 4th filter
@@ -211,6 +213,6 @@ def test_weights_backbone_loads_into_resnet50_models(tmp_path) -> None:
         deeplabv3plus_resnet50(num_classes=2, weights_backbone=path),
     ):
         for key in ("conv1.weight", "layer2.3.bn2.running_mean", "layer4.2.conv3.weight"):
-            torch.testing.assert_close(model.state_dict()[f"backbone.{key}"], state[key])
+            torch.testing.assert_close(model.encoder.state_dict()[key], state[key])
     with pytest.raises(UserError, match="resnet101"):
         deeplab_v2(num_classes=2, weights_backbone=path)  # a ResNet-50 file for ResNet-101

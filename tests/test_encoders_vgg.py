@@ -83,7 +83,8 @@ def test_indices_point_at_the_maxima_and_sizes_are_pre_pool_sizes():
         encoder.features[i].register_forward_pre_hook(lambda m, args: pool_inputs.append(args[0]))
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
-        feats, indices, sizes = encoder(x)
+        feats = encoder(x)
+    indices, sizes = feats.indices, feats.sizes
     assert sizes == [(45, 61), (23, 31), (12, 16), (6, 8), (3, 4)]
     assert [tuple(f.shape[-2:]) for f in feats] == [(23, 31), (12, 16), (6, 8), (3, 4), (2, 2)]
     for before, f, idx, size in zip(pool_inputs, feats, indices, sizes, strict=True):

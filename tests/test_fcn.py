@@ -18,9 +18,9 @@ TINY = {"width_div": 16, "fc_channels": 512}  # VGG widths 4..32, fc6/fc7 32 cha
 def _randomize_scores(model: FCN) -> None:
     """Score layers start at zero (as in the paper); give them values so outputs are informative."""
     for name in ("score_fr", "score_pool4", "score_pool3"):
-        if hasattr(model, name):
-            nn.init.normal_(getattr(model, name).weight, std=0.5)
-            nn.init.normal_(getattr(model, name).bias, std=0.5)
+        if hasattr(model.head, name):
+            nn.init.normal_(getattr(model.head, name).weight, std=0.5)
+            nn.init.normal_(getattr(model.head, name).bias, std=0.5)
 
 
 @pytest.mark.parametrize("geometry", ["same", "original"])
@@ -40,7 +40,7 @@ def test_output_is_input_sized_and_trains(builder, geometry):
 
 def test_scoring_layers_start_at_zero():
     model = fcn8s(num_classes=3, **TINY)
-    for layer in (model.score_fr, model.score_pool4, model.score_pool3):
+    for layer in (model.head.score_fr, model.head.score_pool4, model.head.score_pool3):
         assert layer.weight.abs().sum() == 0 and layer.bias.abs().sum() == 0
     assert model(torch.randn(1, 3, 32, 32)).abs().sum() == 0
 
@@ -58,7 +58,7 @@ def test_caffe_upsample_is_caffe_unpadded_deconvolution(scale):
 
 def _caffe_reference(model: FCN, x: torch.Tensor) -> torch.Tensor:
     """The Caffe net written out by hand from voc-fcn8s/train.prototxt: unpadded deconvolutions, crops 5/9/31."""
-    k = model.score_fr.out_channels
+    k = model.head.score_fr.out_channels
 
     def deconv(y: torch.Tensor, s: int) -> torch.Tensor:
         kernel = torch.zeros(k, k, 2 * s, 2 * s)
@@ -69,11 +69,11 @@ def _caffe_reference(model: FCN, x: torch.Tensor) -> torch.Tensor:
     def crop(y: torch.Tensor, offset: int, ref: torch.Tensor) -> torch.Tensor:
         return y[..., offset : offset + ref.shape[-2], offset : offset + ref.shape[-1]]
 
-    pool3, pool4, pool5 = model.encoder(x)[2:]
-    upscore2 = deconv(model.score_fr(model.fc(pool5)), 2)
-    fuse_pool4 = upscore2 + crop(model.score_pool4(pool4), 5, upscore2)
+    pool3, pool4, pool5 = model.encoder(x)[2:5]
+    upscore2 = deconv(model.head.score_fr(model.encoder.fc(pool5)), 2)
+    fuse_pool4 = upscore2 + crop(model.head.score_pool4(pool4), 5, upscore2)
     upscore_pool4 = deconv(fuse_pool4, 2)
-    fuse_pool3 = upscore_pool4 + crop(model.score_pool3(pool3), 9, upscore_pool4)
+    fuse_pool3 = upscore_pool4 + crop(model.head.score_pool3(pool3), 9, upscore_pool4)
     return crop(deconv(fuse_pool3, 8), 31, x)
 
 
@@ -81,7 +81,7 @@ def test_original_geometry_equals_the_caffe_net():
     torch.manual_seed(0)
     model = fcn8s(num_classes=3, geometry="original", **TINY).eval()
     _randomize_scores(model)
-    assert model.encoder.features[0].padding == (100, 100) and model.fc[0].padding == (0, 0)
+    assert model.encoder.features[0].padding == (100, 100) and model.encoder.fc[0].padding == (0, 0)
     x = torch.randn(1, 3, 37, 50)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _caffe_reference(model, x))
@@ -95,7 +95,7 @@ def test_original_fcn32s_crops_19():
     kernel = torch.zeros(2, 2, 64, 64)
     kernel[0, 0] = kernel[1, 1] = bilinear_kernel(64)
     with torch.no_grad():
-        scores = model.score_fr(model.fc(model.encoder(x)[4]))
+        scores = model.head.score_fr(model.encoder.fc(model.encoder(x)[4]))
         expected = F.conv_transpose2d(scores, kernel, stride=32)[..., 19 : 19 + 50, 19 : 19 + 41]
         torch.testing.assert_close(model(x), expected)
 
@@ -110,11 +110,11 @@ def test_staged_init_keeps_the_coarser_prediction(geometry):
     m32 = fcn32s(**kw).eval()
     _randomize_scores(m32)
     m16 = fcn16s(init_from=m32, **kw).eval()
-    assert m16.score_pool4.weight.abs().sum() == 0 and m16.score_pool4.bias.abs().sum() == 0
+    assert m16.head.score_pool4.weight.abs().sum() == 0 and m16.head.score_pool4.bias.abs().sum() == 0
     with torch.no_grad():
         y32 = m32(x)
         torch.testing.assert_close(m16(x), y32, rtol=0, atol=0)
-        nn.init.normal_(m16.score_pool4.weight)  # fine-tuning FCN-16s changes its pool4 skip
+        nn.init.normal_(m16.head.score_pool4.weight)  # fine-tuning FCN-16s changes its pool4 skip
         y16 = m16(x)
         assert not torch.equal(y16, y32)
         m8 = fcn8s(init_from=m16, **kw).eval()
@@ -126,14 +126,14 @@ def test_staged_init_with_bilinear_deconvolutions_copies_weights_and_zeroes_skip
     torch.manual_seed(0)
     m16 = fcn16s(num_classes=3, **TINY)
     _randomize_scores(m16)
-    nn.init.normal_(m16.upscore2.up.weight)  # a learned intermediate upsampling is carried over
+    nn.init.normal_(m16.decoder.upscore2.up.weight)  # a learned intermediate upsampling is carried over
     m8 = fcn8s(num_classes=3, init_from=m16, **TINY)
     for key, value in m16.state_dict().items():
-        if not key.startswith("upscore."):  # the final upsampling has another factor (16x vs 8x)
+        if not key.startswith("decoder.upscore."):  # the final upsampling has another factor (16x vs 8x)
             torch.testing.assert_close(m8.state_dict()[key], value, rtol=0, atol=0)
-    assert m8.score_pool3.weight.abs().sum() == 0
-    assert m8.upscore.up.weight.shape[-1] == 16 and not m8.upscore.up.weight.requires_grad  # fixed 8x
-    assert m8.upscore_pool4.up.weight.requires_grad  # intermediate 2x upsampling is learned (Sec. 4.3)
+    assert m8.head.score_pool3.weight.abs().sum() == 0
+    assert m8.decoder.upscore.up.weight.shape[-1] == 16 and not m8.decoder.upscore.up.weight.requires_grad  # fixed 8x
+    assert m8.decoder.upscore_pool4.up.weight.requires_grad  # intermediate 2x upsampling is learned (Sec. 4.3)
 
 
 def test_init_from_errors():
@@ -154,8 +154,8 @@ def test_at_once_scales_pool4_and_pool3():
     _randomize_scores(at_once)
     staged = fcn8s(num_classes=3, **TINY).eval()
     state = at_once.state_dict()
-    state["score_pool4.weight"] = state["score_pool4.weight"] * 0.01
-    state["score_pool3.weight"] = state["score_pool3.weight"] * 1e-4
+    state["head.score_pool4.weight"] = state["head.score_pool4.weight"] * 0.01
+    state["head.score_pool3.weight"] = state["head.score_pool3.weight"] * 1e-4
     staged.load_state_dict(state)
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
@@ -176,7 +176,7 @@ def test_weights_backbone_loads_convs_and_convolutionalizes_fc6_fc7(tmp_path):
         torch.testing.assert_close(model.encoder.features[2].weight, features[2].weight)
         # fc6 as a 7x7 conv on a 7x7 map == the Linear layer on the flattened map; fc7 follows.
         expected = classifier[3](torch.relu(classifier[0](pool5.flatten(1))))
-        torch.testing.assert_close(model.fc(pool5).flatten(1), torch.relu(expected))
+        torch.testing.assert_close(model.encoder.fc(pool5).flatten(1), torch.relu(expected))
     with pytest.raises(UserError, match="fc_channels=4096"):
         fcn32s(num_classes=3, weights_backbone=tmp_path / "vgg16.pth", width_div=16)  # fc width 256 != 32
     with pytest.raises(UserError, match="not both"):

@@ -117,3 +117,26 @@ def test_the_shipped_camvid_model_loads_by_name_and_is_listed(capsys):
     assert main(["models", "--no-flops"]) == 0
     listing = capsys.readouterr().out
     assert "segnet_basic_camvid" in listing and "val" in listing
+
+
+def test_the_shipped_camvid_file_keeps_its_keys_and_gives_the_logits_it_gave_before_the_anatomy():
+    """The file predates the encoder/decoder/head layout (SegNet's head was `classifier`) and must not
+    change: it loads through the old-key renaming, and on a fixed input gives the logits the code before
+    the anatomy computed (reference numbers below, printed by that code)."""
+    from safetensors import safe_open
+
+    with safe_open(str(PRETRAINED["segnet_basic_camvid"].path()), framework="pt") as f:
+        assert {"classifier.weight", "classifier.bias"} <= set(f.keys())  # the old names, on disk
+    model = get_model("segnet_basic", weights="camvid")
+    x = torch.sin(torch.arange(3 * 45 * 61, dtype=torch.float32) * 0.37).reshape(1, 3, 45, 61) * 2
+    with torch.no_grad():
+        y = model(x).double()
+    per_class_mean = [-0.948433, 1.565056, -0.391133, -2.721629, -4.182644, 4.307215, 0.484788, 0.288134,
+                      0.983673, -1.213864, -1.086865]
+    centre = [-1.793104, 1.193845, -1.265403, -2.750561, -5.676802, 5.58499, 0.012842, 0.196078, 2.159605,
+              -1.443505, -0.508137]  # the 11 logits at row 22, column 30
+    assert y.mean().item() == pytest.approx(-0.2650636974096022, abs=1e-5)
+    assert y.abs().mean().item() == pytest.approx(1.7218382779430486, abs=1e-5)
+    assert y.mean(dim=(0, 2, 3)).tolist() == pytest.approx(per_class_mean, abs=1e-5)
+    assert y[0, :, 22, 30].tolist() == pytest.approx(centre, abs=1e-5)
+    assert torch.bincount(y.argmax(1).flatten(), minlength=11).tolist() == [0, 34, 0, 0, 0, 2706, 0, 0, 5, 0, 0]

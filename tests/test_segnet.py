@@ -34,7 +34,8 @@ def test_decoder_unpools_with_the_encoders_indices(build):
     )
     with torch.no_grad():
         model(torch.randn(2, 3, 45, 61))
-    feats, indices, sizes = seen["encoder"]
+    feats = seen["encoder"]
+    indices, sizes = feats.indices, feats.sizes
     assert seen["kwargs"]["indices"] is indices[-1]  # the deepest pool's indices go to the first unpooling
     assert tuple(seen["kwargs"]["output_size"]) == sizes[-1]
     out, x, idx = seen["out"], seen["x"], indices[-1]
@@ -93,7 +94,7 @@ def test_segnet_decoder_mirrors_vgg16():
         [(64, 64)],
     ]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.decoder.modules()) == 12
-    last = model.classifier  # conv1_1_D: a 3x3 conv straight to the class scores
+    last = model.head  # conv1_1_D: a 3x3 conv straight to the class scores
     assert isinstance(last, nn.Conv2d) and last.kernel_size == (3, 3) and last.out_channels == 11
 
 
@@ -117,7 +118,7 @@ def test_single_channel_decoder():
 def test_decoder_channels():
     model = segnet_basic(num_classes=3, encoder_channels=8, decoder_channels=4, upsample="bilinear")
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3, 16, 16)
-    assert model.classifier.in_channels == 4
+    assert model.head.in_channels == 4
     with pytest.raises(UserError, match="per channel"):
         segnet_basic(num_classes=3, encoder_channels=8, decoder_channels=4)  # indices are per channel
 

@@ -92,12 +92,12 @@ def test_zeroed_skip_reductions_give_the_noaddition_output():
     no_add = fcn_basic(num_classes=3, encoder_channels=8, skip_addition=False).eval()
     missing = no_add.load_state_dict(full.state_dict(), strict=False)
     assert missing.missing_keys == [] and sorted(missing.unexpected_keys) == sorted(
-        f"decoder.reduce_skips.{i}.{w}" for i in range(3) for w in ("weight", "bias")
+        f"head.reduce_skips.{i}.{w}" for i in range(3) for w in ("weight", "bias")
     )
     x = torch.randn(2, 3, 37, 29)
     with torch.no_grad():
         assert (full(x) - no_add(x)).abs().max() > 1e-3  # the skips do contribute
-        for conv in full.decoder.reduce_skips:
+        for conv in full.head.reduce_skips:
             conv.weight.zero_()
             conv.bias.zero_()
         torch.testing.assert_close(full(x), no_add(x), rtol=0, atol=1e-6)
@@ -109,10 +109,10 @@ def test_each_skip_is_added_at_its_resolution_before_the_remaining_upsamplings()
     model = _tiny("FCN-Basic")
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
-        _, _, sizes = model.encoder(x)  # pre-pool sizes: (45, 61), (23, 31), (12, 16), (6, 8)
+        sizes = model.encoder(x).sizes  # pre-pool sizes: (45, 61), (23, 31), (12, 16), (6, 8)
         base = model(x)
         d = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
-        for j, conv in enumerate(model.decoder.reduce_skips):  # j = 0: pool3, 1: pool2, 2: pool1
+        for j, conv in enumerate(model.head.reduce_skips):  # j = 0: pool3, 1: pool2, 2: pool1
             conv.bias += d.flatten()
             shift = d.expand(1, 3, *sizes[3 - j])  # a constant map at the skip's resolution
             for i in range(j + 1, 4):
@@ -130,10 +130,11 @@ def test_forward_equals_a_functional_reference(variant):
     add, reduce_ = kw.get("skip_addition", True), kw.get("dim_reduction", True)
     x = torch.randn(2, 3, 27, 35)
     with torch.no_grad():
-        pooled, _, sizes = model.encoder(x)  # 8-channel maps at 14x18, 7x9, 4x5, 2x3
+        pooled = model.encoder(x)  # 8-channel maps at 14x18, 7x9, 4x5, 2x3
+        sizes = pooled.sizes
         assert [tuple(p.shape[-2:]) for p in pooled] == [(14, 18), (7, 9), (4, 5), (2, 3)]
         dec = model.decoder
-        convs = [dec.reduce_input] + list(dec.reduce_skips)
+        convs = [model.head.reduce_input] + list(model.head.reduce_skips) if reduce_ else []
 
         def red(i, f):
             return F.conv2d(f, convs[i].weight, convs[i].bias) if reduce_ else f
@@ -146,6 +147,6 @@ def test_forward_equals_a_functional_reference(variant):
             if add and i < 3:
                 y = y + red(i + 1, pooled[2 - i])
         if not reduce_:
-            y = F.conv2d(y, model.classifier.weight, model.classifier.bias)
+            y = F.conv2d(y, model.head.weight, model.head.bias)
         assert y.shape == (2, 3, 27, 35)
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)

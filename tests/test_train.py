@@ -354,7 +354,7 @@ def test_lr_multipliers_reach_the_optimiser_groups(tmp_path):
     optimizer = build_optimizer(cfg, model)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
-    expected = {"classifier.weight": (0.1, 0.001), "classifier.bias": (0.2, 0.0),
+    expected = {"head.weight": (0.1, 0.001), "head.bias": (0.2, 0.0),
                 "encoder.convs.0.0.weight": (0.01, 0.001), "encoder.convs.0.1.bias": (0.02, 0.0),
                 "encoder.convs.0.1.weight": (0.01, 0.0)}
     for name, (lr, wd) in expected.items():
@@ -407,3 +407,61 @@ def test_decoded_cache_changes_nothing_but_speed(tmp_path):
         train(cfg)
         losses[cache] = [r["loss"] for r in _log(tmp_path / str(cache)) if r["kind"] == "train"]
     assert len(losses[0]) == 2 and losses[0] == losses[64]
+
+
+def test_optimizer_state_of_an_fcn8s_checkpoint_before_the_anatomy_follows_its_parameters(tmp_path):
+    """FCN-8s registered upscore2 between score_pool4 and score_pool3 before its layers were grouped into
+    head and decoder; an optimiser lists parameters by position, so the momentum of an old checkpoint
+    must be moved to the parameters it belongs to (engine.state.align_optimizer_state)."""
+    from pixelwise.engine.state import align_optimizer_state
+
+    cfg = _cfg(tmp_path, "train.optimizer=sgd", "train.bias_lr_mult=2")
+    model = get_model("fcn8s", num_classes=3, width_div=16, fc_channels=32)
+    to_old = {"encoder.fc.": "fc.", "head.": "", "decoder.": ""}  # the old names of today's prefixes
+    old_name = {id(p): next((old + n[len(new):] for new, old in to_old.items() if n.startswith(new)), n)
+                for n, p in model.named_parameters()}
+    old_order = [p for _, p in model.named_parameters()]
+    names = [old_name[id(p)] for p in old_order]
+    upscore2 = old_order.pop(names.index("upscore2.up.weight"))
+    old_order.insert(names.index("score_pool3.weight"), upscore2)  # before it: the old registration order
+
+    class OldLayout(torch.nn.Module):
+        """The same parameter objects, registered in the old order (names with '_' for '.')."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            for p in old_order:
+                self.register_parameter(old_name[id(p)].replace(".", "_"), p)
+
+    old_optimizer = build_optimizer(cfg, OldLayout())
+    for p in old_order:
+        p.grad = torch.randn_like(p)
+    old_optimizer.step()  # momentum buffers: one per parameter, of its shape
+    old_keys = [old_name[id(p)] for p in old_order]
+
+    optimizer = build_optimizer(cfg, model)
+    optimizer.load_state_dict(align_optimizer_state(old_optimizer.state_dict(), old_keys, model, optimizer))
+    for p in old_order:
+        if p.requires_grad:
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], old_optimizer.state[p]["momentum_buffer"])
+    # a checkpoint of the current layout comes back as it was
+    current = optimizer.state_dict()
+    assert align_optimizer_state(current, list(model.state_dict()), model, optimizer) == current
+
+
+def test_freeze_encoder_trains_only_the_decoder_and_head(tmp_path, monkeypatch):
+    seen = {}
+    real_build_optimizer = training_module.build_optimizer
+
+    def spy(cfg, model):
+        seen["model"] = model
+        seen["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        seen["head"] = {k: v.clone() for k, v in model.head.state_dict().items()}
+        return real_build_optimizer(cfg, model)
+
+    monkeypatch.setattr(training_module, "build_optimizer", spy)
+    train(_cfg(tmp_path, "train.freeze_encoder=true", "train.epochs=1"))
+    model = seen["model"]
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(torch.equal(v, seen["encoder"][k]) for k, v in model.encoder.state_dict().items())
+    assert not all(torch.equal(v, seen["head"][k]) for k, v in model.head.state_dict().items())

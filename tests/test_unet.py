@@ -32,7 +32,7 @@ def test_paper_shapes_and_parameter_count():
     assert y.shape == (1, 2, 388, 388)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == _expected_params(1, 2, 64, 4) == 31_030_658
-    assert [block[1][0].out_channels for block in model.down] == [64, 128, 256, 512, 1024]
+    assert [block[1][0].out_channels for block in model.encoder.blocks] == [64, 128, 256, 512, 1024]
     assert model.margin == 184 and model.valid_output_size(572) == 388
     assert model.valid_input_size(388) == 572 and model.valid_input_size(1) == 188
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torchvision.models import ResNet, resnet50, resnet101
 
+from pixelwise.encoders.features import Features
 from pixelwise.encoders.vgg import load_by_key, load_state_dict_file
 from pixelwise.errors import UserError
 
@@ -54,8 +55,9 @@ class ResNetEncoder(nn.Module):
         strides: their strides, e.g. (2, 4, 8, 8, 8) at output stride 8.
 
     Shape:
-        (B, 3, H, W) -> [stem (B, 64, H/2, W/2), layer1 (B, 256, H/4, W/4), layer2 (B, 512, H/8, W/8),
-        layer3 (B, 1024, H/s3, W/s3), layer4 (B, 2048, H/s4, W/s4)], sizes rounded up (ceil).
+        (B, 3, H, W) -> ``Features`` [stem (B, 64, H/2, W/2), layer1 (B, 256, H/4, W/4), layer2 (B, 512, H/8, W/8),
+        layer3 (B, 1024, H/s3, W/s3), layer4 (B, 2048, H/s4, W/s4)], sizes rounded up (ceil); no
+        pooling record (``indices`` and ``sizes`` are None).
     """
 
     def __init__(
@@ -96,10 +98,10 @@ class ResNetEncoder(nn.Module):
             state = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("fc.")}
             load_by_key(self, state, "", path=weights, hint=f"pass torchvision's ImageNet resnet{depth} .pth file")
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Features:
         stem = self.relu(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
         c1 = self.layer1(self.maxpool(stem))  # (B, 256, H/4, W/4)
         c2 = self.layer2(c1)  # (B, 512, H/8, W/8)
         c3 = self.layer3(c2)  # (B, 1024, H/8 or H/16, ...)
         c4 = self.layer4(c3)  # (B, 2048, H/output_stride, W/output_stride)
-        return [stem, c1, c2, c3, c4]
+        return Features([stem, c1, c2, c3, c4])

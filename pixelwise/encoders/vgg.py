@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from pixelwise.encoders.features import Features
 from pixelwise.errors import UserError
 
 _VGG16_CFG = cfgs["D"]  # [64, 64, "M", 128, 128, "M", 256 x3, "M", 512 x3, "M", 512 x3, "M"]
@@ -99,7 +100,7 @@ class VGGEncoder(nn.Module):
 
     Args:
         batch_norm: VGG-16-BN (BatchNorm after every conv; SegNet) instead of VGG-16.
-        return_indices: also return the max-pooling indices and the pre-pooling sizes (SegNet).
+        return_indices: keep the max-pooling indices in the output's ``indices`` (SegNet).
         output_stride: 32, or 8 for DeepLab: pool4/pool5 become 3x3 stride 1 padding 1 and the
             conv5 layers get dilation 2 (padding 2), so pool3..pool5 all have stride 8.
         pool_kernel: 2 (VGG's 2x2 stride-2 pools) or 3 (DeepLab's 3x3 padding-1 pools, stride kept).
@@ -114,10 +115,9 @@ class VGGEncoder(nn.Module):
         strides: nominal strides of pool1..pool5, ``[2, 4, 8, 16, 32]`` or ``[2, 4, 8, 8, 8]``.
 
     Shape:
-        (B, 3, H, W) -> [(B, C_i, H/s_i, W/s_i) for i in 1..5], high to low resolution; with
-        ``return_indices`` a triple ``(features, indices, sizes)``: ``indices[i]`` has the shape of
-        ``features[i]`` and ``sizes[i]`` is the (H, W) stage i had before pooling (for
-        ``max_unpool2d``'s ``output_size``; needed for odd sizes).
+        (B, 3, H, W) -> ``Features`` [(B, C_i, H/s_i, W/s_i) for i in 1..5], high to low resolution.
+        ``sizes[i]`` is the (H, W) stage i had before pooling (``max_unpool2d``'s ``output_size``, needed
+        for odd sizes); ``indices[i]``, with ``return_indices``, has the shape of the i-th map (else None).
     """
 
     def __init__(
@@ -166,10 +166,8 @@ class VGGEncoder(nn.Module):
                 hint=f"pass torchvision's {name} (batch_norm={batch_norm}, width_div must be 1)",
             )
 
-    def forward(
-        self, x: torch.Tensor
-    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
-        features: list[torch.Tensor] = []
+    def forward(self, x: torch.Tensor) -> Features:
+        maps: list[torch.Tensor] = []
         indices: list[torch.Tensor] = []
         sizes: list[tuple[int, int]] = []
         for i, layer in enumerate(self.features):
@@ -180,12 +178,10 @@ class VGGEncoder(nn.Module):
                     indices.append(idx)
                 else:
                     x = layer(x)
-                features.append(x)
+                maps.append(x)
             else:
                 x = layer(x)
-        if self.return_indices:
-            return features, indices, sizes
-        return features
+        return Features(maps, indices=indices if self.return_indices else None, sizes=sizes)
 
 
 def vgg16_classifier(

@@ -209,21 +209,25 @@ def class_weights(cfg: Config, train_set: Dataset, num_classes: int) -> torch.Te
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (the papers) or AdamW, with the Caffe solvers' per-parameter rates.
+    """SGD with momentum (the papers) or AdamW, with per-part and the Caffe solvers' per-parameter rates.
 
-    The classifier head (`model.classifier_layers()`) learns at train.head_lr_mult x the rate, biases at
-    train.bias_lr_mult x (multiplied for the head's biases: DeepLab's fc8 gets 10x / 20x); biases decay
-    only with train.bias_weight_decay, norm layers never. Groups with equal settings are merged, so with
-    the defaults there are two: decayed weights and the rest. Each group's `lr_mult` scales the schedule.
+    The parts are the model's anatomy (`pixelwise.models`): the encoder learns at train.encoder_lr_mult x
+    the rate, or not at all with train.freeze_encoder (`freeze_encoder`); the head (the layers to class
+    scores) at train.head_lr_mult x; the decoder at the rate. Biases learn at train.bias_lr_mult x on top
+    (DeepLab's fc8: 10x / 20x) and decay only with train.bias_weight_decay; norm layers never decay.
+    Groups with equal settings are merged, so with the defaults there are two: decayed weights and the
+    rest. Each group's `lr_mult` scales the schedule. A model without an anatomy (a user's own) learns at
+    the rate everywhere.
     """
     tc = cfg.train
-    head = {id(p) for layer in classifier_layers(model) for p in layer.parameters()}
+    freeze_encoder(cfg, model)
+    part_mult = _part_lr_mults(cfg, model)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_bias = name.endswith("bias")
-        mult = (tc.head_lr_mult if id(p) in head else 1.0) * (tc.bias_lr_mult if is_bias else 1.0)
+        mult = part_mult.get(id(p), 1.0) * (tc.bias_lr_mult if is_bias else 1.0)
         decays = p.ndim > 1 or (is_bias and tc.bias_weight_decay)
         groups.setdefault((mult, tc.weight_decay if decays else 0.0), []).append(p)
     param_groups = [{"params": ps, "weight_decay": wd, "lr_mult": mult, "lr": tc.lr * mult}
@@ -231,14 +235,32 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return OPTIMIZERS[tc.optimizer](param_groups, tc)
 
 
+def freeze_encoder(cfg: Config, model: nn.Module) -> None:
+    """train.freeze_encoder: the encoder's parameters stop learning (requires_grad False, so no gradients
+    are computed for them and `build_optimizer` leaves them out). Call it before DDP wraps the model: DDP
+    reduces the gradients of the parameters that require them when it is built. The encoder's BatchNorm
+    running statistics are buffers, not parameters: they still follow the data in training mode."""
+    if not cfg.train.freeze_encoder:
+        return
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise UserError(f"train.freeze_encoder=true: the model ({type(model).__name__}) has no encoder to freeze; "
+                        "set train.freeze_encoder=false")
+    encoder.requires_grad_(False)
+
+
+def _part_lr_mults(cfg: Config, model: nn.Module) -> dict[int, float]:
+    """id(parameter) -> the rate factor of its part: the encoder's or the head's (the decoder's is 1)."""
+    mults: dict[int, float] = {}
+    for part, mult in (("encoder", cfg.train.encoder_lr_mult), ("head", cfg.train.head_lr_mult)):
+        module = getattr(model, part, None)
+        if isinstance(module, nn.Module):
+            mults.update({id(p): mult for p in module.parameters()})
+    return mults
+
+
 # train.optimizer -> the optimiser over parameter groups: SGD with momentum (the papers) or AdamW
 OPTIMIZERS: dict[str, Any] = {
     "sgd": lambda groups, tc: torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum),
     "adamw": lambda groups, tc: torch.optim.AdamW(groups, lr=tc.lr),
 }
-
-
-def classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's layers to class scores; none for a model that does not name them (e.g. a user's own)."""
-    layers = getattr(model, "classifier_layers", None)
-    return layers() if layers is not None else []

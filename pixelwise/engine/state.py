@@ -84,6 +84,32 @@ def migrate_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
+def align_optimizer_state(saved: dict[str, Any], saved_keys: list[str], model: nn.Module,
+                          optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`saved` (an optimiser's state dict) with each group's parameters listed in `model`'s current order.
+
+    An optimiser lists its parameters by position. A checkpoint written before the model's modules were
+    regrouped (its keys `saved_keys`, in the order the model registered them then, renamed to today's
+    names by the model's OLD_KEYS) lists them in the old order, e.g. FCN-8s's upscore2 before its
+    score_pool3. A checkpoint of the current layout comes back unchanged, and one that does not fit
+    (other groups, another model) is left for `optimizer.load_state_dict` to refuse.
+    """
+    from pixelwise.models.anatomy import current_keys
+
+    position = {key: i for i, key in enumerate(current_keys(model, saved_keys))}
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        return saved
+    groups = []
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        names = [name_of[id(p)] for p in group["params"]]
+        if len(names) != len(saved_group["params"]) or any(n not in position for n in names):
+            return saved
+        saved_id = dict(zip(sorted(names, key=position.__getitem__), saved_group["params"], strict=True))
+        groups.append({**saved_group, "params": [saved_id[n] for n in names]})
+    return {**saved, "param_groups": groups}
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG state as tensors, ints and lists (loadable with weights_only=True)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()

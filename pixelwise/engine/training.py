@@ -40,13 +40,20 @@ from pixelwise.engine.parts import (
     build_optimizer,
     check_writable,
     class_weights,
+    freeze_encoder,
     ignore_sigint,
     is_main,
     learning_rate,
     seed_everything,
     truncate_log,
 )
-from pixelwise.engine.state import TrainState, read_checkpoint, save_checkpoint, set_rng_state
+from pixelwise.engine.state import (
+    TrainState,
+    align_optimizer_state,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from pixelwise.errors import UserError, translated
 from pixelwise.fileio import atomic_path, atomic_write_text, remove_stale_temporaries
 from pixelwise.inference import resolve_device
@@ -245,6 +252,7 @@ def _build_model(cfg: Config, model_name: str, num_classes: int, device: torch.d
             raise UserError("train.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
                             "set train.sync_bn=false for CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    freeze_encoder(cfg, model)  # before DDP, which only reduces the gradients of parameters that require them
     # DDP: the wrapper averages gradients over processes; `model` (its module) is saved and evaluated
     wrapped = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -265,7 +273,8 @@ def restore(run: Run) -> None:
                         "resume with the config the run started with") from None
     mults = [group["lr_mult"] for group in run.optimizer.param_groups]
     try:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.optimizer.load_state_dict(align_optimizer_state(ckpt["optimizer"], list(ckpt["model"]), run.model,
+                                                            run.optimizer))
     except ValueError as e:  # other parameter groups: the lr/decay multipliers changed since
         raise UserError(f"{path}: the optimiser state does not fit this config ({e}); resume with "
                         "the train.* settings the run started with") from None

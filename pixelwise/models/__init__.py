@@ -1,4 +1,30 @@
-"""The model zoo: name -> keyword-only builder. Every model returns logits (B, K, H, W)."""
+"""The model zoo: name -> keyword-only builder (`MODELS`, `get_model`).
+
+Anatomy. Every model has three parts, each an ``nn.Module``, whose parameters partition the model's:
+
+* ``encoder``: the network the features come from (VGG-16, ResNet, U-Net's contracting path). It
+  returns a ``pixelwise.encoders.Features`` (a list of maps, high to low resolution, with the record
+  of its max-pools) and exposes ``out_channels`` and ``strides``. ``train.freeze_encoder`` freezes it.
+* ``decoder``: what turns features into the input of the class scores or upsamples the scores:
+  U-Net's expanding path, SegNet's unpooling decoder, ASPP, LargeFOV's fc6/fc7, FCN's skip upsampling.
+  ``nn.Identity`` where the paper has none (DeepLab v2, whose ASPP-L branches score directly).
+* ``head``: the layers that produce class scores (K output channels); ``train.head_lr_mult`` applies
+  to them.
+
+Most models run ``encoder -> decoder -> head``. FCN and FCN-Basic score first and upsample the
+scores (``encoder -> head -> decoder``). FCN-ResNet and DeepLabv3 keep torchvision's module names
+(``backbone``, ``classifier``, ``aux_classifier``) so torchvision's state dicts load as they are;
+their ``encoder``, ``decoder`` and ``head`` are views of those modules. Weights files of the layout
+before the anatomy still load: each regrouped model renames the old keys (``OLD_KEYS``, see
+``pixelwise.models.anatomy``).
+
+Output. ``model(x)`` returns the logits (B, K, H, W) at the input size, as one tensor. The one
+exception is a model built with an auxiliary head (``aux=True``: ``fcn_resnet50/101`` and
+``deeplabv3_resnet50/101``, torchvision's ``aux_loss``): in training mode it returns ``(out, aux)``,
+two logit tensors of that shape (``aux`` from layer3; the training loss adds it weighted by
+``loss.aux_weight``). In eval mode the auxiliary head does not run and ``out`` alone is returned, so
+inference, export and metrics always see one tensor.
+"""
 
 from __future__ import annotations
 

@@ -11,12 +11,11 @@ References:
         for Semantic Image Segmentation", ECCV 2018 (decoder on stride-4 features, Sec. 3.1).
 
 ``deeplabv3_resnet50/101`` are state-dict compatible with torchvision's models of the same names
-(``load_state_dict(tv_model.state_dict(), strict=True)``; equal eval logits). The dense CRF that v1/v2
-put after the network lives in ``pixelwise.crf``; the models return logits.
-
-Auxiliary output (v3 with ``aux=True``): in training mode ``forward`` returns ``(out, aux)``, two
-``(B, K, H, W)`` logit tensors, the aux head reading layer3 (torchvision weights its loss by 0.5);
-otherwise a single tensor.
+(``load_state_dict(tv_model.state_dict(), strict=True)``; equal eval logits), so they keep torchvision's
+module names (``backbone``, ``classifier``, ``aux_classifier``; see ``SimpleSegmentationModel`` for their
+encoder, decoder and head). v3 with ``aux=True`` follows the auxiliary-output convention of
+``pixelwise.models``. The dense CRF that v1/v2 put after the network lives in ``pixelwise.crf``; the
+models return logits.
 """
 
 from __future__ import annotations
@@ -30,24 +29,24 @@ import torch.nn.functional as F
 from pixelwise.encoders.resnet import ResNetEncoder
 from pixelwise.encoders.vgg import VGGEncoder, vgg16_classifier
 from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, aspp_rates, atrous_conv3x3
+from pixelwise.models.anatomy import LoadsOldKeys
 from pixelwise.models.fcn_resnet import FCNHead, SimpleSegmentationModel
 
 MULTIGRID: tuple[int, int, int] = (1, 2, 4)  # DeepLabv3, Sec. 4.1: the best unit rates for block4
 
 
 # --------------------------------------------------------------------------------------------- v1
-class LargeFOVHead(nn.Sequential):
-    """DeepLab-LargeFOV's fc6-fc8 (Chen et al., ICLR 2015, Sec. 4.1 and Table 2).
+class LargeFOV(nn.Sequential):
+    """DeepLab-LargeFOV's fc6 and fc7 (Chen et al., ICLR 2015, Sec. 4.1 and Table 2).
 
     fc6: 3x3 conv with dilation (input stride) 12 and 1024 channels, fc7: 1x1 conv with 1024
-    channels, each followed by ReLU and Dropout(0.5); fc8: 1x1 conv to the classes, started as in
-    the Caffe prototxt (Gaussian std 0.01, zero bias).
+    channels, each followed by ReLU and Dropout(0.5). fc8, the class scores, is the model's head.
 
     Shape:
-        (B, in_channels, h, w) -> (B, num_classes, h, w).
+        (B, in_channels, h, w) -> (B, channels, h, w).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 1024, rate: int = 12) -> None:
+    def __init__(self, in_channels: int, channels: int = 1024, rate: int = 12) -> None:
         super().__init__(
             atrous_conv3x3(in_channels, channels, rate),  # fc6
             nn.ReLU(inplace=True),
@@ -55,10 +54,7 @@ class LargeFOVHead(nn.Sequential):
             nn.Conv2d(channels, channels, 1),  # fc7
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
-            nn.Conv2d(channels, num_classes, 1),  # fc8
         )
-        nn.init.normal_(self[-1].weight, std=0.01)
-        nn.init.zeros_(self[-1].bias)
 
     @torch.no_grad()
     def init_from_vgg16_fc(self, fc: nn.Sequential) -> None:
@@ -77,29 +73,35 @@ class LargeFOVHead(nn.Sequential):
         fc7.bias.copy_(fc[3].bias[::step])
 
 
-class DeepLabV1(nn.Module):
-    """DeepLab-LargeFOV (Chen et al., ICLR 2015): VGG-16 at output stride 8 + LargeFOV head.
+class DeepLabV1(LoadsOldKeys, nn.Module):
+    """DeepLab-LargeFOV (Chen et al., ICLR 2015): VGG-16 at output stride 8, fc6/fc7, fc8.
 
     Pool4/pool5 have stride 1 and conv5 dilation 2 (see ``VGGEncoder(output_stride=8)``); the class
     scores at stride 8 are upsampled bilinearly to the input size (the paper's fully connected CRF
     is ``pixelwise.crf``).
 
+    Args:
+        encoder: the ``VGGEncoder``.
+        decoder: ``LargeFOV``, fc6 and fc7 on pool5.
+        head: fc8, the 1x1 conv to class scores.
+
     Shape:
         (B, 3, H, W) -> (B, K, H, W).
     """
 
-    def __init__(self, backbone: VGGEncoder, classifier: LargeFOVHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = classifier
+    # was `backbone` and `classifier` (fc6 at 0, fc7 at 3, fc8 at 6)
+    OLD_KEYS = {"backbone.": "encoder.", "classifier.6.": "head.", "classifier.": "decoder."}
 
-    def classifier_layers(self) -> list[nn.Module]:
-        """fc8, the 1x1 conv to class scores (10x the base lr in the paper's solver)."""
-        return [self.classifier[-1]]
+    def __init__(self, encoder: VGGEncoder, decoder: LargeFOV, head: nn.Conv2d) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(x)  # pool1..pool5, (B, C_i, H/s_i, W/s_i), high to low resolution
-        y = self.classifier(feats[-1])  # (B, K, H/8, W/8)
+        feats = self.encoder(x)  # pool1..pool5, (B, C_i, H/s_i, W/s_i), high to low resolution
+        y = self.decoder(feats[-1])  # fc6, fc7: (B, 1024, H/8, W/8)
+        y = self.head(y)  # fc8: (B, K, H/8, W/8)
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
@@ -112,28 +114,42 @@ def deeplab_v1(*, num_classes: int, weights_backbone: str | os.PathLike | None =
             layers load by key and fc6/fc7 start from its decimated fully connected layers.
     """
     # Caffe geometry of DeepLab-LargeFOV/train.prototxt: 3x3 pad-1 pools, sizes rounded up.
-    backbone = VGGEncoder(output_stride=8, pool_kernel=3, ceil_mode=True, weights=weights_backbone)
-    classifier = LargeFOVHead(backbone.out_channels[-1], num_classes)
+    encoder = VGGEncoder(output_stride=8, pool_kernel=3, ceil_mode=True, weights=weights_backbone)
+    decoder = LargeFOV(encoder.out_channels[-1])
+    head = nn.Conv2d(decoder[3].out_channels, num_classes, 1)  # fc8
+    nn.init.normal_(head.weight, std=0.01)  # as the Caffe prototxt starts fc8: Gaussian std 0.01, zero bias
+    nn.init.zeros_(head.bias)
     if weights_backbone is not None:
-        classifier.init_from_vgg16_fc(vgg16_classifier(weights=weights_backbone))
-    return DeepLabV1(backbone, classifier)
+        decoder.init_from_vgg16_fc(vgg16_classifier(weights=weights_backbone))
+    return DeepLabV1(encoder, decoder, head)
 
 
 # --------------------------------------------------------------------------------------------- v2
-class DeepLabV2(SimpleSegmentationModel):
+class DeepLabV2(LoadsOldKeys, nn.Module):
     """DeepLab v2 (Chen et al., TPAMI 2017): ResNet-101 at output stride 8 + ASPP-L.
 
     ASPP-L: four 3x3 atrous convs (rates 6, 12, 18, 24) from layer4 straight to class scores, the
-    four score maps summed; bilinear upsampling to the input size. The paper's multi-scale input
-    fusion (MSC) and dense CRF are training/post-processing options, not part of this module.
+    four score maps summed; bilinear upsampling to the input size. Its branches score the features
+    directly, so they are the head and there is no decoder (``nn.Identity``). The paper's multi-scale
+    input fusion (MSC) and dense CRF are training/post-processing options, not part of this module.
 
     Shape:
         (B, 3, H, W) -> (B, K, H, W).
     """
 
-    def classifier_layers(self) -> list[nn.Module]:
-        """ASPP-L: its four branches map features straight to class scores (fc8 in the paper's solver)."""
-        return [self.classifier]
+    OLD_KEYS = {"backbone.": "encoder.", "classifier.": "head."}  # was `backbone` and `classifier`
+
+    def __init__(self, encoder: ResNetEncoder, head: ASPPv2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = nn.Identity()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x)  # stem, layer1..layer4, high to low resolution
+        y = self.decoder(feats[-1])  # (B, 2048, H/8, W/8)
+        y = self.head(y)  # (B, K, H/8, W/8): the four branches' scores summed
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
 def deeplab_v2(
@@ -149,8 +165,8 @@ def deeplab_v2(
         rates: atrous rates of the summed branches; (6, 12, 18, 24) is ASPP-L, (2, 4, 8, 12) ASPP-S.
         weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
     """
-    backbone = ResNetEncoder(depth=101, output_stride=8, weights=weights_backbone)
-    return DeepLabV2(backbone, ASPPv2(2048, num_classes, rates=rates, hidden_channels=None))
+    encoder = ResNetEncoder(depth=101, output_stride=8, weights=weights_backbone)
+    return DeepLabV2(encoder, ASPPv2(2048, num_classes, rates=rates, hidden_channels=None))
 
 
 # --------------------------------------------------------------------------------------------- v3
@@ -239,58 +255,65 @@ def deeplabv3_resnet101(
 
 # -------------------------------------------------------------------------------------------- v3+
 class DeepLabV3PlusDecoder(nn.Module):
-    """DeepLab v3+ decoder (Chen et al., ECCV 2018, Sec. 3.1 and Table 1-2).
+    """ASPP on the deepest features, then the DeepLab v3+ decoder (Chen et al., ECCV 2018, Sec. 3.1).
 
     The stride-4 low-level features are reduced by a 1x1 conv to 48 channels (so they do not
-    outweigh the 256 encoder channels), concatenated with the encoder output upsampled to their
-    size, refined by two 3x3 convs with 256 channels and classified by a 1x1 conv.
+    outweigh the 256 ASPP channels), concatenated with the ASPP output upsampled to their size and
+    refined by two 3x3 convs with 256 channels; the model's head classifies them. The paper counts
+    ASPP in its encoder (DeepLabv3 as encoder); here the encoder is the ImageNet ResNet (what
+    ``train.freeze_encoder`` freezes) and ASPP opens the decoder.
+
+    Args:
+        aspp: the v3 ASPP (256 output channels).
+        low_channels: channels of the stride-4 features (layer1: 256).
+        aspp_channels: channels of the ASPP output.
 
     Shape:
-        x (B, 256, H/os, W/os), low (B, low_channels, H/4, W/4) -> (B, num_classes, H/4, W/4).
+        the encoder's ``Features`` (layer4 (B, 2048, H/os, W/os), layer1 (B, low_channels, H/4, W/4))
+        -> (B, 256, H/4, W/4).
     """
 
-    def __init__(self, low_channels: int, num_classes: int, aspp_channels: int = 256) -> None:
+    def __init__(self, aspp: ASPP, low_channels: int, aspp_channels: int = 256) -> None:
         super().__init__()
+        self.aspp = aspp
         self.reduce = ConvNormAct(low_channels, 48, kernel_size=1)
         self.fuse = nn.Sequential(
             ConvNormAct(aspp_channels + 48, 256, kernel_size=3),
             ConvNormAct(256, 256, kernel_size=3),
         )
-        self.classifier = nn.Conv2d(256, num_classes, 1)
 
-    def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        low = self.reduce(low)  # (B, 48, H/4, W/4)
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.aspp(feats[-1])  # (B, 256, H/os, W/os)
+        low = self.reduce(feats[1])  # (B, 48, H/4, W/4): layer1 is the stride-4 feature
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)  # (B, 256, H/4, W/4)
-        x = self.fuse(torch.cat([x, low], dim=1))  # (B, 256, H/4, W/4)
-        return self.classifier(x)
+        return self.fuse(torch.cat([x, low], dim=1))  # (B, 256, H/4, W/4)
 
 
-class DeepLabV3Plus(nn.Module):
-    """DeepLab v3+ (Chen et al., ECCV 2018): DeepLabv3 encoder + a simple decoder at stride 4.
+class DeepLabV3Plus(LoadsOldKeys, nn.Module):
+    """DeepLab v3+ (Chen et al., ECCV 2018): a dilated ResNet, ASPP and a simple decoder at stride 4.
 
     Args:
-        backbone: a ``ResNetEncoder`` (output stride 16 or 8).
-        aspp: the v3 ASPP on layer4 (256 output channels).
-        decoder: ``DeepLabV3PlusDecoder`` fed with the ASPP output and layer1's features.
+        encoder: a ``ResNetEncoder`` (output stride 16 or 8).
+        decoder: ``DeepLabV3PlusDecoder`` (ASPP on layer4, fused with layer1's features).
+        head: the final 1x1 conv to class scores.
 
     Shape:
         (B, 3, H, W) -> (B, K, H, W).
     """
 
-    def __init__(self, backbone: ResNetEncoder, aspp: ASPP, decoder: DeepLabV3PlusDecoder) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.aspp = aspp
-        self.decoder = decoder
+    # was `backbone`, a top-level `aspp`, and the decoder's own `classifier`
+    OLD_KEYS = {"backbone.": "encoder.", "aspp.": "decoder.aspp.", "decoder.classifier.": "head."}
 
-    def classifier_layers(self) -> list[nn.Module]:
-        """The decoder's final 1x1 conv to class scores."""
-        return [self.decoder.classifier]
+    def __init__(self, encoder: ResNetEncoder, decoder: DeepLabV3PlusDecoder, head: nn.Conv2d) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(x)  # list of (B, C_i, H/s_i, W/s_i), high to low resolution
-        y = self.aspp(feats[-1])  # (B, 256, H/os, W/os)
-        y = self.decoder(y, feats[1])  # (B, K, H/4, W/4), layer1 is the stride-4 feature
+        feats = self.encoder(x)  # stem, layer1..layer4, (B, C_i, H/s_i, W/s_i), high to low resolution
+        y = self.decoder(feats)  # (B, 256, H/4, W/4)
+        y = self.head(y)  # (B, K, H/4, W/4)
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
@@ -301,12 +324,13 @@ def _deeplabv3plus(
     multigrid: bool,
     weights_backbone: str | os.PathLike | None,
 ) -> DeepLabV3Plus:
-    backbone = ResNetEncoder(
+    encoder = ResNetEncoder(
         depth=depth, output_stride=output_stride, multigrid=MULTIGRID if multigrid else None, weights=weights_backbone
     )
     # Dropout 0.1 after the ASPP projection: keep_prob=0.9 in the authors' TensorFlow code (model.py).
     aspp = ASPP(2048, aspp_rates(output_stride), dropout=0.1)
-    return DeepLabV3Plus(backbone, aspp, DeepLabV3PlusDecoder(backbone.out_channels[1], num_classes))
+    decoder = DeepLabV3PlusDecoder(aspp, encoder.out_channels[1])
+    return DeepLabV3Plus(encoder, decoder, nn.Conv2d(256, num_classes, 1))
 
 
 def deeplabv3plus_resnet50(

@@ -21,6 +21,10 @@ copy the coarser net; every scoring layer starts at zero (as in the paper and th
 the finer net starts from the coarser net's predictions. The "at-once" FCN-8s
 (``voc-fcn8s-atonce``) is trained from VGG-16 in one go and scales pool4 by 0.01 and pool3 by 1e-4
 before scoring them (``at_once=True``).
+
+Anatomy: the encoder is VGG-16 with fc6/fc7 (``FCNEncoder``), the head the score layers (``FCNScores``),
+the decoder the upsampling and summing of the score maps (``FCNDecoder``; in FCN-32s only the final
+fixed 32x upsampling). FCN scores before it upsamples, so its forward runs encoder, head, decoder.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.encoders.vgg import VGGEncoder, load_by_key, load_state_dict_file, vgg16_classifier
+from pixelwise.encoders import Features, VGGEncoder, load_by_key, load_state_dict_file, vgg16_classifier
 from pixelwise.errors import UserError
 from pixelwise.layers import convolutionalize, make_upsample
+from pixelwise.models.anatomy import LoadsOldKeys
 
 GEOMETRIES = ("same", "original")
 
@@ -56,36 +61,114 @@ def _caffe_upsample(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y[..., s // 2 : s // 2 + (h + 1) * s, s // 2 : s // 2 + (w + 1) * s]  # (B, K, (h+1)*s, (w+1)*s)
 
 
-class FCN(nn.Module):
-    """FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long et al., CVPR 2015).
+class FCNEncoder(VGGEncoder):
+    """VGG-16 convolutionalized (Long et al., CVPR 2015, Sec. 3.1): VGG's pools, then fc6/fc7 as convs.
 
-    Build it with ``fcn32s``, ``fcn16s`` or ``fcn8s``.
+    fc6 is a 7x7 conv and fc7 a 1x1 conv (4096 channels each, with ReLU and Dropout), made from VGG-16's
+    classifier by ``convolutionalize``, so a torchvision ImageNet file loads into the convs and both.
+    Pools round up, as Caffe's do.
 
     Args:
-        encoder: a ``VGGEncoder`` returning pool1..pool5.
-        fc: fc6/fc7 as convolutions (``convolutionalize`` of VGG's classifier).
-        num_classes: K.
-        stride: 32, 16 or 8 (FCN-32s, -16s, -8s).
-        geometry: "same" or "original" (see the module docstring).
-        upsample: a ``make_upsample`` kind; "transposed" is the paper's bilinear-initialised deconvolution.
-        learnable_upsample: learn the intermediate 2x transposed convs (paper) or fix them (reference nets).
-        skip_scales: factors on pool4 and pool3 before scoring (1 and 1; 0.01 and 1e-4 "at once").
+        conv1_padding: 100 for the Caffe nets (room for fc6's 7x7 on any input), 1 otherwise.
+        fc_padding: padding of fc6: 0 in the Caffe nets, 3 to keep pool5's size.
+        width_div: divide every width by this (tiny test networks).
+        fc_channels: width of fc6/fc7 (4096 in VGG-16), divided by ``width_div``.
+        weights: local torchvision ``vgg16-397923af.pth``; conv layers and fc6/fc7 load from it.
+
+    Attributes:
+        out_channels: pool1..pool5 and fc7.
+        strides: ``[2, 4, 8, 16, 32, 32]``.
 
     Shape:
-        (B, 3, H, W) -> (B, K, H, W).
+        (B, 3, H, W) -> ``Features``: pool1..pool5 (B, C_i, ~H/2^i, ~W/2^i) and fc7
+        (B, fc_channels, h5 + 2 * fc_padding - 6, w5 + 2 * fc_padding - 6), (h5, w5) being pool5's size.
     """
 
     def __init__(
         self,
         *,
-        encoder: VGGEncoder,
-        fc: nn.Sequential,
-        num_classes: int,
-        stride: int,
-        geometry: str,
-        upsample: str,
-        learnable_upsample: bool,
-        skip_scales: tuple[float, float],
+        conv1_padding: int,
+        fc_padding: int,
+        width_div: int,
+        fc_channels: int,
+        weights: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(ceil_mode=True, conv1_padding=conv1_padding, width_div=width_div)
+        classifier = vgg16_classifier(width_div=width_div, fc_channels=fc_channels)
+        if weights is not None:
+            state = load_state_dict_file(weights)
+            hint = "pass torchvision's vgg16-397923af.pth (with its classifier) and keep width_div=1, fc_channels=4096"
+            load_by_key(self.features, state, "features.", path=weights, hint=hint)
+            fc_state = {k: v for k, v in state.items() if k.startswith(("classifier.0.", "classifier.3."))}
+            load_by_key(classifier, fc_state, "classifier.", path=weights, hint=hint)
+        self.fc = convolutionalize(classifier, in_channels=self.out_channels[4], spatial=7)
+        self.fc[0].padding = (fc_padding, fc_padding)
+        self.out_channels = [*self.out_channels, self.fc[3].out_channels]
+        self.strides = [*self.strides, 32]
+
+    def forward(self, x: torch.Tensor) -> Features:
+        feats = super().forward(x)  # pool1..pool5
+        feats.append(self.fc(feats[-1]))  # fc7: (B, C_fc, h, w)
+        return feats
+
+
+class FCNScores(nn.Module):
+    """FCN's class-scoring layers: 1x1 convs on fc7 (``score_fr``), pool4 (``score_pool4``, FCN-16s/8s)
+    and pool3 (``score_pool3``, FCN-8s), all starting at zero (Sec. 4.3 and 4.2).
+
+    Args:
+        in_channels: channels of pool3, pool4 and fc7.
+        num_classes: K.
+        stride: 32, 16 or 8: which skips are scored.
+        skip_scales: factors on pool4 and pool3 before scoring (1 and 1; 0.01 and 1e-4 "at once").
+
+    Shape:
+        the encoder's pool1..pool5 and fc7 -> score maps (B, K, h_i, w_i) of fc7, pool4 and pool3, coarse
+        to fine (as many as the stride scores).
+    """
+
+    def __init__(
+        self, *, in_channels: tuple[int, int, int], num_classes: int, stride: int, skip_scales: tuple[float, float]
+    ) -> None:
+        super().__init__()
+        c3, c4, c_fc = in_channels
+        self.skip_scales = skip_scales
+        n_skips = {32: 0, 16: 1, 8: 2}[stride]
+        self.skips = [("score_pool4", 3), ("score_pool3", 2)][:n_skips]  # (score layer, encoder stage), coarse first
+        self.score_fr = nn.Conv2d(c_fc, num_classes, 1)
+        if stride <= 16:
+            self.score_pool4 = nn.Conv2d(c4, num_classes, 1)
+        if stride == 8:
+            self.score_pool3 = nn.Conv2d(c3, num_classes, 1)
+        for score in self.children():  # "zero-initialize the class scoring layer" (Sec. 4.3), skips too (Sec. 4.2)
+            nn.init.zeros_(score.weight)
+            nn.init.zeros_(score.bias)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        scores = [self.score_fr(feats[-1])]  # (B, K, h, w) coarse scores of fc7
+        for (name, stage), scale in zip(self.skips, self.skip_scales, strict=False):
+            f = feats[stage] * scale if scale != 1 else feats[stage]
+            scores.append(getattr(self, name)(f))  # (B, K, h_stage, w_stage)
+        return scores
+
+
+class FCNDecoder(nn.Module):
+    """FCN's skip architecture (Sec. 4.2): upsample the coarse scores 2x, add the next finer scores,
+    repeat; then upsample to the input size and crop. The final upsampling stays fixed bilinear (Sec. 4.3).
+
+    Args:
+        num_classes: K.
+        stride: 32, 16 or 8 (FCN-32s, -16s, -8s): the number of 2x steps before the final upsampling.
+        geometry: "same" or "original" (see the module docstring).
+        upsample: a ``make_upsample`` kind; "transposed" is the paper's bilinear-initialised deconvolution.
+        learnable_upsample: learn the intermediate 2x transposed convs (paper) or fix them (reference nets).
+
+    Shape:
+        score maps coarse to fine (as ``FCNScores`` gives them) and the input size (H, W) -> (B, K, H, W).
+    """
+
+    def __init__(
+        self, *, num_classes: int, stride: int, geometry: str, upsample: str, learnable_upsample: bool
     ) -> None:
         super().__init__()
         if stride not in _CAFFE_OFFSETS:
@@ -94,51 +177,24 @@ class FCN(nn.Module):
             raise UserError(f"FCN geometry={geometry!r} is not supported; choose 'same' or 'original'")
         if upsample == "max_unpool":
             raise UserError("FCN upsample='max_unpool' is not possible: FCN keeps no pooling indices; use 'transposed'")
-        self.stride, self.geometry, self.skip_scales = stride, geometry, skip_scales
-        k = num_classes
-        self.encoder = encoder
-        self.fc = fc
-        fc_out = fc[3].out_channels
-        self.score_fr = nn.Conv2d(fc_out, k, 1)
+        self.stride, self.geometry = stride, geometry
 
         def up(scale: int, learnable: bool) -> nn.Module:
             kw = {"init": "bilinear", "bias": False, "learnable": learnable} if upsample == "transposed" else {}
-            return make_upsample(upsample, k, k, scale, **kw)
+            return make_upsample(upsample, num_classes, num_classes, scale, **kw)
 
-        c3, c4 = encoder.out_channels[2], encoder.out_channels[3]
         if stride <= 16:
-            self.score_pool4 = nn.Conv2d(c4, k, 1)
             self.upscore2 = up(2, learnable_upsample)
         if stride == 8:
-            self.score_pool3 = nn.Conv2d(c3, k, 1)
             self.upscore_pool4 = up(2, learnable_upsample)
         self.upscore = up(stride, False)  # the final upsampling stays bilinear (Sec. 4.3)
-        for score in (self.score_fr, getattr(self, "score_pool4", None), getattr(self, "score_pool3", None)):
-            if score is not None:  # "zero-initialize the class scoring layer" (Sec. 4.3), skips too (Sec. 4.2)
-                nn.init.zeros_(score.weight)
-                nn.init.zeros_(score.bias)
 
-    def classifier_layers(self) -> list[nn.Module]:
-        """The 1x1 score layers: score_fr and the skip scorers (score_pool4, score_pool3)."""
-        return [getattr(self, n) for n in ("score_fr", "score_pool4", "score_pool3") if hasattr(self, n)]
-
-    def _skips(self) -> list[tuple[nn.Module, nn.Module, int]]:
-        """(upsampling, skip scoring layer, encoder stage) from coarse to fine."""
-        skips = []
-        if self.stride <= 16:
-            skips.append((self.upscore2, self.score_pool4, 3))
-        if self.stride == 8:
-            skips.append((self.upscore_pool4, self.score_pool3, 2))
-        return skips
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
+    def forward(self, scores: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         offsets, final_offset = _CAFFE_OFFSETS[self.stride]
         original = self.geometry == "original"
-        feats = self.encoder(x)  # pool1..pool5, (B, C_i, ~H/2^i, ~W/2^i)
-        y = self.score_fr(self.fc(feats[4]))  # (B, K, h, w) coarse scores
-        for j, (up, score, stage) in enumerate(self._skips()):
-            skip = score(feats[stage] * self.skip_scales[j] if self.skip_scales[j] != 1 else feats[stage])
+        ups = [getattr(self, n) for n in ("upscore2", "upscore_pool4") if hasattr(self, n)]
+        y = scores[0]
+        for j, (up, skip) in enumerate(zip(ups, scores[1:], strict=True)):
             if original:
                 y = _caffe_upsample(up, y)  # (B, K, (h+1)*2, (w+1)*2)
                 o = offsets[j]
@@ -147,11 +203,43 @@ class FCN(nn.Module):
                 # Pools round up, so 2 * h >= h_skip: crop the bottom/right overhang.
                 y = up(y)[..., : skip.shape[-2], : skip.shape[-1]]  # (B, K, h_skip, w_skip)
             y = y + skip
+        height, width = size
         if original:
             y = _caffe_upsample(self.upscore, y)
             o = final_offset
             return y[..., o : o + height, o : o + width]  # (B, K, H, W)
         return self.upscore(y)[..., :height, :width]  # (B, K, H, W)
+
+
+class FCN(LoadsOldKeys, nn.Module):
+    """FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long et al., CVPR 2015).
+
+    FCN scores first and upsamples the scores: the head scores fc7 and the skips, the decoder upsamples
+    and sums the score maps. Build it with ``fcn32s``, ``fcn16s`` or ``fcn8s``.
+
+    Args:
+        encoder: an ``FCNEncoder`` (VGG-16 with fc6/fc7 as convolutions).
+        head: ``FCNScores``, the 1x1 score layers.
+        decoder: ``FCNDecoder``, the upsampling and fusion of the score maps.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    # fc6/fc7 were the model's `fc`, the score and upsampling layers its own attributes
+    OLD_KEYS = {"fc.": "encoder.fc.", "score_": "head.score_", "upscore": "decoder.upscore"}
+
+    def __init__(self, *, encoder: FCNEncoder, head: FCNScores, decoder: FCNDecoder) -> None:
+        super().__init__()
+        self.stride, self.geometry = decoder.stride, decoder.geometry
+        self.encoder = encoder
+        self.head = head
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x)  # pool1..pool5 and fc7, (B, C_i, ~H/2^i, ~W/2^i)
+        scores = self.head(feats)  # class scores of fc7, pool4 and pool3 (as the stride has them), coarse to fine
+        return self.decoder(scores, x.shape[-2:])  # (B, K, H, W)
 
 
 def _build(
@@ -172,34 +260,21 @@ def _build(
     if weights_backbone is not None and init_from is not None:
         raise UserError("pass weights_backbone or init_from, not both: init_from already carries the VGG-16 weights")
     original = geometry == "original"
-    encoder = VGGEncoder(ceil_mode=True, conv1_padding=100 if original else 1, width_div=width_div)
-    classifier = vgg16_classifier(width_div=width_div, fc_channels=fc_channels)
-    if weights_backbone is not None:
-        state = load_state_dict_file(weights_backbone)
-        hint = "pass torchvision's vgg16-397923af.pth (with its classifier) and keep width_div=1, fc_channels=4096"
-        load_by_key(encoder.features, state, "features.", path=weights_backbone, hint=hint)
-        fc_state = {k: v for k, v in state.items() if k.startswith(("classifier.0.", "classifier.3."))}
-        load_by_key(classifier, fc_state, "classifier.", path=weights_backbone, hint=hint)
-    fc = convolutionalize(classifier, in_channels=encoder.out_channels[4], spatial=7)
-    if not original:
-        fc[0].padding = (3, 3)  # 'same' fc6: the 7x7 conv keeps pool5's size
-    model = FCN(
-        encoder=encoder,
-        fc=fc,
-        num_classes=num_classes,
-        stride=stride,
-        geometry=geometry,
-        upsample=upsample,
-        learnable_upsample=learnable_upsample,
-        skip_scales=skip_scales,
-    )
+    # 'same': no 100-pixel padding, and fc6 keeps pool5's size
+    encoder = FCNEncoder(conv1_padding=100 if original else 1, fc_padding=0 if original else 3,
+                         width_div=width_div, fc_channels=fc_channels, weights=weights_backbone)
+    c = encoder.out_channels
+    head = FCNScores(in_channels=(c[2], c[3], c[5]), num_classes=num_classes, stride=stride, skip_scales=skip_scales)
+    decoder = FCNDecoder(num_classes=num_classes, stride=stride, geometry=geometry, upsample=upsample,
+                         learnable_upsample=learnable_upsample)
+    model = FCN(encoder=encoder, head=head, decoder=decoder)
     if init_from is not None:
         _init_from_coarser(model, init_from)
     return model
 
 
 def _init_from_coarser(model: FCN, coarser: FCN) -> None:
-    """Copy the coarser FCN's encoder, fc6/fc7, score_fr and intermediate upsamplings (staged training)."""
+    """Copy the coarser FCN's encoder (with fc6/fc7), score_fr, score_pool4 and intermediate upsampling."""
     if not isinstance(coarser, FCN) or coarser.stride <= model.stride:
         got = f"FCN-{coarser.stride}s" if isinstance(coarser, FCN) else type(coarser).__name__
         raise UserError(f"init_from={got} must be a coarser FCN than FCN-{model.stride}s (FCN-32s -> 16s -> 8s)")
@@ -208,7 +283,7 @@ def _init_from_coarser(model: FCN, coarser: FCN) -> None:
             f"init_from has geometry={coarser.geometry!r} but this net has {model.geometry!r}; build both alike"
         )
     # The final upsampling is not copied: it has a different factor in the finer net.
-    kept = ("encoder.", "fc.", "score_fr.", "score_pool4.", "upscore2.")
+    kept = ("encoder.", "head.score_fr.", "head.score_pool4.", "decoder.upscore2.")
     theirs = {k: v for k, v in coarser.state_dict().items() if k.startswith(kept)}
     own = model.state_dict()
     for key, value in theirs.items():

@@ -7,11 +7,8 @@ upsampling to the input size, plus an optional auxiliary head on layer3.
 
 Every key matches torchvision's model of the same name, so
 ``model.load_state_dict(torchvision_model.state_dict(), strict=True)`` works and the eval logits
-equal torchvision's ``["out"]``.
-
-Auxiliary output: with ``aux=True`` and the model in training mode, ``forward`` returns the tuple
-``(out, aux)`` of two ``(B, K, H, W)`` logit tensors (the aux head reads layer3; torchvision's
-reference recipe weights its loss by 0.5). In eval mode, or with ``aux=False``, it returns ``out``.
+equal torchvision's ``["out"]``. With ``aux=True`` (an auxiliary head on layer3) it follows the
+auxiliary-output convention of ``pixelwise.models``.
 """
 
 from __future__ import annotations
@@ -47,12 +44,18 @@ class SimpleSegmentationModel(nn.Module):
     """Backbone -> classifier on the last feature, + optional aux classifier on the one before.
 
     The layout of torchvision's ``_SimpleSegmentationModel`` (shared by FCN-ResNet and DeepLabv3),
-    with a plain tensor output instead of a dict.
+    with a plain tensor output instead of a dict. The modules keep torchvision's names, which its
+    state dicts use; ``encoder``, ``decoder`` and ``head`` are views of them:
+
+    * ``encoder`` is ``backbone``;
+    * ``decoder``: each classifier's layers before its last (FCNHead's 3x3 conv, BN, ReLU, Dropout;
+      DeepLabHead's ASPP, 3x3 conv, BN, ReLU), the aux classifier's too;
+    * ``head``: the last layer of each classifier, the 1x1 conv to class scores.
 
     Args:
-        backbone: a ``ResNetEncoder`` (kept under the name ``backbone`` for torchvision's keys).
-        classifier: head applied to layer4's features.
-        aux_classifier: head applied to layer3's features in training, or None.
+        backbone: a ``ResNetEncoder``.
+        classifier: an ``nn.Sequential`` ending in a 1x1 conv to K, applied to layer4's features.
+        aux_classifier: the same kind applied to layer3's features in training, or None.
 
     Shape:
         (B, 3, H, W) -> (B, K, H, W); in training with an aux classifier, a tuple of two such tensors.
@@ -64,9 +67,20 @@ class SimpleSegmentationModel(nn.Module):
         self.classifier = classifier
         self.aux_classifier = aux_classifier
 
-    def classifier_layers(self) -> list[nn.Module]:
-        """The last layer of each head (a 1x1 conv to class scores), the auxiliary head's too."""
-        return [head[-1] for head in (self.classifier, self.aux_classifier) if head is not None]
+    @property
+    def encoder(self) -> ResNetEncoder:
+        return self.backbone
+
+    @property
+    def decoder(self) -> nn.ModuleList:
+        return nn.ModuleList(nn.Sequential(*list(c)[:-1]) for c in self._classifiers())
+
+    @property
+    def head(self) -> nn.ModuleList:
+        return nn.ModuleList(c[-1] for c in self._classifiers())
+
+    def _classifiers(self) -> list[nn.Module]:
+        return [c for c in (self.classifier, self.aux_classifier) if c is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]

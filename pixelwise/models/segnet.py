@@ -32,11 +32,10 @@ import os
 import torch
 import torch.nn as nn
 
-from pixelwise.encoders.vgg import VGGEncoder
+from pixelwise.encoders import Features, VGGEncoder
 from pixelwise.errors import UserError
 from pixelwise.layers import ConvNormAct, bilinear_kernel, make_upsample
-
-Features = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]
+from pixelwise.models.anatomy import LoadsOldKeys
 
 
 def _decoder_upsample(kind: str, channels: int) -> nn.Module:
@@ -54,8 +53,8 @@ class SegNetDecoder(nn.Module):
         upsample: a ``make_upsample`` kind; "max_unpool" uses the encoder's indices (SegNet).
 
     Shape:
-        (B, C, h, w) + indices and pre-pool sizes of every encoder stage -> (B, C', H, W), where
-        (H, W) is the size before the first pool (the input size).
+        the encoder's ``Features`` (the deepest map (B, C, h, w) is the input; ``indices`` and ``sizes``
+        of every stage) -> (B, C', H, W), where (H, W) is the size before the first pool (the input size).
     """
 
     def __init__(self, stages: list[nn.Sequential], in_channels: list[int], upsample: str) -> None:
@@ -63,36 +62,41 @@ class SegNetDecoder(nn.Module):
         self.ups = nn.ModuleList([_decoder_upsample(upsample, c) for c in in_channels])
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x: torch.Tensor, indices: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
-        for up, stage, idx, size in zip(self.ups, self.stages, reversed(indices), reversed(sizes), strict=True):
+    def forward(self, feats: Features) -> torch.Tensor:
+        x = feats[-1]
+        indices = reversed(feats.indices) if feats.indices is not None else [None] * len(self.ups)
+        for up, stage, idx, size in zip(self.ups, self.stages, indices, reversed(feats.sizes), strict=True):
             x = up(x, indices=idx, output_size=size)  # (B, C, *size): values back at their argmax positions
             x = stage(x)
         return x
 
 
-class SegNet(nn.Module):
+class SegNet(LoadsOldKeys, nn.Module):
     """Encoder with pooling indices -> mirrored decoder -> per-pixel classifier.
 
     Build it with ``segnet`` or ``segnet_basic``.
+
+    Args:
+        encoder: returns the pooled maps with their argmax ``indices`` and pre-pool ``sizes``.
+        decoder: a ``SegNetDecoder``.
+        head: the class-scoring conv (SegNet's conv1_1_D, SegNet-Basic's 1x1 classifier).
 
     Shape:
         (B, 3, H, W) -> (B, K, H, W).
     """
 
-    def __init__(self, *, encoder: nn.Module, decoder: SegNetDecoder, classifier: nn.Module) -> None:
+    OLD_KEYS = {"classifier.": "head."}  # the head was `classifier` (e.g. segnet_basic_camvid.safetensors)
+
+    def __init__(self, *, encoder: nn.Module, decoder: SegNetDecoder, head: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.classifier = classifier
-
-    def classifier_layers(self) -> list[nn.Module]:
-        """The layers that map features to class scores (their own lr in the papers' optimisers)."""
-        return [self.classifier]
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats, indices, sizes = self.encoder(x)  # pooled maps high -> low res, argmax indices, pre-pool sizes
-        y = self.decoder(feats[-1], indices, sizes)  # (B, C, H, W)
-        return self.classifier(y)  # (B, K, H, W)
+        feats = self.encoder(x)  # pooled maps high -> low res, with their argmax indices and pre-pool sizes
+        y = self.decoder(feats)  # (B, C, H, W)
+        return self.head(y)  # (B, K, H, W)
 
 
 class SegNetBasicEncoder(nn.Module):
@@ -107,8 +111,8 @@ class SegNetBasicEncoder(nn.Module):
         strides: ``[2, 4, 8, 16]``.
 
     Shape:
-        (B, 3, H, W) -> ``(features, indices, sizes)``: 4 maps (B, channels, ~H/2^i, ~W/2^i), their
-        pooling indices, and the (H, W) of each stage before pooling.
+        (B, 3, H, W) -> ``Features``: 4 maps (B, channels, ~H/2^i, ~W/2^i) with their pooling
+        ``indices`` and the ``sizes`` (H, W) of each stage before pooling.
     """
 
     def __init__(self, *, channels: int = 64, lrn: bool = True) -> None:
@@ -123,15 +127,15 @@ class SegNetBasicEncoder(nn.Module):
         self.strides = [2, 4, 8, 16]
 
     def forward(self, x: torch.Tensor) -> Features:
-        features, indices, sizes = [], [], []
+        maps, indices, sizes = [], [], []
         x = self.norm(x)
         for conv in self.convs:
             x = conv(x)
             sizes.append((x.shape[-2], x.shape[-1]))
             x, idx = self.pool(x)  # (B, C, ceil(h/2), ceil(w/2)) and argmax positions
-            features.append(x)
+            maps.append(x)
             indices.append(idx)
-        return features, indices, sizes
+        return Features(maps, indices=indices, sizes=sizes)
 
 
 def segnet(
@@ -163,8 +167,8 @@ def segnet(
     widths = [[c5, c5, c5, c5], [c4, c4, c4, c3], [c3, c3, c3, c2], [c2, c2, c1], [c1, c1]]  # deepest first
     stages = [nn.Sequential(*(ConvNormAct(a, b) for a, b in zip(w[:-1], w[1:], strict=True))) for w in widths]
     decoder = SegNetDecoder(stages, [w[0] for w in widths], upsample)
-    classifier = nn.Conv2d(c1, num_classes, 3, padding=1)  # conv1_1_D: no BN, no ReLU
-    return SegNet(encoder=encoder, decoder=decoder, classifier=classifier)
+    head = nn.Conv2d(c1, num_classes, 3, padding=1)  # conv1_1_D: no BN, no ReLU
+    return SegNet(encoder=encoder, decoder=decoder, head=head)
 
 
 def segnet_basic(
@@ -216,8 +220,8 @@ def segnet_basic(
         )
         stages.append(nn.Sequential(conv, nn.BatchNorm2d(decoder_channels)))  # no ReLU in the decoder (Sec. 3.1)
     decoder = SegNetDecoder(stages, [encoder_channels] + [decoder_channels] * 3, upsample)
-    classifier = nn.Conv2d(decoder_channels, num_classes, 1)
-    return SegNet(encoder=encoder, decoder=decoder, classifier=classifier)
+    head = nn.Conv2d(decoder_channels, num_classes, 1)
+    return SegNet(encoder=encoder, decoder=decoder, head=head)
 
 
 class FCNBasicUpsample(nn.Module):
@@ -258,54 +262,71 @@ class FCNBasicUpsample(nn.Module):
         return y[..., : output_size[0], : output_size[1]]  # (B, C, *output_size), top-left aligned
 
 
+class FCNBasicScores(nn.Module):
+    """FCN-Basic's dimensionality reduction (Sec. 3.1, Fig. 3 right): 1x1 convs that score pooled maps.
+
+    The deepest pooled encoder map (H/16, the decoder's input) and, with ``skip_addition``, the pooled
+    maps of the three shallower encoders (H/8, H/4, H/2) are each reduced to K channels by a 1x1 conv
+    of their own (with bias, as FCN's score layers): FCN-Basic's class-scoring layers. The decoder that
+    follows upsamples and adds the score maps.
+
+    Shape:
+        4 pooled maps (B, encoder_channels, ~H/2^i, ~W/2^i), high to low resolution -> their score maps
+        (B, K, ~H/2^i, ~W/2^i), high to low resolution (only the deepest without ``skip_addition``).
+    """
+
+    def __init__(self, *, encoder_channels: int, num_classes: int, skip_addition: bool) -> None:
+        super().__init__()
+        self.reduce_input = nn.Conv2d(encoder_channels, num_classes, 1)  # on pool4, the decoder's input
+        n_skips = 3 if skip_addition else 0
+        self.reduce_skips = nn.ModuleList([nn.Conv2d(encoder_channels, num_classes, 1) for _ in range(n_skips)])
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        skips = [reduce(f) for reduce, f in zip(self.reduce_skips, maps[-2::-1], strict=False)]  # H/8, /4, /2
+        return [*reversed(skips), self.reduce_input(maps[-1])]
+
+
 class FCNBasicDecoder(nn.Module):
     """FCN-Basic's decoder (Sec. 3.1, Fig. 3 right): 4 x (learned 2x deconvolution, + encoder map).
 
-    The deepest pooled encoder map (H/16), reduced to K channels by a 1x1 conv, is the decoder's input.
-    Each decoder upsamples 2x with an 8x8 deconvolution; the first three then add, element-wise, the
-    pooled map of the shallower encoder at that resolution (H/8, H/4, H/2), reduced by its own 1x1
-    conv; the last one upsamples to the input size, where no pooled map exists. There are no other
-    decoder filters, no BatchNorm and no ReLU.
+    The deepest map (H/16) is the decoder's input. Each decoder upsamples 2x with an 8x8 deconvolution;
+    with ``skip_addition`` the first three then add, element-wise, the map of the shallower encoder at
+    that resolution (H/8, H/4, H/2); the last one upsamples to the input size, where no pooled map
+    exists. There are no other decoder filters, no BatchNorm and no ReLU. It decodes FCN-Basic's score
+    maps (``FCNBasicScores``), or the pooled maps themselves in FCN-Basic-NoDimReduction.
 
     Args:
-        encoder_channels: channels of the pooled encoder maps (64).
-        num_classes: K, the width of the reduced maps and of the decoder with ``dim_reduction``.
-        dim_reduction: reduce the encoder maps with 1x1 convs to K channels; False uses them as they
-            are, so the decoder runs at ``encoder_channels`` (FCN-Basic-NoDimReduction).
-        skip_addition: add the (reduced) encoder maps; False keeps only the upsampling kernels
+        channels: channels of the maps it decodes (K after the reduction, else ``encoder_channels``).
+        skip_addition: add the shallower maps; False keeps only the upsampling kernels
             (FCN-Basic-NoAddition).
 
-    Attributes:
-        out_channels: K with ``dim_reduction``, else ``encoder_channels``.
-
     Shape:
-        4 pooled maps (B, encoder_channels, ~H/2^i, ~W/2^i), i = 1..4, high to low resolution, and the
-        pre-pool sizes of the 4 encoder stages -> (B, out_channels, H, W).
+        maps (B, channels, ~H/2^i, ~W/2^i), high to low resolution (the deepest alone without
+        ``skip_addition``), and the pre-pool sizes of the 4 encoder stages -> (B, channels, H, W).
     """
 
-    def __init__(self, *, encoder_channels: int, num_classes: int, dim_reduction: bool, skip_addition: bool) -> None:
+    def __init__(self, *, channels: int, skip_addition: bool) -> None:
         super().__init__()
-        self.out_channels = num_classes if dim_reduction else encoder_channels
+        self.skip_addition = skip_addition
+        self.ups = nn.ModuleList([FCNBasicUpsample(channels) for _ in range(4)])
 
-        def reduce() -> nn.Module:
-            return nn.Conv2d(encoder_channels, num_classes, 1) if dim_reduction else nn.Identity()
-
-        self.reduce_input = reduce()  # on pool4, the decoder's input
-        self.reduce_skips = nn.ModuleList([reduce() for _ in range(3)] if skip_addition else [])  # pool3, 2, 1
-        self.ups = nn.ModuleList([FCNBasicUpsample(self.out_channels) for _ in range(4)])
-
-    def forward(self, features: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
-        x = self.reduce_input(features[-1])  # (B, C, H/16, W/16)
-        skips = [reduce(f) for reduce, f in zip(self.reduce_skips, features[-2::-1], strict=False)]  # H/8, /4, /2
+    def forward(self, maps: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
+        x = maps[-1]  # (B, C, H/16, W/16)
+        skips = maps[-2::-1] if self.skip_addition else []  # H/8, H/4, H/2
         for i, (up, size) in enumerate(zip(self.ups, reversed(sizes), strict=True)):
             x = up(x, output_size=size)  # (B, C, *size): H/8, H/4, H/2, then H
             if i < len(skips):
-                x = x + skips[i]  # the reduced pooled map of the same resolution
+                x = x + skips[i]  # the (reduced) pooled map of the same resolution
         return x
 
 
-class FCNBasic(nn.Module):
-    """SegNet-Basic's encoder -> FCN decoder (no pooling indices) -> optional 1x1 classifier.
+class FCNBasic(LoadsOldKeys, nn.Module):
+    """SegNet-Basic's encoder with FCN's decoding technique (no pooling indices).
+
+    FCN-Basic scores first: the head (``FCNBasicScores``) reduces the pooled maps to K channels and
+    the decoder upsamples and adds the score maps. Without the reduction (FCN-Basic-NoDimReduction) the
+    decoder works on the pooled maps and the head, a 1x1 conv, scores its output. Modules are registered
+    in the order ``forward`` runs them.
 
     Build it with ``fcn_basic``.
 
@@ -313,22 +334,26 @@ class FCNBasic(nn.Module):
         (B, 3, H, W) -> (B, K, H, W).
     """
 
-    def __init__(self, *, encoder: SegNetBasicEncoder, decoder: FCNBasicDecoder, classifier: nn.Module) -> None:
+    # The score layers were the decoder's `reduce_*`, the NoDimReduction classifier `classifier`.
+    OLD_KEYS = {"decoder.reduce_input.": "head.reduce_input.", "decoder.reduce_skips.": "head.reduce_skips.",
+                "classifier.": "head."}
+
+    def __init__(self, *, encoder: SegNetBasicEncoder, decoder: FCNBasicDecoder, head: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
-        self.decoder = decoder
-        self.classifier = classifier
-
-    def classifier_layers(self) -> list[nn.Module]:
-        """The 1x1 classifier, or the decoder's 1x1 reductions to class scores when there is none."""
-        if isinstance(self.classifier, nn.Identity):
-            return [self.decoder.reduce_input, *self.decoder.reduce_skips]
-        return [self.classifier]
+        self.scores_first = isinstance(head, FCNBasicScores)
+        if self.scores_first:
+            self.head, self.decoder = head, decoder
+        else:
+            self.decoder, self.head = decoder, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats, _, sizes = self.encoder(x)  # pooled maps high -> low res (indices unused), pre-pool sizes
-        y = self.decoder(feats, sizes)  # (B, C, H, W)
-        return self.classifier(y)  # (B, K, H, W)
+        feats = self.encoder(x)  # 4 pooled maps high -> low res (indices unused), pre-pool sizes
+        if self.scores_first:
+            scores = self.head(feats)  # (B, K, ~H/2^i, ~W/2^i)
+            return self.decoder(scores, feats.sizes)  # (B, K, H, W)
+        y = self.decoder(feats, feats.sizes)  # (B, C, H, W)
+        return self.head(y)  # (B, K, H, W)
 
 
 def fcn_basic(
@@ -373,11 +398,10 @@ def fcn_basic(
         (B, 3, H, W) -> (B, K, H, W), any H and W.
     """
     encoder = SegNetBasicEncoder(channels=encoder_channels, lrn=lrn)
-    decoder = FCNBasicDecoder(
-        encoder_channels=encoder_channels,
-        num_classes=num_classes,
-        dim_reduction=dim_reduction,
-        skip_addition=skip_addition,
-    )
-    classifier = nn.Identity() if dim_reduction else nn.Conv2d(encoder_channels, num_classes, 1)
-    return FCNBasic(encoder=encoder, decoder=decoder, classifier=classifier)
+    if dim_reduction:
+        head = FCNBasicScores(encoder_channels=encoder_channels, num_classes=num_classes, skip_addition=skip_addition)
+        decoder = FCNBasicDecoder(channels=num_classes, skip_addition=skip_addition)
+    else:
+        decoder = FCNBasicDecoder(channels=encoder_channels, skip_addition=skip_addition)
+        head = nn.Conv2d(encoder_channels, num_classes, 1)
+    return FCNBasic(encoder=encoder, decoder=decoder, head=head)

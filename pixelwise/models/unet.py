@@ -3,7 +3,8 @@ Segmentation", MICCAI 2015).
 
 A contracting path of double 3x3 convs and 2x2 max pooling (64 -> 1024 channels at depth 4), an
 expanding path of 2x2 up-convolutions that halve the channels, concatenation with the (centre-cropped)
-encoder features of the same level, double 3x3 convs, and a final 1x1 conv to the class scores.
+encoder features of the same level, double 3x3 convs, and a final 1x1 conv to the class scores:
+encoder (``UNetEncoder``), decoder (``UNetDecoder``) and head.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from pixelwise.encoders import Features
 from pixelwise.errors import UserError
 from pixelwise.layers import UPSAMPLE_KINDS, ConvNormAct, center_crop, make_upsample, mirror_pad
+from pixelwise.models.anatomy import LoadsOldKeys
 
 
 class DoubleConv(nn.Sequential):
@@ -34,7 +37,92 @@ class DoubleConv(nn.Sequential):
         )
 
 
-class UNet(nn.Module):
+class UNetEncoder(nn.Module):
+    """U-Net's contracting path: a ``DoubleConv``, then ``depth`` x (2x2 max pooling, ``DoubleConv``).
+
+    Args:
+        in_channels: input channels.
+        widths: channels of each level, ``depth + 1`` of them (64, 128, 256, 512, 1024 in the paper).
+        conv_padding: padding of the 3x3 convs: 0 ('valid', the paper's) or 1 ('same').
+        norm_layer: normalisation after each 3x3 conv, or None.
+        return_indices: keep the max-pooling indices (for a max-unpooling expanding path).
+
+    Attributes:
+        out_channels: ``widths``.
+        strides: ``[1, 2, 4, ..., 2**depth]`` (nominal: valid convs also trim 4 pixels per level).
+
+    Shape:
+        (B, in_channels, H, W) -> ``Features``: the ``depth + 1`` levels' maps, high to low resolution,
+        with the pools' input ``sizes`` and, with ``return_indices``, their ``indices``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: list[int],
+        conv_padding: int,
+        norm_layer: type[nn.Module] | None,
+        return_indices: bool,
+    ) -> None:
+        super().__init__()
+        ins = [in_channels, *widths[:-1]]
+        self.blocks = nn.ModuleList(
+            [DoubleConv(i, o, conv_padding, norm_layer) for i, o in zip(ins, widths, strict=True)]
+        )
+        self.return_indices = return_indices
+        self.out_channels = list(widths)
+        self.strides = [2**i for i in range(len(widths))]
+
+    def forward(self, x: torch.Tensor) -> Features:
+        maps, indices, sizes = [], [], []
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                sizes.append((x.shape[-2], x.shape[-1]))
+                if self.return_indices:
+                    x, idx = F.max_pool2d(x, 2, 2, return_indices=True)  # (B, C, H/2, W/2)
+                    indices.append(idx)
+                else:
+                    x = F.max_pool2d(x, 2, 2)  # (B, C, H/2, W/2)
+            x = block(x)
+            maps.append(x)
+        return Features(maps, indices=indices if self.return_indices else None, sizes=sizes)
+
+
+class UNetDecoder(nn.Module):
+    """U-Net's expanding path: ``depth`` x (2x2 up-convolution halving the channels, concatenation with
+    the centre-cropped encoder map of the same level, ``DoubleConv``).
+
+    Args:
+        widths: channels of each level, as the encoder's.
+        conv_padding: padding of the 3x3 convs: 0 ('valid') or 1 ('same').
+        norm_layer: normalisation after each 3x3 conv, or None.
+        upsample: an ``UPSAMPLE_KINDS`` kind ("transposed": the paper's up-convolution).
+
+    Shape:
+        the encoder's ``Features`` -> (B, widths[0], h, w): the top level's size, less 4 pixels per
+        level and direction with valid convs.
+    """
+
+    def __init__(self, widths: list[int], conv_padding: int, norm_layer: type[nn.Module] | None, upsample: str) -> None:
+        super().__init__()
+        levels = range(len(widths) - 1, 0, -1)  # deepest first
+        self.same = conv_padding > 0
+        self.ups = nn.ModuleList([make_upsample(upsample, widths[i], widths[i - 1], 2) for i in levels])
+        self.blocks = nn.ModuleList([DoubleConv(2 * widths[i - 1], widths[i - 1], conv_padding, norm_layer)
+                                     for i in levels])
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        x = feats[-1]  # the bottom level is not a skip
+        indices = feats.indices[::-1] if feats.indices is not None else [None] * len(self.ups)
+        for up, block, skip, idx in zip(self.ups, self.blocks, feats[-2::-1], indices, strict=True):
+            out_size = skip.shape[-2:] if self.same else None
+            x = up(x, indices=idx, output_size=out_size)  # (B, C_skip, 2h, 2w)
+            skip = center_crop(skip, x.shape[-2:])  # (B, C_skip, 2h, 2w)
+            x = block(torch.cat([skip, x], dim=1))
+        return x
+
+
+class UNet(LoadsOldKeys, nn.Module):
     """U-Net (Ronneberger et al., MICCAI 2015), with 'valid' (the paper's) or 'same' convolutions.
 
     ``padding="valid"`` is the paper's network: unpadded 3x3 convs, so a 572x572 tile gives a
@@ -68,6 +156,9 @@ class UNet(nn.Module):
         (B, in_channels, n, n') -> (B, num_classes, n - margin, n' - margin).
     """
 
+    # the levels were the model's `down`, `up` and `decode` lists
+    OLD_KEYS = {"down.": "encoder.blocks.", "up.": "decoder.ups.", "decode.": "decoder.blocks."}
+
     def __init__(
         self,
         num_classes: int,
@@ -94,18 +185,11 @@ class UNet(nn.Module):
             raise UserError(f"unet base_channels={base_channels} and num_classes={num_classes} must be positive")
         self.depth = depth
         self.padding = padding
-        self.upsample_kind = upsample
         self.margin = 12 * 2**depth - 8 if padding == "valid" else 0  # input size - output size of forward_valid
         conv_pad = 0 if padding == "valid" else 1
         widths = [base_channels * 2**i for i in range(depth + 1)]  # 64, 128, 256, 512, 1024
-        self.down = nn.ModuleList(
-            [DoubleConv(in_channels, widths[0], conv_pad, norm_layer)]
-            + [DoubleConv(widths[i - 1], widths[i], conv_pad, norm_layer) for i in range(1, depth + 1)]
-        )
-        self.up = nn.ModuleList([make_upsample(upsample, widths[i], widths[i - 1], 2) for i in range(depth, 0, -1)])
-        self.decode = nn.ModuleList(
-            [DoubleConv(2 * widths[i - 1], widths[i - 1], conv_pad, norm_layer) for i in range(depth, 0, -1)]
-        )
+        self.encoder = UNetEncoder(in_channels, widths, conv_pad, norm_layer, return_indices=upsample == "max_unpool")
+        self.decoder = UNetDecoder(widths, conv_pad, norm_layer, upsample)
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         # The paper: Gaussian init with std sqrt(2 / N), N = k*k*C_in (He et al.'s fan-in rule).
         for m in self.modules():
@@ -142,34 +226,13 @@ class UNet(nn.Module):
         b = max(8, -(-(min_output + self.margin - offset) // step))
         return step * b + offset
 
-    def classifier_layers(self) -> list[nn.Module]:
-        """The final 1x1 conv to class scores (its own lr in the papers' optimisers)."""
-        return [self.head]
-
     def forward_valid(self, x: torch.Tensor) -> torch.Tensor:
         """The network itself, without padding the input: the paper's 572 -> 388 (depth 4, 'valid')."""
         for size in x.shape[-2:]:
             self.valid_output_size(size)
-        skips = []
-        indices = []
-        for i, block in enumerate(self.down):
-            if i > 0:
-                if self.upsample_kind == "max_unpool":
-                    x, idx = F.max_pool2d(x, 2, 2, return_indices=True)  # (B, C, H/2, W/2)
-                    indices.append(idx)
-                else:
-                    x = F.max_pool2d(x, 2, 2)  # (B, C, H/2, W/2)
-            x = block(x)
-            skips.append(x)
-        skips.pop()  # the bottom level is not a skip
-        for up, decode in zip(self.up, self.decode, strict=True):
-            skip = skips.pop()
-            idx = indices.pop() if indices else None
-            out_size = skip.shape[-2:] if self.padding == "same" else None
-            x = up(x, indices=idx, output_size=out_size)  # (B, C_skip, 2h, 2w)
-            skip = center_crop(skip, x.shape[-2:])  # (B, C_skip, 2h, 2w)
-            x = decode(torch.cat([skip, x], dim=1))
-        return self.head(x)
+        feats = self.encoder(x)  # depth + 1 levels, high to low resolution
+        y = self.decoder(feats)  # (B, base_channels, n - margin, n' - margin)
+        return self.head(y)  # (B, K, n - margin, n' - margin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
