@@ -1,6 +1,6 @@
 """A faster inference wrapper for any pixelwise (or other) segmentation model.
 
-Three independent switches, each a few lines, none changing what the model computes beyond
+Four independent switches, each a few lines, none changing what the model computes beyond
 floating-point rounding:
 
 - ``channels_last``: weights and inputs in NHWC memory order, the layout oneDNN (CPU) and cuDNN
@@ -8,8 +8,10 @@ floating-point rounding:
 - ``torch.inference_mode``: no autograd bookkeeping (no version counters, no saved tensors).
 - ``compile``: ``torch.compile`` (inductor) fuses the elementwise tail of every conv; it needs a
   C++ compiler on CPU and costs seconds to minutes on the first call.
-- ``amp``: bf16 autocast, on CUDA only. CPUs without bf16 hardware run bf16 hundreds of times
-  slower than fp32, so on a CPU the model always runs fp32.
+- ``amp``: bf16 autocast, on CUDA only; on a CPU the wrapper stays fp32 (its outputs match eager
+  mode). For bf16 on a CPU that runs it natively, decide with ``pixelwise.precision``
+  (``resolve_precision("auto", device)``, what ``--precision auto`` does): an emulating CPU runs
+  bf16 many times slower than fp32.
 
 Usage::
 
