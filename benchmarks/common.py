@@ -98,13 +98,15 @@ def set_threads(n: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or 'auto' -> a device; a clear SystemExit when CUDA is asked but absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible here; use --device cpu")
-    return device
+    """'cpu', 'cuda', 'cuda:N' or 'auto' -> a device (`pixelwise.inference.resolve_device`); a clear
+    SystemExit when the machine lacks it."""
+    from pixelwise.errors import UserError
+    from pixelwise.inference import resolve_device as resolve
+
+    try:
+        return resolve(name, "--device")
+    except UserError as e:
+        raise SystemExit(str(e)) from None
 
 
 def sync(device: torch.device) -> None:
@@ -186,18 +188,11 @@ def paired_ratio(ours_seconds: Sequence[float], peer_seconds: Sequence[float]) -
 
 # -------------------------------------------------------------------------------------- FLOPs
 def count_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of everything ``fn`` runs, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+    """FLOPs of everything ``fn`` runs: ``pixelwise.models.summary.flops_of`` (FlopCounterMode, a
+    multiply-accumulate = 2 FLOPs, convs and matmuls only, a backward inside ``fn`` included)."""
+    from pixelwise.models.summary import flops_of
 
-    A multiply-accumulate counts as 2 FLOPs. Only ops with a registered formula count (convs,
-    matmuls, attention); elementwise ops, norms and pooling are not counted, as in the usual MFU
-    definitions. A backward pass run inside ``fn`` is counted too.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
+    return flops_of(fn)
 
 
 # --------------------------------------------------------------------------------- JSON/tables

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from pixelwise.errors import UserError
 from pixelwise.layers import UPSAMPLE_KINDS
-from pixelwise.models.unet import unet, unet_weight_map
+from pixelwise.losses import unet_weight_map
+from pixelwise.models.unet import unet
 
 
 def _expected_params(in_channels: int, num_classes: int, base: int, depth: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,6 +23,19 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def flops_of(fn: Callable[[], object]) -> float:
+    """FLOPs of everything ``fn`` runs, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    A multiply-accumulate counts as 2 FLOPs. Only ops with a registered formula count (convs,
+    matmuls, attention); elementwise ops, norms and pooling are not counted, as in the usual MFU
+    definitions. A backward pass run inside ``fn`` is counted too.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def count_flops(name: str, num_classes: int, size: int) -> float:
     """FLOPs of one eval forward pass on a (1, 3, size, size) input, counted by torch's FlopCounterMode.
 
@@ -34,10 +49,8 @@ def count_flops(name: str, num_classes: int, size: int) -> float:
             with torch.device(device):
                 model = MODELS[name](num_classes=num_classes).eval()
                 x = torch.zeros(1, 3, size, size)
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                model(x)
-            return float(counter.get_total_flops())
+            with torch.no_grad():
+                return flops_of(lambda: model(x))  # noqa: B023 (called at once)
         except (NotImplementedError, RuntimeError):
             if device == "cpu":
                 raise
