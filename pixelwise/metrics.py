@@ -179,7 +179,7 @@ def boundary_f1_per_image(pred: np.ndarray | torch.Tensor, target: np.ndarray | 
     h, w = target.shape
     tol = tolerance * math.hypot(h, w)
     reach = int(math.ceil(tol)) + 1
-    valid = (target >= 0) & (target < num_classes)
+    valid = (target >= 0) & (target < num_classes) & (target != ignore_index)  # the ignore index lies outside
     target = np.where(valid, target, -1)
     pred = np.where(valid, pred, -1)
     gt_edges, pr_edges = _edges(target), _edges(pred)
