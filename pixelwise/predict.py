@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pixelwise.data.imageio import IMAGE_EXTENSIONS
 from pixelwise.errors import UserError
@@ -49,9 +48,9 @@ def predict_command(args: argparse.Namespace) -> int:
 
     from pixelwise.data.imageio import read_image
     from pixelwise.evaluate import inference_window, write_bad_files
-    from pixelwise.inference import normalize, predict_logits, resolve_device, resolve_dtype
+    from pixelwise.inference import resolve_device, resolve_dtype
     from pixelwise.palette import overlay, save_index_png, save_rgb_png
-    from pixelwise.precision import autocast
+    from pixelwise.segment import MAX_WHOLE_PIXELS, default_window, segment
     from pixelwise.weights import load_weights
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -60,8 +59,9 @@ def predict_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    crf_args = None
     if args.crf:
-        from pixelwise.crf import crf_kwargs, dense_crf
+        from pixelwise.crf import crf_kwargs
 
         crf_args = crf_kwargs(args.crf_preset)
     device = resolve_device(args.device)
@@ -74,26 +74,23 @@ def predict_command(args: argparse.Namespace) -> int:
     window = inference_window(args, meta.extra)
     stride = tuple(args.stride) if args.stride else None
     bad: list[tuple[str, str]] = []
-    written = 0
+    written = slid = 0
     # the bar is shown on terminals only and cleared on exit, so an error stays a single clean line
     with tqdm(files, desc="predict", unit="image", leave=False, disable=None) as bar:
         for path in bar:
             try:
                 image = read_image(path)  # (H, W, 3) uint8
+                # above MAX_WHOLE_PIXELS by sliding window in chunks: memory O(window), not O(image)
+                labels = segment(model, image, mean=meta.mean, std=meta.std, num_classes=meta.num_classes,
+                                 device=device, dtype=dtype, mode=args.mode, window=window, stride=stride,
+                                 scales=args.scales, flip=args.flip, crf_args=crf_args,
+                                 default_win=default_window(meta.extra), name=str(path))  # (H, W)
             except UserError as e:
                 if not args.skip_bad:
                     raise
                 bad.append((str(path), str(e)))
                 continue
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
-            with autocast(device, dtype):
-                logits = predict_logits(model, normalize(x, meta.mean, meta.std), mode=args.mode, window=window,
-                                        stride=stride, scales=args.scales, flip=args.flip,
-                                        num_classes=meta.num_classes)
-            logits = logits.float()  # (1, K, H, W)
-            if args.crf:
-                logits = dense_crf(logits.softmax(1), x, **crf_args)  # refined probabilities, same argmax role
-            labels = logits.argmax(1)[0].cpu().numpy()  # (H, W)
+            slid += args.mode == "whole" and labels.size > MAX_WHOLE_PIXELS
             save_index_png(out / "masks" / f"{path.stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
             shown = overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index)
             if args.side_by_side:
@@ -105,5 +102,6 @@ def predict_command(args: argparse.Namespace) -> int:
     if written == 0:
         raise UserError(f"none of the {len(files)} inputs could be read; see {out / 'bad_files.txt'}")
     print(f"wrote {written} masks to {out / 'masks'} and overlays to {out / 'overlays'}"
+          + (f"; {slid} images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" if slid else "")
           + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else ""))
     return 0

@@ -518,3 +518,59 @@ def test_uvicorn_level_errors_are_json():
                     400, "malformed HTTP request")
         _json_error(*raw_exchange(address, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[:3],
                     404, "Not Found")
+
+
+# ---- memory: the largest accepted image ----------------------------------------------------------------
+
+PEAK_SCRIPT = r'''
+import io, json, sys, time
+import numpy as np, torch, torch.nn as nn
+from PIL import Image
+from fastapi.testclient import TestClient
+from pixelwise.serve.app import ServeLimits, create_app
+from pixelwise.weights import WeightsMeta
+
+class Wide(nn.Module):  # 16 float32 activations per pixel: 1 GiB for a 16 MP image inferred whole
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 2, 1))
+    def forward(self, x):
+        return self.net(x)
+
+def peak_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
+
+torch.manual_seed(0)
+data = open(sys.argv[1], "rb").read()
+meta = WeightsMeta(model_name="wide", model_kwargs={}, classes=["a", "b"], palette=[(0, 0, 0), (255, 0, 0)])
+with TestClient(create_app(Wide(), meta, limits=ServeLimits())) as c:
+    warm = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(warm, format="PNG")
+    assert c.post("/v1/segment", files={"image": ("w.png", warm.getvalue())}).status_code == 200
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS count here
+    base, start = peak_mib(), time.perf_counter()
+    r = c.post("/v1/segment?format=json", files={"image": ("big.png", data)})
+    seconds, peak = time.perf_counter() - start, peak_mib()
+print(json.dumps({"status": r.status_code, "body": r.json(), "base_mib": base, "peak_mib": peak, "seconds": seconds}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
+def test_peak_memory_for_the_largest_accepted_image_is_bounded(tmp_path):
+    """A 4000x4000 PNG (exactly max_pixels) drove the service to 7.2 GB: it was inferred whole. Chunked
+    sliding windows keep the growth to a few hundred MiB for a model that needs ~2.5 GiB whole."""
+    block = np.zeros((128, 128, 3), np.uint8)
+    block[:64, :, 0], block[:, :64, 1], block[..., 2] = 200, 200, 50
+    side = int(ServeLimits().max_pixels ** 0.5)
+    assert side * side == ServeLimits().max_pixels
+    path = tmp_path / "largest.png"
+    Image.fromarray(np.tile(block, (32, 32, 1))[:side, :side]).save(path)  # 57 kB of PNG
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["status"] == 200 and (result["body"]["width"], result["body"]["height"]) == (side, side)
+    growth = result["peak_mib"] - result["base_mib"]
+    print(f"\nlargest accepted image {side}x{side}: peak RSS +{growth:.0f} MiB over {result['base_mib']:.0f} MiB, "
+          f"{result['seconds']:.1f} s")
+    assert growth < 600

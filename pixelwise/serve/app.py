@@ -43,6 +43,7 @@ from pixelwise.data.imageio import FORMAT_NAMES, ImageFormatError, ImageTooLarge
 from pixelwise.errors import UserError
 from pixelwise.palette import index_png_bytes, overlay
 from pixelwise.precision import precision_name
+from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment
 from pixelwise.weights import WeightsMeta
 
 FORMATS = ("png", "json", "overlay")
@@ -59,6 +60,7 @@ class ServeLimits:
     header_timeout: float = 10.0  # a request head must be complete this long after the connection is idle
     body_timeout: float = 60.0  # 20 MiB in 60 s is 350 kB/s: a slow phone link, not a client that trickles
     max_connections: int = 512  # open sockets; one more evicts the longest-idle one (see serve/protocol.py)
+    max_whole_pixels: int = MAX_WHOLE_PIXELS  # larger images are slid in chunks: memory O(window), not O(image)
 
 
 class ApiError(Exception):
@@ -164,7 +166,9 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 def class_fractions(pred: np.ndarray, num_classes: int) -> list[float]:
     """Share of the pixels predicted as each class; sums to 1."""
-    counts = np.bincount(pred.ravel(), minlength=num_classes)[:num_classes]
+    counts = np.zeros(num_classes, np.int64)
+    for rows in np.array_split(pred, max(1, pred.size // 2**20)):  # bincount copies to int64: a band at a time
+        counts += np.bincount(rows.ravel(), minlength=num_classes)[:num_classes]
     return (counts / max(pred.size, 1)).tolist()
 
 
@@ -172,27 +176,28 @@ class Segmenter:
     """Runs the model on one decoded image at a time (called from the single worker thread)."""
 
     def __init__(self, model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, crf_preset: str = "deeplab_vgg"):
+                 dtype: torch.dtype | None = None, crf_preset: str = "deeplab_vgg",
+                 max_whole_pixels: int = MAX_WHOLE_PIXELS):
         self.device = torch.device(device)
         self.dtype = dtype  # autocast dtype, None = fp32
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.crf_preset = crf_preset
+        self.max_whole_pixels = max_whole_pixels
+        self.window = default_window(meta.extra)
 
     def __call__(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
-        """RGB uint8 ``(H, W, 3)`` -> class indices int64 ``(H, W)``, whole-image inference."""
-        from pixelwise.inference import normalize, predict_logits
-        from pixelwise.precision import autocast
+        """RGB uint8 ``(H, W, 3)`` -> class indices ``(H, W)``: whole-image inference up to `max_whole_pixels`,
+        above it by sliding window in chunks (`pixelwise.segment`), so memory is bounded by the window."""
+        from pixelwise.crf import crf_kwargs
 
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device)  # (1, 3, H, W) uint8
-        with autocast(self.device, self.dtype):
-            logits = predict_logits(self.model, normalize(x, self.meta.mean, self.meta.std))
-        logits = logits.float()  # (1, K, H, W)
-        if crf:
-            from pixelwise.crf import crf_kwargs, dense_crf
-
-            logits = dense_crf(logits.softmax(1), x, **crf_kwargs(self.crf_preset))  # refined probabilities
-        return logits.argmax(1)[0].cpu().numpy()
+        try:
+            return segment(self.model, image, mean=self.meta.mean, std=self.meta.std,
+                           num_classes=self.meta.num_classes, device=self.device, dtype=self.dtype,
+                           crf_args=crf_kwargs(self.crf_preset) if crf else None, default_win=self.window,
+                           max_whole_pixels=self.max_whole_pixels, name="uploaded image")
+        except NeedsWholeImage as e:
+            raise ApiError(413, str(e)) from None
 
 
 def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
@@ -200,7 +205,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
     """The service for one model and its weights metadata (see the module docstring for the API);
     `dtype` is the autocast dtype of inference (None = fp32)."""
     limits = limits or ServeLimits()
-    segmenter = Segmenter(model, meta, device=device, dtype=dtype)
+    segmenter = Segmenter(model, meta, device=device, dtype=dtype, max_whole_pixels=limits.max_whole_pixels)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelwise-infer")
     page = resources.files("pixelwise.serve").joinpath("static/index.html").read_bytes()
     admitted = 0  # requests between admission and answer; the event loop is the only writer
@@ -260,7 +265,8 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
             "device": str(segmenter.device),
             "precision": precision_name(segmenter.dtype),
             "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-                       "max_queue": limits.max_queue},
+                       "max_queue": limits.max_queue, "max_whole_pixels": limits.max_whole_pixels,
+                       "window": list(segmenter.window)},
         }
 
     @app.post("/v1/segment")
