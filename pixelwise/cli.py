@@ -12,6 +12,7 @@ import os
 import sys
 
 from pixelwise.errors import UserError
+from pixelwise.fileio import describe_os_error
 
 # sub-command -> "module:function" taking the parsed argparse.Namespace
 HANDLERS = {
@@ -132,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         one_line = " ".join(str(e).split())  # a message quoting a library's multi-line text stays one line
         print(f"pixelwise {args.command}: error: {one_line}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk, not the code: full, read-only, a file where a folder should be...
+        line = describe_os_error(e)
+        if line is None:
+            raise
+        print(f"pixelwise {args.command}: error: {line}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         extra = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "fastapi": "serve",
