@@ -22,6 +22,7 @@ overlap) is tiled by `predict_logits` over the whole image, holding K float32 pe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,9 +47,10 @@ def default_window(extra: dict) -> tuple[int, int]:
     return DEFAULT_WINDOW
 
 
-def segment(model: nn.Module, image: np.ndarray, *, mean, std, num_classes: int, device: torch.device,
-            dtype: torch.dtype | None = None, mode: str = "whole", window: tuple[int, int] | None = None,
-            stride: tuple[int, int] | None = None, scales=(1.0,), flip: bool = False, crf_args: dict | None = None,
+def segment(model: nn.Module, image: np.ndarray, *, mean: Sequence[float], std: Sequence[float], num_classes: int,
+            device: torch.device, dtype: torch.dtype | None = None, mode: str = "whole",
+            window: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
+            scales: Sequence[float] = (1.0,), flip: bool = False, crf_args: dict | None = None,
             default_win: tuple[int, int] = DEFAULT_WINDOW, max_whole_pixels: int = MAX_WHOLE_PIXELS,
             name: str = "image") -> np.ndarray:
     """Class labels of an RGB image; above `max_whole_pixels` by chunked sliding window (module docstring).
@@ -86,7 +88,8 @@ def _overlap_tiled(model: nn.Module) -> bool:
     return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
 
 
-def _scores(model: nn.Module, image: np.ndarray, *, mean, std, device, dtype, **kwargs) -> torch.Tensor:
+def _scores(model: nn.Module, image: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+            device: torch.device, dtype: torch.dtype | None, **kwargs) -> torch.Tensor:
     """`predict_logits` on an (h, w, 3) uint8 array, as float32 logits (1, K, h, w)."""
     from pixelwise.inference import normalize, predict_logits
     from pixelwise.precision import autocast

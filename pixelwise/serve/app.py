@@ -221,26 +221,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
     app.state.limits = limits
     app.state.meta = meta
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return _error_response(exc.status, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected_error(request: Request, exc: Exception):
-        # starlette logs the traceback after this answer; the client gets the one shape, without internals
-        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return _error_response(500, f"internal error ({type(exc).__name__}) while answering {request.method} "
-                                    f"{request.url.path}; the server log has the details")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
+    _add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -254,20 +235,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
 
     @app.get("/v1/model")
     async def model_info() -> dict:
-        return {
-            "model": meta.model_name,
-            "model_kwargs": meta.model_kwargs,
-            "num_classes": meta.num_classes,
-            "classes": meta.classes,
-            "palette": [list(c) for c in meta.palette],
-            "mean": list(meta.mean),
-            "std": list(meta.std),
-            "device": str(segmenter.device),
-            "precision": precision_name(segmenter.dtype),
-            "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-                       "max_queue": limits.max_queue, "max_whole_pixels": limits.max_whole_pixels,
-                       "window": list(segmenter.window)},
-        }
+        return _model_info(meta, segmenter, limits)
 
     @app.post("/v1/segment")
     async def segment(request: Request, format: str = "png", crf: bool = False, alpha: float = 0.5) -> Response:
@@ -284,21 +252,70 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
             raise ApiError(503, f"busy: {admitted} requests are queued (limit {limits.max_queue}); retry shortly")
         admitted += 1
         try:
-            try:
-                form = await request.form(max_files=1, max_fields=4)
-            except ClientDisconnect:
-                raise ApiError(400, "the client closed the connection before the upload was complete") from None
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise ApiError(400, "no file in the multipart field 'image'; send the image as image=@FILE")
-            data = await upload.read()  # its declared type is not trusted either way: the bytes decide
-            await form.close()
+            data = await _read_upload(request)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(worker, _answer, segmenter, data, format, crf, alpha, limits)
         finally:
             admitted -= 1
 
     return app
+
+
+async def _read_upload(request: Request) -> bytes:
+    """The bytes of the multipart field ``image``; its declared content type is not trusted: the bytes decide."""
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before the upload was complete") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "no file in the multipart field 'image'; send the image as image=@FILE")
+    data = await upload.read()
+    await form.close()
+    return data
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error the app raises becomes the one JSON shape, unexpected ones included (500)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception):
+        # starlette logs the traceback after this answer; the client gets the one shape, without internals
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return _error_response(500, f"internal error ({type(exc).__name__}) while answering {request.method} "
+                                    f"{request.url.path}; the server log has the details")
+
+
+def _model_info(meta: WeightsMeta, segmenter: Segmenter, limits: ServeLimits) -> dict:
+    """The body of ``GET /v1/model``."""
+    return {
+        "model": meta.model_name,
+        "model_kwargs": meta.model_kwargs,
+        "num_classes": meta.num_classes,
+        "classes": meta.classes,
+        "palette": [list(c) for c in meta.palette],
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "device": str(segmenter.device),
+        "precision": precision_name(segmenter.dtype),
+        "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+                   "max_queue": limits.max_queue, "max_whole_pixels": limits.max_whole_pixels,
+                   "window": list(segmenter.window)},
+    }
 
 
 def _answer(segmenter: Segmenter, data: bytes, format: str, crf: bool, alpha: float,
