@@ -5,6 +5,8 @@ palette = the weights' class colours) and `OUT/overlays/x.png` (the colours blen
 Every file is written atomically. Inputs are checked before any work: a missing file, an empty
 folder or two inputs with the same stem stop the run with one line. A file that cannot be read
 stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
+An image above 2048x1024 pixels is inferred by sliding window in chunks (`pixelwise.segment`), so
+memory is bounded by the window whatever the image size; the summary line says how many were.
 """
 
 from __future__ import annotations
