@@ -14,6 +14,7 @@ import os
 import sys
 
 from pixelwise.errors import ArgumentError, UserError
+from pixelwise.fileio import describe_os_error
 
 # top-level module an optional feature imports -> the extra that installs it (pyproject.toml)
 MISSING_EXTRA = {
@@ -207,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ArgumentError) as e:  # an ArgumentError no front end translated: library words
         one_line = " ".join(str(e).split())  # a message quoting a library's multi-line text stays one line
         print(f"pixelwise {args.command}: error: {one_line}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk, not the code: full, read-only, a file where a folder should be...
+        line = describe_os_error(e)
+        if line is None:
+            raise
+        print(f"pixelwise {args.command}: error: {line}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         extra = MISSING_EXTRA.get((e.name or "").split(".")[0])

@@ -259,7 +259,7 @@ def export_torch(
     dynamic: bool = True,
     size: tuple[int, int] = (512, 512),
     check: bool = True,
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export `model` (eval mode) with ``torch.export`` and save the program (``.pt2``), atomically.
 
@@ -273,7 +273,7 @@ def export_torch(
         size: example input (H, W).
         check: run each candidate program at the example size and at a second size and compare with
             `model`; a program that guards on the example's size, or differs, is discarded.
-        metadata: JSON-able strings stored with the program.
+        metadata: a JSON-able dict, stored with the program as the JSON file ``pixelwise.json``.
 
     Returns:
         ``exporter="torch.export"``, the dynamic dimensions and the checked error.
@@ -325,7 +325,7 @@ def export_command(args: argparse.Namespace) -> int:
     from pixelwise.weights import load_weights
 
     model, meta = load_weights(args.weights)
-    metadata = {"pixelwise": json.dumps(asdict(meta))}
+    metadata = {"pixelwise": json.dumps(asdict(meta))}  # ONNX metadata_props map strings to strings
     size = (int(args.size[0]), int(args.size[1]))
     out = Path(args.out)
     if out.is_dir():
@@ -340,7 +340,7 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         if args.opset is not None:
             raise UserError("--opset applies to --format onnx only; leave it out for torch-export")
-        result = export_torch(model, out, dynamic=not args.static, size=size, metadata=metadata)
+        result = export_torch(model, out, dynamic=not args.static, size=size, metadata=asdict(meta))  # JSON, once
         how = "torch.export program"
         use = f"load with torch.export.load({str(out)!r}).module()"
     fixed = {"batch": 1, "height": size[0], "width": size[1]}

@@ -65,6 +65,14 @@ def resolve_dtype(name: str, device: torch.device, argument: str = "--precision"
         raise UserError(f"{argument} {name}: {e}") from None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (else buffers) live; the CPU for a model that has neither."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 images -> float32 `(x / 255 - mean) / std`, on the images' device.
 

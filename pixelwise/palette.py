@@ -15,6 +15,7 @@ __all__ = ["IGNORE_COLOR", "colorize", "default_palette", "index_png_bytes", "ov
            "save_rgb_png"]
 
 IGNORE_COLOR = (224, 224, 192)  # PASCAL VOC's colour for "void" pixels
+_BLEND_PIXELS = 2**20  # pixels blended at once: ~30 MB of temporaries, whatever the image size
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
@@ -61,10 +62,15 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[tuple[int, in
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
-    colours = colorize(mask, palette, ignore_index=ignore_index).astype(np.float32)
-    a = np.where(mask == ignore_index, 0.0, alpha).astype(np.float32)[..., None]  # (H, W, 1)
-    out = image.astype(np.float32) * (1 - a) + colours * a
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = np.empty(image.shape[:2] + (3,), np.uint8)
+    rows = max(1, _BLEND_PIXELS // max(image.shape[1], 1))  # float32 temporaries for a band of rows, not the image
+    for y in range(0, image.shape[0], rows):
+        m = mask[y : y + rows]
+        colours = colorize(m, palette, ignore_index=ignore_index).astype(np.float32)
+        a = np.where(m == ignore_index, 0.0, alpha).astype(np.float32)[..., None]  # (h, W, 1)
+        blend = image[y : y + rows].astype(np.float32) * (1 - a) + colours * a
+        out[y : y + rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
 
 
 def index_png_bytes(mask: np.ndarray, palette: Sequence[tuple[int, int, int]], *, ignore_index: int = 255) -> bytes:

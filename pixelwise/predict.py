@@ -5,6 +5,8 @@ palette = the weights' class colours) and `OUT/overlays/x.png` (the colours blen
 Every file is written atomically. Inputs are checked before any work: a missing file, an empty
 folder or two inputs with the same stem stop the run with one line. A file that cannot be read
 stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
+An image above 2048x1024 pixels is inferred by sliding window in chunks (`pixelwise.segment`), so
+memory is bounded by the window whatever the image size; the summary line says how many were.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pixelwise.data.imageio import IMAGE_EXTENSIONS
 from pixelwise.errors import UserError
@@ -49,10 +50,10 @@ def predict_command(args: argparse.Namespace) -> int:
 
     from pixelwise.cli import inference_spec
     from pixelwise.data.imageio import read_image
-    from pixelwise.engine import segment
     from pixelwise.evaluate import write_bad_files
     from pixelwise.inference import resolve_device, resolve_dtype
     from pixelwise.palette import overlay, save_index_png, save_rgb_png
+    from pixelwise.segment import MAX_WHOLE_PIXELS, default_window, segment_image
     from pixelwise.weights import load_weights
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -70,20 +71,21 @@ def predict_command(args: argparse.Namespace) -> int:
                         "use weights of a 3-channel model")
     spec = inference_spec(args, meta.extra, dtype)
     bad: list[tuple[str, str]] = []
-    written = 0
+    written = slid = 0
     # the bar is shown on terminals only and cleared on exit, so an error stays a single clean line
     with tqdm(files, desc="predict", unit="image", leave=False, disable=None) as bar:
         for path in bar:
             try:
                 image = read_image(path)  # (H, W, 3) uint8
+                # above MAX_WHOLE_PIXELS by sliding window in chunks: memory O(window), not O(image)
+                labels = segment_image(model, image, spec, mean=meta.mean, std=meta.std, num_classes=meta.num_classes,
+                                       default_win=default_window(meta.extra), name=str(path))  # (H, W)
             except UserError as e:
                 if not args.skip_bad:
                     raise
                 bad.append((str(path), str(e)))
                 continue
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
-            scores = segment(model, x, spec, mean=meta.mean, std=meta.std, num_classes=meta.num_classes)
-            labels = scores.argmax(1)[0].cpu().numpy()  # (H, W)
+            slid += args.mode == "whole" and labels.size > MAX_WHOLE_PIXELS
             save_index_png(out / "masks" / f"{path.stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
             shown = overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index)
             if args.side_by_side:
@@ -95,5 +97,6 @@ def predict_command(args: argparse.Namespace) -> int:
     if written == 0:
         raise UserError(f"none of the {len(files)} inputs could be read; see {out / 'bad_files.txt'}")
     print(f"wrote {written} masks to {out / 'masks'} and overlays to {out / 'overlays'}"
+          + (f"; {slid} images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" if slid else "")
           + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else ""))
     return 0

@@ -8,10 +8,12 @@ needs nothing else. Training checkpoints (`.pt`) are read with `torch.load(weigh
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +102,145 @@ def read_weights_meta(path: str | Path) -> WeightsMeta:
                         "make one with `pixelwise init-weights` or `pixelwise train`")
     try:
         raw = json.loads(header["meta"])
-        raw["palette"] = [tuple(c) for c in raw["palette"]]
-        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-        meta = WeightsMeta(**raw)
-    except (ValueError, TypeError, KeyError) as e:
+    except ValueError as e:
         raise UserError(f"{path}: damaged pixelwise metadata ({_short(e)})") from None
-    if entry is not None and entry.crf:
+    meta = check_meta(raw, path)
+    if entry is not None and entry.crf:  # built-in weights: the CRF chosen for them
         meta.extra.setdefault("crf", dict(entry.crf))
     return meta
+
+
+# builder keywords a weights file may not carry: the class count comes from `classes`, and a file holds its
+# own tensors rather than naming other files
+_NOT_STORED = ("num_classes", "weights", "weights_backbone", "init_from")
+_MAX_INT = 65536  # no builder keyword (channels, depth, stride, rates) is sensibly larger
+_MAX_CLASSES = 65536  # class-index PNGs hold 16 bits
+
+
+class _Invalid(Exception):
+    """One metadata field that fails the schema: (field, value, what it must be)."""
+
+
+def check_meta(raw: Any, path: str | Path) -> WeightsMeta:
+    """Check weights metadata against its schema before anything is built from it; one line per failure.
+
+    Every field is checked for type and range, `model_kwargs` against the builder's own signature.
+    """
+    try:
+        return _checked_meta(raw)
+    except _Invalid as e:
+        field_name, value, need = e.args
+        shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
+        raise UserError(f"{path}: metadata {field_name}={shown} is not valid: {need}; re-save the weights with "
+                        "pixelwise or fix the file") from None
+
+
+def _checked_meta(raw: Any) -> WeightsMeta:
+    from pixelwise.models import MODELS
+
+    if not isinstance(raw, dict):
+        raise _Invalid("meta", raw, "it must be a JSON object")
+    known = {f.name for f in fields(WeightsMeta)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _Invalid(unknown[0], raw[unknown[0]], f"no such field; the fields are {', '.join(sorted(known))}")
+    missing = [key for key in ("model_name", "model_kwargs", "classes", "palette") if key not in raw]
+    if missing:
+        raise _Invalid(missing[0], None, "the field is missing")
+    name, classes, palette = raw["model_name"], raw["classes"], raw["palette"]
+    if not isinstance(name, str) or name not in MODELS:
+        raise _Invalid("model_name", name, f"choose one of {', '.join(MODELS)}")
+    if not (isinstance(classes, list) and 1 <= len(classes) <= _MAX_CLASSES
+            and all(isinstance(c, str) for c in classes)):
+        raise _Invalid("classes", classes, f"a list of 1 to {_MAX_CLASSES} class names")
+    if not (isinstance(palette, list) and len(palette) == len(classes) and all(_is_rgb(c) for c in palette)):
+        raise _Invalid("palette", palette, f"one [r, g, b] colour (0..255) per class, {len(classes)} in all")
+    kwargs = _checked_kwargs(name, raw["model_kwargs"])
+    channels = kwargs.get("in_channels", 3)
+    ignore = raw.get("ignore_index", 255)
+    if not (_is_int(ignore) and abs(ignore) < 2**31 and not 0 <= ignore < len(classes)):
+        raise _Invalid("ignore_index", ignore, f"an integer that is not a class index (0..{len(classes) - 1})")
+    return WeightsMeta(name, kwargs, list(classes), [tuple(c) for c in palette],
+                       _checked_stats(raw, "mean", channels), _checked_stats(raw, "std", channels), ignore,
+                       _checked_extra(raw.get("extra", {})))
+
+
+def _checked_stats(raw: dict, key: str, channels: int) -> tuple[float, ...]:
+    """`mean` or `std`: one finite number per input channel (std > 0), ImageNet's when absent."""
+    value = raw.get(key, list(IMAGENET_MEAN if key == "mean" else IMAGENET_STD))
+    if not (isinstance(value, list) and len(value) == channels and all(_finite(v) for v in value)
+            and (key == "mean" or min(value) > 0)):
+        raise _Invalid(key, value, f"{channels} finite numbers, one per input channel"
+                                   + (", all above 0" if key == "std" else ""))
+    return tuple(float(v) for v in value)
+
+
+def _checked_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
+    """`model_kwargs` against builder `name`'s keyword parameters and their annotated types."""
+    from pixelwise.models import MODELS
+
+    if not isinstance(kwargs, dict):
+        raise _Invalid("model_kwargs", kwargs, "a JSON object of builder keywords")
+    params = inspect.signature(MODELS[name]).parameters
+    for key, value in kwargs.items():
+        where = f"model_kwargs.{key}"
+        if key in _NOT_STORED:
+            raise _Invalid(where, value, "a weights file may not set it (the class count comes from `classes`, and "
+                                         "a file holds its own tensors and may not point at other files)")
+        if key not in params:
+            allowed = ", ".join(k for k in params if k not in _NOT_STORED)
+            raise _Invalid(where, value, f"model {name!r} has no option {key!r}; it takes {allowed}")
+        kind = str(params[key].annotation)
+        ok = {"int": _is_int(value) and 0 <= value <= _MAX_INT, "bool": isinstance(value, bool),
+              "float": _finite(value),
+              "str": isinstance(value, str) and len(value) <= 64,
+              "tuple[int, ...]": isinstance(value, list) and 0 < len(value) <= 64
+              and all(_is_int(v) and 0 < v <= _MAX_INT for v in value)}.get(kind, False)
+        if not ok:
+            need = {"int": f"an integer in 0..{_MAX_INT}", "bool": "true or false", "float": "a finite number",
+                    "str": "a short string",
+                    "tuple[int, ...]": "a list of positive integers"}.get(kind, "not storable in a weights file")
+            raise _Invalid(where, value, need)
+    return dict(kwargs)
+
+
+def _checked_extra(extra: Any) -> dict[str, Any]:
+    """`extra` is free-form, except the sizes inference reads from it: two positive pixel counts each."""
+    if not isinstance(extra, dict):
+        raise _Invalid("extra", extra, "a JSON object")
+    for key in ("crop_size", "synthetic_size"):
+        size = extra.get(key)
+        if size is not None and not (isinstance(size, list) and len(size) == 2
+                                     and all(_is_int(v) and 0 < v <= _MAX_INT for v in size)):
+            raise _Invalid(f"extra.{key}", size, f"[height, width], two integers in 1..{_MAX_INT}")
+    if "crf" in extra:
+        from pixelwise.crf import CRFParams
+
+        try:
+            CRFParams.from_dict(extra["crf"])
+        except (ArgumentError, TypeError) as e:
+            raise _Invalid("extra.crf", extra["crf"], f"the dense CRF's parameters ({e})") from None
+    return dict(extra)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_rgb(c: Any) -> bool:
+    return isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, WeightsMeta]:
@@ -119,16 +252,10 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from pixelwise.models import get_model
     from pixelwise.pretrained import resolve
 
-    meta = read_weights_meta(path)  # with a built-in's chosen CRF
+    meta = read_weights_meta(path)  # schema-checked (nothing reaches a builder unchecked); a built-in's CRF added
     path = resolve(path)  # a built-in name becomes its file, sha256 checked
-    for key in ("weights_backbone", "init_from"):  # save_weights never stores them: a file must not name files
-        if key in meta.model_kwargs:
-            raise UserError(f"{path}: metadata model_kwargs names {key}={meta.model_kwargs[key]!r}; a weights file "
-                            "holds its own tensors and may not point at other files — re-save it with pixelwise")
-    try:
-        model = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
-    except ArgumentError as e:
-        raise UserError(f"{path}: its metadata cannot build a model ({e}); re-save the file with pixelwise") from None
+    _check_shapes(path, meta)  # before the model is built for real: a file cannot make it build big
+    model = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
@@ -138,6 +265,33 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except RuntimeError as e:
         raise UserError(f"{path}: tensors do not fit model {meta.model_name!r} ({_short(e)})") from None
     return model.to(device).eval(), meta
+
+
+def _check_shapes(path: Path, meta: WeightsMeta) -> None:
+    """The file's tensor names and shapes against the declared model, built on the meta device (no memory)."""
+    from safetensors import safe_open
+
+    from pixelwise.models import get_model
+
+    try:
+        with torch.device("meta"):
+            skeleton = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
+    except (UserError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: metadata model_kwargs={json.dumps(meta.model_kwargs)} do not build model "
+                        f"{meta.model_name!r} ({_short(e)}); re-save the weights with pixelwise") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UserError(f"{path}: cannot read the tensors ({_short(e)}); the file is damaged") from None
+    # a strict load of shape-only tensors: the model's own checks, old key names (models.anatomy) included
+    try:
+        skeleton.load_state_dict({k: torch.empty(shape, device="meta") for k, shape in stored.items()})
+    except RuntimeError as e:
+        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), _short(e))
+        raise UserError(f"{path}: the tensors do not fit model {meta.model_name!r} with "
+                        f"{json.dumps(meta.model_kwargs)} ({problem[:300]}); the metadata does not describe these "
+                        "tensors — re-save the weights with pixelwise") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -133,4 +133,4 @@ def test_upload_shows_overlay_and_legend(server_url, browser, tmp_path):
     browser.find_element(By.ID, "file").send_keys(str(bad))
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
     status = browser.find_element(By.ID, "status")
-    assert "400" in status.text and "cannot decode" in status.text and status.get_attribute("class") == "error"
+    assert "415" in status.text and "not recognised" in status.text and status.get_attribute("class") == "error"

@@ -191,3 +191,25 @@ def test_predict_bad_inputs(tmp_path, weights, capsys):
     _one_line_error(rc, err, "would both be written as good.png")
     rc, _, err = _run(capsys, "predict", "--weights", weights, good, "--out", out, "--device", "tpu")
     _one_line_error(rc, err, "--device 'tpu'")
+
+
+@pytest.mark.slow
+def test_predict_slides_an_image_above_the_whole_image_limit(tmp_path, weights, capsys):
+    """A 9400x9400 PNG was inferred whole and ended the run with an allocation traceback: above
+    MAX_WHOLE_PIXELS, predict slides the default window in chunks and says so."""
+    from pixelwise.segment import MAX_WHOLE_PIXELS
+    from pixelwise.weights import load_weights
+
+    h, w = 1024, 2049  # one column over 2048 x 1024
+    assert h * w > MAX_WHOLE_PIXELS
+    block = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = np.tile(block, (h // 64 + 1, w // 64 + 1, 1))[:h, :w]
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    rc, stdout, err = _run(capsys, "predict", "--weights", weights, tmp_path / "wide.png", "--out", tmp_path / "o",
+                           "--precision", "fp32", "--device", "cpu")
+    assert rc == 0, err
+    assert f"1 images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" in stdout
+    model, meta = load_weights(weights)
+    x = normalize(torch.from_numpy(image).permute(2, 0, 1)[None], meta.mean, meta.std)
+    expected = predict_logits(model, x, mode="slide", window=(512, 512), batch_size=1).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "masks" / "wide.png")), expected)

@@ -161,6 +161,9 @@ def test_cli_exports_weights_with_metadata(tmp_path):
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     meta = json.loads(props["pixelwise"])
     assert meta["classes"] == ["sky", "road", "car"] and meta["model_name"] == "segnet_basic"
+    extra = {"pixelwise.json": ""}
+    torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
+    assert json.loads(extra["pixelwise.json"]) == meta  # the metadata itself, not JSON inside a JSON string
     [(diff, scale)] = ort_vs_torch(model, tmp_path / "m.onnx", [(2, 40, 56)])
     assert diff <= 1e-4 * max(1.0, scale)
 

@@ -3,8 +3,11 @@ JSON body, the bounded queue, path safety, the CLI's one-line errors and a loopb
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import re
+import select
 import signal
 import socket
 import struct
@@ -181,20 +184,48 @@ def test_wrong_content_types_are_415(client):
     data = png_bytes(rg_image())
     _assert_error(client.post("/v1/segment", content=data, headers={"content-type": "image/png"}), 415,
                   "multipart/form-data")
-    _assert_error(client.post("/v1/segment", files=upload(data, name="x.txt", kind="text/plain")), 415,
-                  "text/plain")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    _assert_error(client.post("/v1/segment", files=upload(eps, kind="image/png")), 415, "it is EPS", "not supported")
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+    _assert_error(client.post("/v1/segment", files=upload(svg, kind="image/gif")), 415, "not recognised")
+    _assert_error(client.post("/v1/segment", files=upload(b"not an image at all")), 415, "not recognised")
+
+
+@pytest.mark.parametrize("kind", ["application/octet-stream", "text/plain", ""])
+def test_upload_is_judged_by_its_bytes_not_its_declared_type(client, kind):
+    """`requests.post(url, files={"image": open("x.png", "rb")})` and `curl -F image=@x.webp` send
+    application/octet-stream: they were refused with 415 although the bytes were a good image."""
+    img = rg_image()
+    for fmt, name in (("PNG", "x.png"), ("WEBP", "x.webp"), ("GIF", "x.gif")):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        r = client.post("/v1/segment", files={"image": (name, buf.getvalue(), kind)} if kind else
+                        {"image": (name, buf.getvalue())})
+        assert r.status_code == 200, (fmt, kind, r.text)
+        assert np.asarray(Image.open(io.BytesIO(r.content))).tolist() == (img[..., 0] > img[..., 1]).tolist()
 
 
 def test_undecodable_or_incomplete_requests_are_400(client):
-    _assert_error(client.post("/v1/segment", files=upload(b"not an image at all")), 400, "cannot decode")
     truncated = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:3000]
-    _assert_error(client.post("/v1/segment", files=upload(truncated)), 400, "cannot decode")
-    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
-    _assert_error(client.post("/v1/segment", files=upload(svg, kind="image/gif")), 400, "cannot decode")
+    _assert_error(client.post("/v1/segment", files=upload(truncated)), 400, "corrupt or truncated")
     _assert_error(client.post("/v1/segment", files={"photo": ("x.png", b"x", "image/png")}), 400, "'image'")
     _assert_error(client.post("/v1/segment?format=tiff", files=upload(b"x")), 400, "format='tiff'")
     _assert_error(client.post("/v1/segment?alpha=2", files=upload(b"x")), 400, "alpha")
     _assert_error(client.post("/v1/segment?crf=maybe", files=upload(b"x")), 400, "crf")
+
+
+class Broken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a bug deep inside the model\nwith a second line")
+
+
+def test_unexpected_errors_are_json_500_without_internals():
+    with TestClient(create_app(Broken(), RG_META), raise_server_exceptions=False) as c:
+        r = c.post("/v1/segment", files=upload(png_bytes(rg_image())))
+        _assert_error(r, 500, "internal error (RuntimeError)", "POST /v1/segment", "server log")
+        assert "deep inside" not in r.text
+        _assert_error(c.put("/healthz"), 405, "Method Not Allowed")
+        assert c.get("/healthz").status_code == 200  # the service answers on
 
 
 def test_no_request_path_reaches_the_filesystem(client, tmp_path):
@@ -365,3 +396,181 @@ def test_cli_precision_bf16_is_refused_where_emulated(unet_weights, monkeypatch,
                  "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--precision bf16" in err and "use fp32 or auto" in err
+
+
+# ---- connections: uvicorn in a thread with the service's protocol, raw sockets ---------------------------
+
+@contextlib.contextmanager
+def running_server(app):
+    """The app behind uvicorn with `pixelwise serve`'s settings, on a free loopback port, in a thread."""
+    import uvicorn
+
+    from pixelwise.serve import bind_socket, server_config
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(server_config(app))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def raw_exchange(address, data: bytes, *, timeout: float = 10) -> tuple[int, dict[str, str], bytes, float]:
+    """Send `data` on a new connection and read until the server closes it: status, headers, body, seconds."""
+    start = time.monotonic()
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body, time.monotonic() - start
+
+
+def _json_error(status: int, headers: dict, body: bytes, expected: int, *words: str) -> None:
+    assert status == expected, body
+    assert headers["content-type"] == "application/json"
+    message = json.loads(body)["error"]
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def get_healthz(address) -> int:
+    status, _, body, _ = raw_exchange(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status != 200 or json.loads(body)["status"] == "ok"
+    return status
+
+
+def test_idle_and_half_sent_connections_do_not_stall_the_service():
+    """64 idle sockets once made every request a 503 (uvicorn's limit_concurrency counts connections) for
+    as long as they stayed open; half-sent heads had no deadline at all."""
+    limits = ServeLimits(header_timeout=1.0, max_connections=100)
+    with running_server(create_app(RedVsGreen(), RG_META, limits=limits)) as address:
+        idle = [socket.create_connection(address) for _ in range(80)]
+        half = [socket.create_connection(address) for _ in range(10)]
+        try:
+            for s in half:
+                s.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Le")
+            assert get_healthz(address) == 200  # at once, beside 90 stalled sockets
+            r = raw_exchange(address, b"GET /v1/model HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert r[0] == 200
+            time.sleep(1.5)  # past the header deadline: idle sockets are closed, half-sent heads get 408
+            for s in idle:
+                s.settimeout(5)
+                assert s.recv(100) == b""
+            for s in half:
+                s.settimeout(5)
+                head, _, body = s.recv(4096).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 408 ") and b"application/json" in head
+                assert "not complete within 1 s" in json.loads(body)["error"]
+        finally:
+            for s in idle + half:
+                s.close()
+
+
+def test_trickled_head_gains_nothing_and_a_slow_body_is_408():
+    limits = ServeLimits(header_timeout=1.0, body_timeout=1.0)
+    with running_server(create_app(RedVsGreen(), RG_META, limits=limits)) as address:
+        start = time.monotonic()
+        with socket.create_connection(address, timeout=10) as s:
+            for c in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" * 4:  # a byte every 0.1 s: never idle, never done
+                if select.select([s], [], [], 0.1)[0]:  # the server has answered: stop trickling
+                    break
+                s.sendall(bytes([c]))
+            assert s.recv(4096).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - start < 5  # the deadline was 1 s after the first byte, not after the last
+        body = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
+        head = (b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 10000\r\n\r\n")
+        status, headers, answer, seconds = raw_exchange(address, head + body)  # and then nothing more
+        _json_error(status, headers, answer, 408, "request body was not complete within 1 s")
+        assert 0.9 < seconds < 5
+        assert get_healthz(address) == 200
+
+
+def test_a_flood_of_idle_sockets_evicts_the_oldest_not_the_health_check():
+    limits = ServeLimits(header_timeout=30.0, max_connections=20)
+    with running_server(create_app(RedVsGreen(), RG_META, limits=limits)) as address:
+        idle = [socket.create_connection(address) for _ in range(40)]
+        try:
+            time.sleep(0.2)
+            assert get_healthz(address) == 200
+            time.sleep(0.3)
+            readable = select.select(idle, [], [], 0)[0]  # a closed socket reads as end-of-file at once
+            # the oldest were evicted: at most max_connections stay open
+            assert sum(s.recv(10) == b"" for s in readable) >= 20
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_uvicorn_level_errors_are_json():
+    with running_server(create_app(RedVsGreen(), RG_META)) as address:
+        _json_error(*raw_exchange(address, b"NOT HTTP AT ALL\r\n\r\n")[:3], 400, "malformed HTTP request")
+        _json_error(*raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")[:3],
+                    400, "malformed HTTP request")
+        _json_error(*raw_exchange(address, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[:3],
+                    404, "Not Found")
+
+
+# ---- memory: the largest accepted image ----------------------------------------------------------------
+
+PEAK_SCRIPT = r'''
+import io, json, sys, time
+import numpy as np, torch, torch.nn as nn
+from PIL import Image
+from fastapi.testclient import TestClient
+from pixelwise.serve.app import ServeLimits, create_app
+from pixelwise.weights import WeightsMeta
+
+class Wide(nn.Module):  # 16 float32 activations per pixel: 1 GiB for a 16 MP image inferred whole
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 2, 1))
+    def forward(self, x):
+        return self.net(x)
+
+def peak_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
+
+torch.manual_seed(0)
+data = open(sys.argv[1], "rb").read()
+meta = WeightsMeta(model_name="wide", model_kwargs={}, classes=["a", "b"], palette=[(0, 0, 0), (255, 0, 0)])
+with TestClient(create_app(Wide(), meta, limits=ServeLimits())) as c:
+    warm = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(warm, format="PNG")
+    assert c.post("/v1/segment", files={"image": ("w.png", warm.getvalue())}).status_code == 200
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS count here
+    base, start = peak_mib(), time.perf_counter()
+    r = c.post("/v1/segment?format=json", files={"image": ("big.png", data)})
+    seconds, peak = time.perf_counter() - start, peak_mib()
+print(json.dumps({"status": r.status_code, "body": r.json(), "base_mib": base, "peak_mib": peak, "seconds": seconds}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
+def test_peak_memory_for_the_largest_accepted_image_is_bounded(tmp_path):
+    """A 4000x4000 PNG (exactly max_pixels) drove the service to 7.2 GB: it was inferred whole. Chunked
+    sliding windows keep the growth to a few hundred MiB for a model that needs ~2.5 GiB whole."""
+    block = np.zeros((128, 128, 3), np.uint8)
+    block[:64, :, 0], block[:, :64, 1], block[..., 2] = 200, 200, 50
+    side = int(ServeLimits().max_pixels ** 0.5)
+    assert side * side == ServeLimits().max_pixels
+    path = tmp_path / "largest.png"
+    Image.fromarray(np.tile(block, (32, 32, 1))[:side, :side]).save(path)  # 57 kB of PNG
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["status"] == 200 and (result["body"]["width"], result["body"]["height"]) == (side, side)
+    growth = result["peak_mib"] - result["base_mib"]
+    print(f"\nlargest accepted image {side}x{side}: peak RSS +{growth:.0f} MiB over {result['base_mib']:.0f} MiB, "
+          f"{result['seconds']:.1f} s")
+    assert growth < 600

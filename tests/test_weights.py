@@ -110,3 +110,93 @@ def test_weights_file_gets_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+# ---- metadata schema: every field checked before anything is built -------------------------------------
+
+UNET = {"base_channels": 4, "depth": 2, "padding": "same"}
+
+
+def _with_meta(tmp_path, change) -> "os.PathLike":
+    """A valid U-Net weights file whose metadata JSON was edited by `change(meta)`."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pixelwise.models import get_model
+
+    good = tmp_path / "good.safetensors"
+    save_weights(good, get_model("unet", num_classes=3, **UNET), model_name="unet", model_kwargs=UNET,
+                 classes=["a", "b", "c"], extra={"crop_size": [32, 32]})
+    with safe_open(str(good), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta = json.loads(header["meta"])
+    change(meta)
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata={**header, "meta": json.dumps(meta)})
+    return path
+
+
+def _set(key, value):
+    def change(meta):
+        target, _, leaf = key.rpartition(".")
+        (meta[target] if target else meta)[leaf] = value
+    return change
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("model_kwargs.num_classes", 3, "may not set it"),
+    ("model_kwargs.base_channels", "4", "an integer"),
+    ("model_kwargs.depth", 10**9, "an integer in 0..65536"),
+    ("model_kwargs.colour", 1, "no option 'colour'; it takes"),
+    ("model_kwargs.norm_layer", "BatchNorm2d", "not storable"),
+    ("model_name", "unet3d", "choose one of"),
+    ("classes", [], "1 to 65536 class names"),
+    ("palette", [[0, 0, 0], [1, 1, 1]], "one [r, g, b] colour (0..255) per class, 3 in all"),
+    ("palette", [[0, 0, 0], [1, 1, 1], [300, 0, 0]], "per class"),
+    ("ignore_index", 1, "not a class index (0..2)"),
+    ("ignore_index", "255", "an integer"),
+    ("mean", [0.5, 0.5], "3 finite numbers"),
+    ("std", [0.2, 0.0, 0.2], "all above 0"),
+    ("std", [0.2, float("nan"), 0.2], "finite"),
+    ("extra.crop_size", [100000, 100000], "two integers in 1..65536"),
+    ("extra.crop_size", "big", "[height, width]"),
+    ("extra", [], "a JSON object"),
+    ("surprise", 1, "no such field"),
+])
+def test_metadata_is_checked_against_a_schema_before_use(tmp_path, key, value, words):
+    """Each of these was a traceback in predict or serve (TypeError, IndexError, ...), or was accepted and made
+    every request of the service a 500."""
+    path = _with_meta(tmp_path, _set(key, value))
+    with pytest.raises(UserError) as e:
+        load_weights(path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path}: metadata {key}=") and words in message, message
+
+
+def test_tensor_shapes_are_checked_before_the_model_is_built_for_real(tmp_path, monkeypatch):
+    """base_channels=4096 built a multi-GB model before any tensor was compared with it."""
+    from pixelwise import models
+
+    devices = []
+    build = models.get_model
+
+    def recording(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # "meta" inside `with torch.device("meta")`
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(models, "get_model", recording)
+    path = _with_meta(tmp_path, _set("model_kwargs.base_channels", 64))
+    devices.clear()
+    with pytest.raises(UserError) as e:
+        load_weights(path)
+    assert devices == ["meta"]  # never built with real memory
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path}: the tensors do not fit model 'unet' with ")
+    assert '"base_channels": 64' in message and "size mismatch" in message
+    assert "torch.Size([64, 3, 3, 3])" in message  # the declared (big) model's shape
+    path = _with_meta(tmp_path, lambda meta: None)
+    devices.clear()
+    load_weights(path)
+    assert devices == ["meta", "cpu"]  # checked, then built

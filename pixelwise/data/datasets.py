@@ -505,8 +505,9 @@ def build_dataset(name: str, root: str | Path, split: str, transforms: Transform
     allowed = set(inspect.signature(target).parameters) - {"root", "split", "transforms"}
     unknown = sorted(set(kw) - allowed - ({"seed", "num_images"} if name == "synthetic" else set()))
     if unknown:
+        takes = ", ".join(sorted(allowed)) or "no options at all"  # CamVid, Cityscapes and ADE20K take none
         raise ArgumentError("kwargs", {unknown[0]: kw[unknown[0]]},
-                            f"data set {name!r} takes no option {unknown[0]!r}; it takes {', '.join(sorted(allowed))}")
+                            f"data set {name!r} takes no option {unknown[0]!r}; it takes {takes}")
     return builder(root, split, transforms=transforms, **kw)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pixelwise import distributed
 from pixelwise.crf import CRFParams
 from pixelwise.errors import ArgumentError, UserError
-from pixelwise.inference import DEEPLAB_SCALES, check_options, normalize, predict_logits
+from pixelwise.inference import DEEPLAB_SCALES, check_options, model_device, normalize, predict_logits
 from pixelwise.precision import autocast, precision_name
 
 METRICS_VERSION = 2  # the metrics.json layout; `read_metrics` migrates version 1 (two layouts) on reading
@@ -122,7 +122,7 @@ def evaluate(model: nn.Module, dataset: Dataset, spec: InferenceSpec, *, mean: S
         raise ArgumentError("batch_size", batch_size, "give 1 or more")
     if workers < 0:
         raise ArgumentError("workers", workers, "give 0 or more")
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
     if shard and distributed.world_size() > 1:
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import errno
 import socket
+from typing import TYPE_CHECKING
 
 from pixelwise.errors import UserError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -31,6 +35,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
     sock.listen(2048)  # connections made before uvicorn starts wait in the backlog instead of being refused
     return sock
+
+
+def server_config(app) -> uvicorn.Config:
+    """uvicorn settings for the service: connections watched by `ServeProtocol` (read deadlines, a cap
+    that evicts idle sockets, JSON errors) instead of uvicorn's `limit_concurrency`, which counted idle
+    sockets and answered everyone, health checks included, with a plain-text 503."""
+    import uvicorn
+
+    from pixelwise.serve.protocol import protocol_class
+
+    limits = app.state.limits
+    return uvicorn.Config(app, http=protocol_class(limits), ws="none", log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=5, timeout_keep_alive=5)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -58,8 +75,6 @@ def serve_command(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"pixelwise serve: {meta.model_name} ({meta.num_classes} classes) on http://{host}:{port}/ "
           f"(device {device}, {precision_name(dtype)}); Ctrl+C to stop", flush=True)
-    # open connections beyond 4x the queue are refused with 503 by uvicorn itself, before any parsing
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            limit_concurrency=4 * app.state.limits.max_queue)
+    config = server_config(app)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -10,8 +10,11 @@ Endpoints:
     ``GET /healthz`` -> ``{"status": "ok", "queued": N}`` (requests admitted and not yet answered).
     ``GET /`` -> the single web page (``static/index.html``, read once at start-up).
 
-Every error is a JSON body ``{"error": "<one line>"}``: 413 (upload too large, too many pixels), 415
-(not multipart, or a part that is not an image), 400 (undecodable image, bad query), 503 (queue full).
+Every answer that is not a success is a JSON body ``{"error": "<one line>"}``: 413 (upload too large,
+too many pixels), 415 (not multipart, or not an image format the service decodes), 400 (a corrupt or
+truncated image, a bad query, a malformed request), 408 (a request head or body not complete in time),
+503 (queue full), 404, 405, and 500 for anything unexpected. The upload is judged by its bytes (the
+decoder of `pixelwise.data.imageio`, the one the command line uses), never by its declared type.
 Requests wait in a bounded queue for one inference worker thread, so memory holds at most
 ``max_queue`` uploads plus one image in flight. No part of a request is ever used as a path.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import warnings
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,18 +35,20 @@ import torch.nn as nn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pixelwise.crf import CRFParams
+from pixelwise.data.imageio import FORMAT_NAMES, ImageFormatError, ImageTooLarge, decode_image
+from pixelwise.errors import UserError
 from pixelwise.palette import index_png_bytes, overlay
 from pixelwise.precision import precision_name
+from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
 from pixelwise.weights import WeightsMeta
 
 FORMATS = ("png", "json", "overlay")
-# What browsers and curl send for the formats Pillow decodes here; anything else is answered 415.
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
-PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # decoders Pillow may try: a small attack surface
+log = logging.getLogger("pixelwise.serve")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class ServeLimits:
     max_upload_bytes: int = 20 * 2**20  # request body; a 12 MP phone JPEG is ~5 MB, a 4K PNG screenshot ~15 MB
     max_pixels: int = 16_000_000  # ~4000 x 4000; checked from the header before decoding (decompression bombs)
     max_queue: int = 16  # requests admitted at once (waiting or running); more are answered 503, not buffered
+    header_timeout: float = 10.0  # a request head must be complete this long after the connection is idle
+    body_timeout: float = 60.0  # 20 MiB in 60 s is 350 kB/s: a slow phone link, not a client that trickles
+    max_connections: int = 512  # open sockets; one more evicts the longest-idle one (see serve/protocol.py)
+    max_whole_pixels: int = MAX_WHOLE_PIXELS  # larger images are slid in chunks: memory O(window), not O(image)
 
 
 class ApiError(Exception):
@@ -68,32 +77,46 @@ class _BodyTooLarge(Exception):
     """Raised from `receive` once a request body passes the limit."""
 
 
-class BodySizeLimit:
-    """ASGI middleware: refuse a request body larger than `max_bytes` with 413, before it is buffered.
+class _BodyTooSlow(Exception):
+    """Raised from `receive` when a request body is not complete by its deadline."""
 
-    A declared ``Content-Length`` is checked up front; a chunked body is counted as it arrives.
+
+class RequestLimits:
+    """ASGI middleware: refuse a request body larger than `max_bytes` (413) or slower than `timeout` s (408).
+
+    A declared ``Content-Length`` is checked up front; a chunked body is counted as it arrives. The
+    deadline runs from the request head to the body's last byte, whatever pace the bytes come at.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = (f"request body is larger than the limit of {self.max_bytes} bytes; "
-                   "send a smaller image (downscale or recompress it)")
+        too_large = (413, f"request body is larger than the limit of {self.max_bytes} bytes; "
+                          "send a smaller image (downscale or recompress it)")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _error_response(413, message)(scope, receive, send)
+            return await _error_response(*too_large)(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         received = 0
-        started = False
+        body_done = started = False
 
         async def limited_receive():
-            nonlocal received
-            msg = await receive()
+            nonlocal received, body_done
+            if body_done:  # later calls wait for a disconnect, which has no deadline
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                raise _BodyTooSlow from None
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if received > self.max_bytes:
                     raise _BodyTooLarge
             return msg
@@ -105,47 +128,34 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, _BodyTooSlow) as e:
             if started:
                 raise
-            await _error_response(413, message)(scope, receive, send)
+            status, message = too_large if isinstance(e, _BodyTooLarge) else (
+                408, f"the request body was not complete within {self.timeout:g} s; send it faster or smaller")
+            await _error_response(status, message, {"Connection": "close"})(scope, receive, send)
 
 
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode an uploaded image to RGB uint8 ``(H, W, 3)``, EXIF orientation applied (as browsers show it).
+def decode_upload(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode an upload with the command line's decoder (`pixelwise.data.imageio`), as an `ApiError`:
+    413 too many pixels (from the header, before decoding), 415 not an accepted format, 400 corrupt.
 
-    The pixel count is read from the header and refused (`ApiError` 413) before any pixel is decoded.
+    Shape:
+        returns (H, W, 3) uint8, EXIF orientation applied (as browsers show the image).
     """
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have flipped it; a short file must fail
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}; "
-                                        "downscale it")
-                im.load()  # decodes the first frame; a truncated file fails here
-                try:
-                    im = ImageOps.exif_transpose(im)
-                except (OSError, ValueError, SyntaxError):
-                    pass  # a broken EXIF block: keep the stored orientation rather than refuse the pixels
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
-                    a = np.asarray(im).astype(np.int64)
-                    im = Image.fromarray(np.clip(a >> 8 if a.max() > 255 else a, 0, 255).astype(np.uint8))
-                return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy shares it
-    except ApiError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ApiError(413, f"image refused as a decompression bomb ({e}); downscale it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        detail = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
-        raise ApiError(400, f"cannot decode the uploaded image ({detail}); send a PNG, JPEG, WebP, BMP, GIF "
-                            "or TIFF file") from None
+        return decode_image(data, name="uploaded image", max_pixels=max_pixels,
+                            hint=f"send an intact {FORMAT_NAMES} file")
+    except ImageTooLarge as e:
+        raise ApiError(413, f"{e.reason}; downscale it") from None
+    except ImageFormatError as e:
+        raise ApiError(415, f"{e.reason}; send a {FORMAT_NAMES} file") from None
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -157,7 +167,9 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 def class_fractions(pred: np.ndarray, num_classes: int) -> list[float]:
     """Share of the pixels predicted as each class; sums to 1."""
-    counts = np.bincount(pred.ravel(), minlength=num_classes)[:num_classes]
+    counts = np.zeros(num_classes, np.int64)
+    for rows in np.array_split(pred, max(1, pred.size // 2**20)):  # bincount copies to int64: a band at a time
+        counts += np.bincount(rows.ravel(), minlength=num_classes)[:num_classes]
     return (counts / max(pred.size, 1)).tolist()
 
 
@@ -165,7 +177,8 @@ class Segmenter:
     """Runs the model on one decoded image at a time (called from the single worker thread)."""
 
     def __init__(self, model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, crf: CRFParams | None = None):
+                 dtype: torch.dtype | None = None, crf: CRFParams | None = None,
+                 max_whole_pixels: int = MAX_WHOLE_PIXELS):
         """`crf`: the CRF of `?crf=1`; default the one recorded in the weights, else DeepLab's (VGG)."""
         from pixelwise.engine import InferenceSpec
 
@@ -176,14 +189,18 @@ class Segmenter:
             crf = CRFParams.from_dict(meta.extra["crf"]) if "crf" in meta.extra else CRFParams.preset("deeplab_vgg")
         self.plain = InferenceSpec(dtype=dtype)  # whole-image inference, autocast dtype (None = fp32)
         self.refined = InferenceSpec(dtype=dtype, crf=crf)
+        self.max_whole_pixels = max_whole_pixels
+        self.window = default_window(meta.extra)
 
     def __call__(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
-        """RGB uint8 ``(H, W, 3)`` -> class indices int64 ``(H, W)``."""
-        from pixelwise.engine import segment
-
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device)  # (1, 3, H, W) uint8
-        scores = segment(self.model, x, self.refined if crf else self.plain, mean=self.meta.mean, std=self.meta.std)
-        return scores.argmax(1)[0].cpu().numpy()  # (H, W)
+        """RGB uint8 ``(H, W, 3)`` -> class indices ``(H, W)``: whole-image inference up to `max_whole_pixels`,
+        above it by sliding window in chunks (`pixelwise.segment`), so memory is bounded by the window."""
+        try:
+            return segment_image(self.model, image, self.refined if crf else self.plain, mean=self.meta.mean,
+                                 std=self.meta.std, num_classes=self.meta.num_classes, default_win=self.window,
+                                 max_whole_pixels=self.max_whole_pixels, name="uploaded image")
+        except NeedsWholeImage as e:
+            raise ApiError(413, str(e)) from None
 
 
 def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
@@ -191,7 +208,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
     """The service for one model and its weights metadata (see the module docstring for the API);
     `dtype` is the autocast dtype of inference (None = fp32)."""
     limits = limits or ServeLimits()
-    segmenter = Segmenter(model, meta, device=device, dtype=dtype)
+    segmenter = Segmenter(model, meta, device=device, dtype=dtype, max_whole_pixels=limits.max_whole_pixels)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelwise-infer")
     page = resources.files("pixelwise.serve").joinpath("static/index.html").read_bytes()
     admitted = 0  # requests between admission and answer; the event loop is the only writer
@@ -203,23 +220,11 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
 
     app = FastAPI(title="pixelwise", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/v1/openapi.json")
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(RequestLimits, max_bytes=limits.max_upload_bytes, timeout=limits.body_timeout)
     app.state.limits = limits
     app.state.meta = meta
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return _error_response(exc.status, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
+    _add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -233,20 +238,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
 
     @app.get("/v1/model")
     async def model_info() -> dict:
-        return {
-            "model": meta.model_name,
-            "model_kwargs": meta.model_kwargs,
-            "num_classes": meta.num_classes,
-            "classes": meta.classes,
-            "palette": [list(c) for c in meta.palette],
-            "mean": list(meta.mean),
-            "std": list(meta.std),
-            "device": str(segmenter.device),
-            "precision": precision_name(segmenter.plain.dtype),
-            "crf": segmenter.refined.crf.to_dict(),
-            "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-                       "max_queue": limits.max_queue},
-        }
+        return _model_info(meta, segmenter, limits)
 
     @app.post("/v1/segment")
     async def segment(request: Request, format: str = "png", crf: bool = False, alpha: float = 0.5) -> Response:
@@ -263,16 +255,7 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
             raise ApiError(503, f"busy: {admitted} requests are queued (limit {limits.max_queue}); retry shortly")
         admitted += 1
         try:
-            form = await request.form(max_files=1, max_fields=4)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise ApiError(400, "no file in the multipart field 'image'; send the image as image=@FILE")
-            part_type = (upload.content_type or "").split(";")[0].strip().lower()
-            if part_type not in IMAGE_TYPES:
-                raise ApiError(415, f"the uploaded part has type {part_type or '(none)'!r}; send an image "
-                                    f"({', '.join(IMAGE_TYPES)})")
-            data = await upload.read()
-            await form.close()
+            data = await _read_upload(request)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(worker, _answer, segmenter, data, format, crf, alpha, limits)
         finally:
@@ -281,11 +264,69 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
     return app
 
 
+async def _read_upload(request: Request) -> bytes:
+    """The bytes of the multipart field ``image``; its declared content type is not trusted: the bytes decide."""
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before the upload was complete") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "no file in the multipart field 'image'; send the image as image=@FILE")
+    data = await upload.read()
+    await form.close()
+    return data
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error the app raises becomes the one JSON shape, unexpected ones included (500)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception):
+        # starlette logs the traceback after this answer; the client gets the one shape, without internals
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return _error_response(500, f"internal error ({type(exc).__name__}) while answering {request.method} "
+                                    f"{request.url.path}; the server log has the details")
+
+
+def _model_info(meta: WeightsMeta, segmenter: Segmenter, limits: ServeLimits) -> dict:
+    """The body of ``GET /v1/model``."""
+    return {
+        "model": meta.model_name,
+        "model_kwargs": meta.model_kwargs,
+        "num_classes": meta.num_classes,
+        "classes": meta.classes,
+        "palette": [list(c) for c in meta.palette],
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "device": str(segmenter.device),
+        "precision": precision_name(segmenter.plain.dtype),
+        "crf": segmenter.refined.crf.to_dict(),
+        "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+                   "max_queue": limits.max_queue, "max_whole_pixels": limits.max_whole_pixels,
+                   "window": list(segmenter.window)},
+    }
+
+
 def _answer(segmenter: Segmenter, data: bytes, format: str, crf: bool, alpha: float,
             limits: ServeLimits) -> Response:
     """Decode, segment and encode one upload (runs in the worker thread, off the event loop)."""
     meta = segmenter.meta
-    image = decode_image(data, max_pixels=limits.max_pixels)
+    image = decode_upload(data, max_pixels=limits.max_pixels)
     pred = segmenter(image, crf=crf)
     fractions = class_fractions(pred, meta.num_classes)
     h, w = pred.shape

@@ -1,0 +1,142 @@
+"""One image in, class labels out, in memory bounded by the window rather than the image.
+
+`predict` and `serve` both go through `segment_image`, which runs `pixelwise.engine.segment` (the
+one scoring path) for images the model handles whole. An image of at most `MAX_WHOLE_PIXELS` is inferred
+as asked (whole image by default, as before). A larger one is inferred by sliding window, in chunks:
+
+* the window is the one asked for (`--window`), else the training crop stored in the weights, else
+  512 x 512; the stride is 2/3 of it (`predict_logits`' default);
+* the output is cut into chunks of `windows_per_chunk` strides per axis, and each chunk is computed
+  by `predict_logits(mode="slide")` on exactly the input span of the windows that cover it. That span's
+  own window grid is the whole image's grid there, so every pixel averages the same windows in the
+  same order: the labels equal those of one `predict_logits(mode="slide")` over the whole image, bit
+  for bit (tests/test_segment.py), and a flipped pass is chunked the same way in flipped coordinates;
+* windows run one at a time (`batch_size=1`).
+
+Peak memory is then one window's activations plus about 2K float32 per pixel of one chunk span (at
+most 4 x stride + window on a side), plus what is O(image) by nature: the uint8 image and labels.
+Multi-scale inference and the dense CRF need the whole image's scores at once, so above the limit
+they are refused with a one-line error. A valid-convolution U-Net (overlap-tile, whose tiles do not
+overlap) is tiled by `predict_logits` over the whole image, holding K float32 per pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pixelwise.engine.evaluation import InferenceSpec
+from pixelwise.errors import UserError
+
+# a Cityscapes frame (2048 x 1024) or a 1080p photo is still inferred whole, as it was trained
+MAX_WHOLE_PIXELS = 2048 * 1024
+DEFAULT_WINDOW = (512, 512)  # when the weights record no training crop
+
+
+class NeedsWholeImage(UserError):
+    """Multi-scale inference or the CRF asked for on an image above the whole-image limit."""
+
+
+def default_window(extra: dict) -> tuple[int, int]:
+    """The training crop recorded in the weights' metadata (`extra["crop_size"]`), else 512 x 512."""
+    crop = extra.get("crop_size")
+    if isinstance(crop, list | tuple) and len(crop) == 2:
+        return (int(crop[0]), int(crop[1]))
+    return DEFAULT_WINDOW
+
+
+def segment_image(model: nn.Module, image: np.ndarray, spec: InferenceSpec, *, mean: Sequence[float],
+                  std: Sequence[float], num_classes: int, default_win: tuple[int, int] = DEFAULT_WINDOW,
+                  max_whole_pixels: int = MAX_WHOLE_PIXELS, name: str = "image") -> np.ndarray:
+    """Class labels of an RGB image as `spec` asks; above `max_whole_pixels` by chunked sliding window
+    (module docstring). `default_win` is the window used when the image is too large for whole-image
+    inference and `spec` gives none.
+
+    Shape:
+        (H, W, 3) uint8 -> (H, W) uint8 (int32 above 256 classes).
+    """
+    from pixelwise.engine import segment
+    from pixelwise.inference import model_device
+
+    h, w = image.shape[:2]
+    large = h * w > max_whole_pixels
+    if large and (spec.mode == "multiscale" or spec.crf is not None):
+        what = "multi-scale inference" if spec.mode == "multiscale" else "the dense CRF"
+        raise NeedsWholeImage(f"{name}: {w}x{h} = {h * w} pixels is more than the {max_whole_pixels} that {what} "
+                              f"handles in bounded memory; downscale the image or leave {what} out")
+    if large:
+        window = spec.window or default_win
+        spec = replace(spec, mode="slide", window=window, stride=spec.stride if spec.window else None)
+    if not large or _overlap_tiled(model):
+        device = model_device(model)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
+        return _labels(segment(model, x, spec, mean=mean, std=std, num_classes=num_classes), num_classes)[0]
+    return _chunked_slide(model, image, mean=mean, std=std, device=model_device(model),
+                          dtype=spec.dtype, window=spec.window, stride=spec.stride, flip=spec.flip,
+                          num_classes=num_classes)
+
+
+def _overlap_tiled(model: nn.Module) -> bool:
+    """A valid-convolution U-Net, which `predict_logits` slides by overlap-tile (the test it applies)."""
+    return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
+
+
+def _scores(model: nn.Module, image: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+            device: torch.device, dtype: torch.dtype | None, **kwargs) -> torch.Tensor:
+    """`predict_logits` on an (h, w, 3) uint8 array, as float32 logits (1, K, h, w)."""
+    from pixelwise.inference import normalize, predict_logits
+    from pixelwise.precision import autocast
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, 3, h, w) uint8
+    with autocast(device, dtype):
+        logits = predict_logits(model, normalize(x, mean, std), batch_size=1, **kwargs)
+    return logits.float()
+
+
+def _labels(logits: torch.Tensor, num_classes: int) -> np.ndarray:
+    """argmax over classes, in the smallest integer type that holds them. (B, K, h, w) -> (B, h, w)."""
+    return logits.argmax(1).cpu().numpy().astype(np.uint8 if num_classes <= 256 else np.int32)
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """`predict_logits`' window offsets along one axis: every `stride`, plus one flush with the end."""
+    if length <= window:
+        return [0]
+    return list(range(0, length - window, stride)) + [length - window]
+
+
+def covering_span(length: int, window: int, stride: int, out0: int, out1: int) -> tuple[int, int]:
+    """The input span [in0, in1) of exactly the windows that cover output pixels [out0, out1)."""
+    starts = window_starts(length, window, stride)
+    first = next(j for j, s in enumerate(starts) if s + window > out0)
+    last = max(j for j, s in enumerate(starts) if s < out1)
+    return starts[first], min(starts[last] + window, length)
+
+
+def _chunked_slide(model: nn.Module, image: np.ndarray, *, window: tuple[int, int], stride: tuple[int, int],
+                   flip: bool, num_classes: int, windows_per_chunk: int = 3, **kwargs) -> np.ndarray:
+    """Sliding-window labels, one output chunk at a time (module docstring). (H, W, 3) -> (H, W)."""
+    h, w = image.shape[:2]
+    labels = np.empty((h, w), np.uint8 if num_classes <= 256 else np.int32)
+    flipped = image[:, ::-1]
+    step_y, step_x = windows_per_chunk * stride[0], windows_per_chunk * stride[1]
+    for y0 in range(0, h, step_y):
+        y1 = min(y0 + step_y, h)
+        a0, a1 = covering_span(h, window[0], stride[0], y0, y1)
+        for x0 in range(0, w, step_x):
+            x1 = min(x0 + step_x, w)
+            b0, b1 = covering_span(w, window[1], stride[1], x0, x1)
+            y = _scores(model, image[a0:a1, b0:b1], mode="slide", window=window, stride=stride,
+                        num_classes=num_classes, **kwargs)[..., y0 - a0 : y1 - a0, x0 - b0 : x1 - b0]
+            if flip:  # the flipped image's own grid, in its own coordinates, as predict_logits(flip=True) runs it
+                f0, f1 = covering_span(w, window[1], stride[1], w - x1, w - x0)
+                yf = _scores(model, flipped[a0:a1, f0:f1], mode="slide", window=window, stride=stride,
+                             num_classes=num_classes, **kwargs)  # (1, K, a1 - a0, f1 - f0)
+                yf = yf[..., y0 - a0 : y1 - a0, w - x1 - f0 : w - x0 - f0].flip(-1)  # (1, K, y1 - y0, x1 - x0)
+                y = (y + yf) / 2
+            labels[y0:y1, x0:x1] = _labels(y, num_classes)[0]
+    return labels

@@ -1,0 +1,94 @@
+"""Bounded-memory inference (`pixelwise.segment`): a large image is slid in chunks whose labels equal one
+sliding window over the whole image, bit for bit, while the model and the score maps only ever see a
+window and a chunk span."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from pixelwise import segment as seg
+from pixelwise.crf import CRFParams
+from pixelwise.engine import InferenceSpec
+from pixelwise.errors import UserError
+from pixelwise.inference import normalize, predict_logits
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+class Context(nn.Module):
+    """Two 3x3 convolutions (5x5 receptive field) and 4 classes: window borders change the answer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        return self.net(x)  # (B, 4, H, W)
+
+
+def image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def reference(model: nn.Module, img: np.ndarray, window, *, flip: bool = False) -> np.ndarray:
+    """One `predict_logits(mode="slide")` over the whole image."""
+    x = normalize(torch.from_numpy(img).permute(2, 0, 1)[None], MEAN, STD)
+    return predict_logits(model, x, mode="slide", window=window, flip=flip, batch_size=1).argmax(1)[0].numpy()
+
+
+def run(model: nn.Module, img: np.ndarray, *, mode: str = "whole", window=None, flip: bool = False,
+        scales=(1.0,), crf: CRFParams | None = None, **kwargs) -> np.ndarray:
+    spec = InferenceSpec(mode=mode, window=window, flip=flip, scales=scales, crf=crf)
+    return seg.segment_image(model, img, spec, mean=MEAN, std=STD, num_classes=4, **kwargs)
+
+
+@pytest.mark.parametrize(("h", "w", "window"), [(150, 170, (32, 40)), (97, 61, (20, 16)), (40, 300, (48, 30))])
+@pytest.mark.parametrize("flip", [False, True])
+def test_chunked_sliding_window_equals_one_slide_over_the_whole_image(h, w, window, flip):
+    model = Context().eval()
+    img = image(h, w)
+    got = run(model, img, mode="slide", window=window, flip=flip, max_whole_pixels=100)
+    np.testing.assert_array_equal(got, reference(model, img, window, flip=flip))
+    assert got.dtype == np.uint8
+
+
+def test_a_large_image_in_whole_mode_is_slid_and_never_reaches_the_model_whole(monkeypatch):
+    """Before, `predict` and `serve` ran the model on the whole image: a 4000x4000 PNG took 7.2 GB."""
+    spans = []
+    scores = seg._scores
+
+    def recording(model, img, **kwargs):
+        spans.append(img.shape[:2])
+        return scores(model, img, **kwargs)
+
+    monkeypatch.setattr(seg, "_scores", recording)
+    model = Context().eval()
+    img = image(300, 260)
+    got = run(model, img, max_whole_pixels=200 * 200, default_win=(40, 40))
+    np.testing.assert_array_equal(got, reference(model, img, (40, 40)))
+    stride = 27  # ceil(40 * 2 / 3)
+    assert max(h * w for h, w in model.seen) <= 40 * 40  # the model sees one window at a time
+    assert max(max(s) for s in spans) <= 4 * stride + 40  # score maps of one chunk span, not of the image
+    model.seen.clear()
+    run(model, image(100, 100), max_whole_pixels=200 * 200, default_win=(40, 40))
+    assert model.seen == [(100, 100)]  # at most the limit: whole, as asked
+
+
+def test_default_window_is_the_training_crop():
+    assert seg.default_window({"crop_size": [240, 320]}) == (240, 320)
+    assert seg.default_window({}) == (512, 512)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [({"mode": "multiscale", "scales": (0.5, 1.0)}, "multi-scale"),
+                                               ({"crf": CRFParams()}, "dense CRF")])
+def test_whole_image_only_methods_are_refused_above_the_limit(kwargs, words):
+    with pytest.raises(UserError) as e:
+        run(Context().eval(), image(30, 40), max_whole_pixels=1000, name="big.png", **kwargs)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("big.png: 40x30 = 1200 pixels") and words in message
