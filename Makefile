@@ -23,10 +23,12 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check pixelwise tests benchmarks
+	$(BIN)/ruff format --check pixelwise tests benchmarks
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check pixelwise tests benchmarks
+	$(BIN)/ruff format --check pixelwise tests benchmarks
 
 $(VENV)/.bench-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[dev,bench]'

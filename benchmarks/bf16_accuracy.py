@@ -36,10 +36,21 @@ from pixelwise.fileio import atomic_write_text
 from pixelwise.train import train
 
 CAMVID_SETTINGS = [
-    "data.dataset=camvid", "model.name=segnet_basic",
-    "data.scale_range=[0.5, 0.5]", "data.crop_size=[180, 240]", "data.flip=true", "data.batch_size=4",
-    "data.workers=0", "train.epochs=2", "train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.01",
-    "train.warmup_steps=20", "train.schedule=poly", "eval.every_epochs=0", "eval.mode=multiscale",
+    "data.dataset=camvid",
+    "model.name=segnet_basic",
+    "data.scale_range=[0.5, 0.5]",
+    "data.crop_size=[180, 240]",
+    "data.flip=true",
+    "data.batch_size=4",
+    "data.workers=0",
+    "train.epochs=2",
+    "train.optimizer=adamw",
+    "train.lr=0.001",
+    "train.weight_decay=0.01",
+    "train.warmup_steps=20",
+    "train.schedule=poly",
+    "eval.every_epochs=0",
+    "eval.mode=multiscale",
     "eval.scales=[0.5]",
     "loss.class_weights=[0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]",
 ]
@@ -47,14 +58,30 @@ CAMVID_SETTINGS = [
 
 def run_once(settings: list[str], seed: int, amp: str, out: Path) -> dict:
     """Train one configuration; return its final validation mIoU and wall time."""
-    cfg = load_config(None, [*settings, f"train.seed={seed}", f"train.amp={amp}", f"output.dir={out}",
-                             "output.report=false", "output.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            *settings,
+            f"train.seed={seed}",
+            f"train.amp={amp}",
+            f"output.dir={out}",
+            "output.report=false",
+            "output.progress=false",
+        ],
+    )
     start = time.perf_counter()
     result = train(cfg, overwrite=True)
     seconds = time.perf_counter() - start
     val = read_metrics(out / "metrics.json")["scores"]
-    return {"seed": seed, "amp": amp, "miou": val["miou"], "pixel_acc": val["pixel_acc"],
-            "mean_acc": val["mean_acc"], "steps": result["step"], "seconds": round(seconds, 1)}
+    return {
+        "seed": seed,
+        "amp": amp,
+        "miou": val["miou"],
+        "pixel_acc": val["pixel_acc"],
+        "mean_acc": val["mean_acc"],
+        "steps": result["step"],
+        "seconds": round(seconds, 1),
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -89,8 +116,7 @@ def main() -> int:
                 runs.append(run_once(settings, seed, amp, Path(tmp) / f"{amp}_{seed}"))
                 print(json.dumps(runs[-1]), flush=True)
     summary = summarise(runs)
-    report = {"suite": args.suite, "settings": settings, "runs": runs, "summary": summary,
-              "machine": machine_info()}
+    report = {"suite": args.suite, "settings": settings, "runs": runs, "summary": summary, "machine": machine_info()}
     RESULTS_DIR.mkdir(exist_ok=True)
     atomic_write_text(RESULTS_DIR / f"bf16_accuracy_{args.suite}.json", json.dumps(report, indent=2) + "\n")
     print(f"\n{args.suite}: val mIoU over seeds {args.seeds}")
@@ -98,8 +124,10 @@ def main() -> int:
         s = summary[amp]
         secs = statistics.mean(r["seconds"] for r in runs if r["amp"] == amp)
         print(f"  {label}: {100 * s['mean']:.2f} +- {100 * s['std']:.2f}  (n={s['n']}, {secs:.0f} s a run)")
-    print(f"  gap bf16 - fp32: {100 * summary['gap']:+.2f} mIoU points; run-to-run spread {100 * summary['noise']:.2f}"
-          f"; within 2 x spread: {summary['within_noise']}")
+    print(
+        f"  gap bf16 - fp32: {100 * summary['gap']:+.2f} mIoU points; run-to-run spread {100 * summary['noise']:.2f}"
+        f"; within 2 x spread: {summary['within_noise']}"
+    )
     return 0
 
 

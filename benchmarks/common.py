@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-
 # ------------------------------------------------------------------------------------ machine
 def cpu_name() -> str:
     """The CPU model name (from /proc/cpuinfo on Linux, else platform.processor())."""
@@ -59,10 +58,16 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
 def git_commit() -> str | None:
     """The repository's HEAD commit (with '+dirty' for uncommitted changes), or None outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -241,8 +246,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def add_common_args(parser: argparse.ArgumentParser, *, threads: int = 2) -> None:
     """--threads, --device, --out, --quick: the options every benchmark script shares."""
-    parser.add_argument("--threads", type=int, default=threads,
-                        help=f"torch intra-op threads for every candidate (default {threads}, BENCHMARKS.md)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help=f"torch intra-op threads for every candidate (default {threads}, BENCHMARKS.md)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--out", default=None, help="JSON file to write (default benchmarks/results/<name>.json)")
     parser.add_argument("--quick", action="store_true", help="a short run with few repetitions (smoke test)")

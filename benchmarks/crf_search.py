@@ -59,8 +59,12 @@ def score(samples: list[tuple], params: dict | None, iterations: int) -> dict:
         cm.update(probs, mask)
         bf.update(probs, mask)
     m = {**cm.compute(), **bf.compute()}
-    return {"G": 100 * float(m["pixel_acc"]), "C": 100 * float(m["mean_acc"]), "mIoU": 100 * float(m["miou"]),
-            "BF": 100 * float(m["boundary_f1"])}
+    return {
+        "G": 100 * float(m["pixel_acc"]),
+        "C": 100 * float(m["mean_acc"]),
+        "mIoU": 100 * float(m["miou"]),
+        "BF": 100 * float(m["boundary_f1"]),
+    }
 
 
 def main() -> None:
@@ -86,15 +90,30 @@ def main() -> None:
 
     val = scores(args.weights, args.data, "val", None)
     without, with_crf = score(val, None, args.iterations), score(val, chosen, args.iterations)
-    rows = [["without CRF", *without.values()], ["with CRF", *with_crf.values()],
-            ["gain", *(with_crf[k] - without[k] for k in without)]]
-    print(f"\nsearch on {len(held)} train images: no CRF mIoU {base['mIoU']:.2f}; "
-          f"best {best['mIoU']:.2f} with {chosen}")
+    rows = [
+        ["without CRF", *without.values()],
+        ["with CRF", *with_crf.values()],
+        ["gain", *(with_crf[k] - without[k] for k in without)],
+    ]
+    print(
+        f"\nsearch on {len(held)} train images: no CRF mIoU {base['mIoU']:.2f}; best {best['mIoU']:.2f} with {chosen}"
+    )
     print(format_table([f"CamVid val ({len(val)} images), {args.iterations} iterations", "G", "C", "mIoU", "BF"], rows))
-    write_results("crf_search", {"weights": args.weights, "iterations": args.iterations, "held_out_every": args.every,
-                                 "grid": grid, "search_without_crf": base, "chosen": chosen, "val_without": without,
-                                 "val_with": with_crf, "seconds": time.perf_counter() - start,
-                                 "machine": machine_info("cpu")})
+    write_results(
+        "crf_search",
+        {
+            "weights": args.weights,
+            "iterations": args.iterations,
+            "held_out_every": args.every,
+            "grid": grid,
+            "search_without_crf": base,
+            "chosen": chosen,
+            "val_without": without,
+            "val_with": with_crf,
+            "seconds": time.perf_counter() - start,
+            "machine": machine_info("cpu"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -102,8 +102,9 @@ def pydensecrf_refine(image: np.ndarray, probs: np.ndarray, params: dict) -> np.
     crf = dcrf.DenseCRF2D(w, h, k)
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1.0)).reshape(k, -1)))
     crf.addPairwiseGaussian(sxy=params["gaussian_sxy"], compat=params["gaussian_weight"])
-    crf.addPairwiseBilateral(sxy=params["bilateral_sxy"], srgb=params["bilateral_srgb"], rgbim=image,
-                             compat=params["bilateral_weight"])
+    crf.addPairwiseBilateral(
+        sxy=params["bilateral_sxy"], srgb=params["bilateral_srgb"], rgbim=image, compat=params["bilateral_weight"]
+    )
     return np.asarray(crf.inference(params["iterations"])).reshape(k, h, w)
 
 
@@ -120,11 +121,17 @@ def with_cpu_time(fn: Callable[[], object], sink: list[float]) -> Callable[[], o
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(p)
-    p.add_argument("--presets", nargs="+", default=None, choices=list(CRF_PRESETS),
-                   help="parameter sets to time (default pydensecrf deeplab_vgg; pydensecrf with --quick)")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        choices=list(CRF_PRESETS),
+        help="parameter sets to time (default pydensecrf deeplab_vgg; pydensecrf with --quick)",
+    )
     p.add_argument("--iterations", type=int, nargs="+", default=[5, 10], help="mean-field iterations (5 10)")
     p.add_argument("--batch", type=int, default=None, help="images of the batch case (default 16; 4 --quick)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
@@ -154,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             agreement = float((ours_q.argmax(0) == ref.argmax(0)).mean())
             cpu: dict[str, list[float]] = {"pixelwise": [], "pydensecrf": []}
             fns = {
-                "pixelwise": with_cpu_time(lambda p=params: dense_crf(probs_t[:1], image_t[:1], **p),
-                                           cpu["pixelwise"]),
-                "pydensecrf": with_cpu_time(lambda p=params: pydensecrf_refine(images[0], probs[0], p),
-                                            cpu["pydensecrf"]),
+                "pixelwise": with_cpu_time(lambda p=params: dense_crf(probs_t[:1], image_t[:1], **p), cpu["pixelwise"]),
+                "pydensecrf": with_cpu_time(
+                    lambda p=params: pydensecrf_refine(images[0], probs[0], p), cpu["pydensecrf"]
+                ),
             }
             progress(f"{preset}, {iterations} iterations, 1 image: label agreement {agreement:.5f}")
             times = time_alternating(fns, reps=reps, warmup=1, device=device, log=progress)
@@ -168,18 +175,28 @@ def main(argv: list[str] | None = None) -> int:
         params = crf_kwargs(presets[0], iterations=args.iterations[-1])
         cpu = {"pixelwise": [], "pydensecrf": []}
         fns = {
-            "pixelwise": with_cpu_time(lambda: dense_crf(probs_t[:batch], image_t[:batch], **params),
-                                       cpu["pixelwise"]),
-            "pydensecrf": with_cpu_time(lambda: [pydensecrf_refine(i, q, params) for i, q in
-                                                 zip(images[:batch], probs[:batch], strict=True)], cpu["pydensecrf"]),
+            "pixelwise": with_cpu_time(lambda: dense_crf(probs_t[:batch], image_t[:batch], **params), cpu["pixelwise"]),
+            "pydensecrf": with_cpu_time(
+                lambda: [pydensecrf_refine(i, q, params) for i, q in zip(images[:batch], probs[:batch], strict=True)],
+                cpu["pydensecrf"],
+            ),
         }
         progress(f"{presets[0]}, {params['iterations']} iterations, batch {batch}")
         times = time_alternating(fns, reps=max(2, reps // 2), warmup=1, device=device, log=progress)
         results.append(_case(presets[0], params["iterations"], batch, times, cpu, None))
         rows.append(_row(results[-1]))
 
-    headers = ["preset", "iterations", "batch", "pixelwise s/img", "pydensecrf s/img", "ours/peer time",
-               "pixelwise cpu s/img", "pydensecrf cpu s/img", "label agreement"]
+    headers = [
+        "preset",
+        "iterations",
+        "batch",
+        "pixelwise s/img",
+        "pydensecrf s/img",
+        "ours/peer time",
+        "pixelwise cpu s/img",
+        "pydensecrf cpu s/img",
+        "label agreement",
+    ]
     table = format_table(headers, rows)
     print(table)
     if args.profile:
@@ -189,22 +206,38 @@ def main(argv: list[str] | None = None) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             dense_crf(probs_t[:1], image_t[:1], **params)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    out = write_results("crf_speed", {
-        "benchmark": "crf_speed",
-        "workload": f"{source}; {NUM_CLASSES} classes; unary -log(clip(softmax(2*onehot + N(0,1)), 1e-5))",
-        "settings": {"threads": args.threads, "reps": reps, "batch": batch, "presets": presets,
-                     "iterations": args.iterations, "quick": args.quick,
-                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
-        "machine": machine_info(device, extra_packages=["pydensecrf2"]),
-        "results": results,
-        "table": table,
-    }, args.out)
+    out = write_results(
+        "crf_speed",
+        {
+            "benchmark": "crf_speed",
+            "workload": f"{source}; {NUM_CLASSES} classes; unary -log(clip(softmax(2*onehot + N(0,1)), 1e-5))",
+            "settings": {
+                "threads": args.threads,
+                "reps": reps,
+                "batch": batch,
+                "presets": presets,
+                "iterations": args.iterations,
+                "quick": args.quick,
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            },
+            "machine": machine_info(device, extra_packages=["pydensecrf2"]),
+            "results": results,
+            "table": table,
+        },
+        args.out,
+    )
     progress(f"wrote {out}")
     return 0
 
 
-def _case(preset: str, iterations: int, batch: int, times: dict[str, list[float]],
-          cpu: dict[str, list[float]], agreement: float | None) -> dict:
+def _case(
+    preset: str,
+    iterations: int,
+    batch: int,
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    agreement: float | None,
+) -> dict:
     """One measured case as JSON: per-call summaries, per-image medians and the ratio ours/peer."""
     warm = len(cpu["pixelwise"]) - len(times["pixelwise"])  # drop the warm-up calls' CPU times
     case = {"preset": preset, "iterations": iterations, "batch": batch, "label_agreement": agreement}
@@ -218,10 +251,17 @@ def _case(preset: str, iterations: int, batch: int, times: dict[str, list[float]
 
 def _row(case: dict) -> list:
     ours, peer = case["pixelwise"], case["pydensecrf"]
-    return [case["preset"], case["iterations"], case["batch"], ours["median_s_per_image"],
-            peer["median_s_per_image"], case["time_ratio_ours_over_peer"], ours["cpu_median_s_per_image"],
-            peer["cpu_median_s_per_image"],
-            None if case["label_agreement"] is None else f"{100 * case['label_agreement']:.2f}%"]
+    return [
+        case["preset"],
+        case["iterations"],
+        case["batch"],
+        ours["median_s_per_image"],
+        peer["median_s_per_image"],
+        case["time_ratio_ours_over_peer"],
+        ours["cpu_median_s_per_image"],
+        peer["cpu_median_s_per_image"],
+        None if case["label_agreement"] is None else f"{100 * case['label_agreement']:.2f}%",
+    ]
 
 
 if __name__ == "__main__":

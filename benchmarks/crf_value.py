@@ -26,9 +26,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="a CamVid .safetensors file")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"), help="CamVid root")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="run the network at this input scale (the scale it was trained at); the CRF "
-                             "always refines the upsampled scores at full resolution, as DeepLab does")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="run the network at this input scale (the scale it was trained at); the CRF "
+        "always refines the upsampled scores at full resolution, as DeepLab does",
+    )
     parser.add_argument("--preset", default="deeplab_vgg", help="CRF parameter set (default deeplab_vgg)")
     add_common_args(parser)
     args = parser.parse_args()
@@ -39,20 +43,50 @@ def main() -> None:
         for name, extra in (("without CRF", []), ("with CRF", ["--crf", "--crf-preset", args.preset])):
             out = Path(tmp) / name.replace(" ", "_")
             start = time.perf_counter()
-            rc = pixelwise(["evaluate", "--weights", args.weights, "--data", args.data, "--dataset", "camvid",
-                            "--split", "val", "--mode", "multiscale", "--scales", str(args.scale),
-                            "--out", str(out), *extra])
+            rc = pixelwise(
+                [
+                    "evaluate",
+                    "--weights",
+                    args.weights,
+                    "--data",
+                    args.data,
+                    "--dataset",
+                    "camvid",
+                    "--split",
+                    "val",
+                    "--mode",
+                    "multiscale",
+                    "--scales",
+                    str(args.scale),
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
             if rc != 0:
                 raise SystemExit(rc)
             metrics = json.loads((out / "metrics.json").read_text())
-            results[name] = {"miou": metrics["miou"], "boundary_f1": metrics["boundary_f1"],
-                             "pixel_acc": metrics["pixel_acc"], "seconds": time.perf_counter() - start}
+            results[name] = {
+                "miou": metrics["miou"],
+                "boundary_f1": metrics["boundary_f1"],
+                "pixel_acc": metrics["pixel_acc"],
+                "seconds": time.perf_counter() - start,
+            }
             rows.append([name, 100 * metrics["miou"], 100 * metrics["boundary_f1"], 100 * metrics["pixel_acc"]])
     gain = {k: results["with CRF"][k] - results["without CRF"][k] for k in ("miou", "boundary_f1", "pixel_acc")}
     rows.append(["gain", 100 * gain["miou"], 100 * gain["boundary_f1"], 100 * gain["pixel_acc"]])
     print(format_table(["CamVid val (101 images)", "mIoU", "BF", "G"], rows))
-    write_results("crf_value", {"weights": args.weights, "scale": args.scale, "preset": args.preset,
-                                "results": results, "gain": gain, "machine": machine_info("cpu")})
+    write_results(
+        "crf_value",
+        {
+            "weights": args.weights,
+            "scale": args.scale,
+            "preset": args.preset,
+            "results": results,
+            "gain": gain,
+            "machine": machine_info("cpu"),
+        },
+    )
 
 
 if __name__ == "__main__":

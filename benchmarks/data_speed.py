@@ -33,8 +33,7 @@ def loader_speed(root: Path, workers: int, images: int, batch_size: int, crop: t
     tf = train_transforms(crop_size=crop, scale_range=(0.5, 2.0), flip=True, color_jitter=0.2)
     ds = Subset(CamVid(root, "train", transforms=tf), range(min(images, 367)))
     torch.manual_seed(0)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        persistent_workers=False)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, persistent_workers=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker; several threads per small op only contend for the cores
     try:
@@ -45,8 +44,13 @@ def loader_speed(root: Path, workers: int, images: int, batch_size: int, crop: t
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    return {"workers": workers, "images": n, "seconds": round(seconds, 3),
-            "images_per_s": round(n / seconds, 2), "images_per_s_per_worker": round(n / seconds / max(workers, 1), 2)}
+    return {
+        "workers": workers,
+        "images": n,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n / seconds, 2),
+        "images_per_s_per_worker": round(n / seconds / max(workers, 1), 2),
+    }
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -70,8 +74,12 @@ def metric_speed(shape: tuple[int, int, int, int], repeats: int) -> dict:
     target[:, : h // 10] = 255  # some ignored pixels, as real labels have
     ours = ConfusionMatrix(k, ignore_index=255)
     t_ours = _median_time(lambda: ours.update(logits, target), repeats)
-    result = {"shape": list(shape), "device": "cpu", "threads": torch.get_num_threads(),
-              "pixelwise_s": round(t_ours, 4)}
+    result = {
+        "shape": list(shape),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "pixelwise_s": round(t_ours, 4),
+    }
     try:
         from torchmetrics.classification import MulticlassJaccardIndex
     except ImportError:
@@ -84,8 +92,13 @@ def metric_speed(shape: tuple[int, int, int, int], repeats: int) -> dict:
     ref.reset()
     ours.update(logits, target)
     ref.update(logits, target)
-    result.update({"torchmetrics_s": round(t_ref, 4), "speedup": round(t_ref / t_ours, 2),
-                   "same_miou": abs(ours.compute()["miou"] - float(ref.compute())) < 1e-6})
+    result.update(
+        {
+            "torchmetrics_s": round(t_ref, 4),
+            "speedup": round(t_ref / t_ours, 2),
+            "same_miou": abs(ours.compute()["miou"] - float(ref.compute())) < 1e-6,
+        }
+    )
     return result
 
 
@@ -96,20 +109,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=64, help="CamVid train images per timing (default 64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
-    p.add_argument("--shape", type=int, nargs=4, default=[8, 19, 512, 1024], metavar=("B", "K", "H", "W"),
-                   help="logits shape for the metric timing (default 8 19 512 1024)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        default=[8, 19, 512, 1024],
+        metavar=("B", "K", "H", "W"),
+        help="logits shape for the metric timing (default 8 19 512 1024)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of the metric update (median)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data_speed.json"))
     args = p.parse_args(argv)
 
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
     }
     root = Path(args.root)
     if root.is_dir():
-        results["loader"] = [loader_speed(root, w, args.images, args.batch_size, tuple(args.crop))
-                             for w in args.workers]
+        results["loader"] = [
+            loader_speed(root, w, args.images, args.batch_size, tuple(args.crop)) for w in args.workers
+        ]
     else:
         results["loader"] = f"skipped: no CamVid at {root}"
     results["confusion_matrix_update"] = metric_speed(tuple(args.shape), args.repeats)
@@ -126,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nconfusion-matrix update, logits {'x'.join(map(str, m['shape']))} on CPU ({m['threads']} threads)")
     print(f"  pixelwise    {m['pixelwise_s'] * 1000:8.1f} ms")
     if m.get("torchmetrics_s") is not None:
-        print(f"  torchmetrics {m['torchmetrics_s'] * 1000:8.1f} ms   -> {m['speedup']:.2f}x faster, "
-              f"same mIoU: {m['same_miou']}")
+        print(
+            f"  torchmetrics {m['torchmetrics_s'] * 1000:8.1f} ms   -> {m['speedup']:.2f}x faster, "
+            f"same mIoU: {m['same_miou']}"
+        )
     print(f"\nwrote {args.out}")
     return 0
 

@@ -60,13 +60,15 @@ print(json.dumps({"params_mib": params, "growth_mib": growth}))
 
 def measure(name: str, threads: int) -> dict:
     """Peak-RSS growth of one forward per size, in a fresh process."""
-    run = subprocess.run([sys.executable, "-c", CHILD, name, str(threads), json.dumps(SIZES)],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, name, str(threads), json.dumps(SIZES)], capture_output=True, text=True, check=True
+    )
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     from pixelwise.models import MODELS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="models to measure (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -74,13 +76,25 @@ def main() -> None:
     rows = []
     for name in args.models:
         r = measure(name, args.threads)
-        rows.append({"model": name, "params_mib": r["params_mib"], "window_512_mib": r["growth_mib"][0],
-                     "whole_2048x1024_mib": r["growth_mib"][1]})
+        rows.append(
+            {
+                "model": name,
+                "params_mib": r["params_mib"],
+                "window_512_mib": r["growth_mib"][0],
+                "whole_2048x1024_mib": r["growth_mib"][1],
+            }
+        )
         progress(f"{name}: {rows[-1]}")
-    write_results("inference_memory", {"machine": machine_info(), "threads": args.threads, "sizes": SIZES,
-                                       "rows": rows})
-    print(format_table(["model", "weights MiB", "512x512 window: peak +MiB", "2048x1024 whole: peak +MiB"],
-                       [[r["model"], r["params_mib"], r["window_512_mib"], r["whole_2048x1024_mib"]] for r in rows]))
+    write_results(
+        "inference_memory", {"machine": machine_info(), "threads": args.threads, "sizes": SIZES, "rows": rows}
+    )
+    print(
+        format_table(
+            ["model", "weights MiB", "512x512 window: peak +MiB", "2048x1024 whole: peak +MiB"],
+            [[r["model"], r["params_mib"], r["window_512_mib"], r["whole_2048x1024_mib"]] for r in rows],
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

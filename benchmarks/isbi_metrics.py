@@ -42,10 +42,15 @@ def probability_maps(labels: np.ndarray, kind: str, seed: int = 0) -> np.ndarray
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=ROOT.parent / "shared" / "data" / "isbi2012",
-                   help="ISBI 2012 root holding label/0.png .. 29.png")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "isbi2012",
+        help="ISBI 2012 root holding label/0.png .. 29.png",
+    )
     p.add_argument("--slices", type=int, default=30, help="slices of the stack (default 30, the training stack)")
     p.add_argument("--out", default=None, help="JSON file to write (default benchmarks/results/isbi_metrics.json)")
     p.add_argument("--quick", action="store_true", help="5 slices (smoke test)")
@@ -63,20 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         scores = isbi_challenge_scores(prob, labels)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        results.append({"maps": kind, "slices": n, "wall_s": wall, "cpu_s": cpu,
-                        **{k: v for k, v in scores.items() if not isinstance(v, list)}})
+        results.append(
+            {
+                "maps": kind,
+                "slices": n,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                **{k: v for k, v in scores.items() if not isinstance(v, list)},
+            }
+        )
         rows.append([kind, n, wall, cpu, cpu / n, scores["v_rand"], scores["v_info"], scores["pixel_error"]])
-    table = format_table(["maps", "slices", "wall s", "CPU s", "CPU s / slice", "V_Rand", "V_Info",
-                          "pixel error"], rows)
+    table = format_table(
+        ["maps", "slices", "wall s", "CPU s", "CPU s / slice", "V_Rand", "V_Info", "pixel error"], rows
+    )
     print(table)
-    out = write_results("isbi_metrics", {
-        "benchmark": "isbi_metrics",
-        "workload": f"ISBI 2012 labels 0..{n - 1} (512x512), {len(ISBI_THRESHOLDS)} thresholds, "
-                    "isbi_challenge_scores on the whole stack",
-        "machine": machine_info("cpu", extra_packages=["scipy"]),
-        "results": results,
-        "table": table,
-    }, args.out)
+    out = write_results(
+        "isbi_metrics",
+        {
+            "benchmark": "isbi_metrics",
+            "workload": f"ISBI 2012 labels 0..{n - 1} (512x512), {len(ISBI_THRESHOLDS)} thresholds, "
+            "isbi_challenge_scores on the whole stack",
+            "machine": machine_info("cpu", extra_packages=["scipy"]),
+            "results": results,
+            "table": table,
+        },
+        args.out,
+    )
     progress(f"wrote {out}")
     return 0
 

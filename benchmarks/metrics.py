@@ -64,17 +64,24 @@ def check_identical(logits: torch.Tensor, target: torch.Tensor, classes: int) ->
     iou_diff = (torch.tensor(scores["per_class_iou"]) - tm_iou.compute().cpu().double()).abs().max().item()
     miou_diff = abs(scores["miou"] - tm_miou.compute().item())
     if not equal_matrix or iou_diff > 1e-6 or miou_diff > 1e-6:
-        raise AssertionError(f"results differ from torchmetrics: matrix equal={equal_matrix}, "
-                             f"max per-class IoU diff {iou_diff:.3g}, mIoU diff {miou_diff:.3g}")
-    return {"confusion_matrix_equal": equal_matrix, "max_per_class_iou_diff": iou_diff, "miou_diff": miou_diff,
-            "miou": scores["miou"]}
+        raise AssertionError(
+            f"results differ from torchmetrics: matrix equal={equal_matrix}, "
+            f"max per-class IoU diff {iou_diff:.3g}, mIoU diff {miou_diff:.3g}"
+        )
+    return {
+        "confusion_matrix_equal": equal_matrix,
+        "max_per_class_iou_diff": iou_diff,
+        "miou_diff": miou_diff,
+        "miou": scores["miou"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Ratio = ours/torchmetrics of updates per second, the median of per-round "
-                                       "ratios (goal >= 2).")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Ratio = ours/torchmetrics of updates per second, the median of per-round ratios (goal >= 2).",
+    )
     add_common_args(p)
     p.add_argument("--batch", type=int, default=None, help="images per update (default 8; 2 with --quick)")
     p.add_argument("--classes", type=int, default=19, help="classes K (default 19, Cityscapes)")
@@ -120,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "metrics",
         "machine": machine_info(device, ["torchmetrics"]),
-        "settings": {"batch": batch, "classes": k, "size": [h, w], "ignore": args.ignore, "reps": reps,
-                     "threads": args.threads, "quick": args.quick},
+        "settings": {
+            "batch": batch,
+            "classes": k,
+            "size": [h, w],
+            "ignore": args.ignore,
+            "reps": reps,
+            "threads": args.threads,
+            "quick": args.quick,
+        },
         "check": check,
         "results": results,
     }
@@ -129,14 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, r in results.items():
         s = r["times"]
-        rows.append([name, s["ours"]["median_s"] * 1e3, s["torchmetrics"]["median_s"] * 1e3,
-                     s["torchmetrics_validated"]["median_s"] * 1e3, s["ours"]["items_per_s"] / 1e6,
-                     r["ratio"], r["ratio_vs_validated"]])
+        rows.append(
+            [
+                name,
+                s["ours"]["median_s"] * 1e3,
+                s["torchmetrics"]["median_s"] * 1e3,
+                s["torchmetrics_validated"]["median_s"] * 1e3,
+                s["ours"]["items_per_s"] / 1e6,
+                r["ratio"],
+                r["ratio_vs_validated"],
+            ]
+        )
     m = payload["machine"]
-    print(f"confusion-matrix update, {batch}x{k}x{h}x{w}, {m['device_name']} ({device}, {args.threads} threads), "
-          f"torch {m['versions']['torch']}, torchmetrics {m['versions']['torchmetrics']}; results identical")
-    print(format_table(["input", "ours ms", "torchmetrics ms", "tm validated ms", "ours Mpix/s",
-                        "ratio", "ratio vs validated"], rows))
+    print(
+        f"confusion-matrix update, {batch}x{k}x{h}x{w}, {m['device_name']} ({device}, {args.threads} threads), "
+        f"torch {m['versions']['torch']}, torchmetrics {m['versions']['torchmetrics']}; results identical"
+    )
+    print(
+        format_table(
+            ["input", "ours ms", "torchmetrics ms", "tm validated ms", "ours Mpix/s", "ratio", "ratio vs validated"],
+            rows,
+        )
+    )
     print(f"wrote {path}")
     return 0
 

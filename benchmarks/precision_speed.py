@@ -90,8 +90,9 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     if not native_bf16(torch.device("cpu")):
-        raise SystemExit("this CPU has no native bf16 (AVX512-BF16/AMX-BF16): bf16 would be emulated, "
-                         "nothing to compare")
+        raise SystemExit(
+            "this CPU has no native bf16 (AVX512-BF16/AMX-BF16): bf16 would be emulated, nothing to compare"
+        )
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     rows, results = [], {}
     for name in args.models:
@@ -101,16 +102,46 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             speedup = statistics.median(a / b for a, b in zip(times["fp32"], times["bf16"], strict=True))
             gflops = {k: flops / med[k] / 1e9 for k in med}
-            results[f"{name} {task}"] = {"seconds": times, "median_s": med, "speedup": speedup, "gflop": flops / 1e9,
-                                         "gflops": gflops, "load": os.getloadavg()[0]}
-            rows.append([name, task, f"{flops / 1e9:.0f}", f"{med['fp32']:.3f}", f"{med['bf16']:.3f}",
-                         f"**{speedup:.2f}x**", f"{gflops['fp32']:.0f} ({100 * gflops['fp32'] / peaks['fp32']:.0f}%)",
-                         f"{gflops['bf16']:.0f} ({100 * gflops['bf16'] / peaks['bf16']:.0f}%)"])
+            results[f"{name} {task}"] = {
+                "seconds": times,
+                "median_s": med,
+                "speedup": speedup,
+                "gflop": flops / 1e9,
+                "gflops": gflops,
+                "load": os.getloadavg()[0],
+            }
+            rows.append(
+                [
+                    name,
+                    task,
+                    f"{flops / 1e9:.0f}",
+                    f"{med['fp32']:.3f}",
+                    f"{med['bf16']:.3f}",
+                    f"**{speedup:.2f}x**",
+                    f"{gflops['fp32']:.0f} ({100 * gflops['fp32'] / peaks['fp32']:.0f}%)",
+                    f"{gflops['bf16']:.0f} ({100 * gflops['bf16'] / peaks['bf16']:.0f}%)",
+                ]
+            )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    print(f"\nGEMM peak measured here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
-          f"({args.threads} threads, load {os.getloadavg()[0]:.2f})")
-    print(format_table(["model", "task", "GFLOP", "fp32 s", "bf16 s", "fp32/bf16", "fp32 GFLOP/s (% peak)",
-                        "bf16 GFLOP/s (% peak)"], rows))
+    print(
+        f"\nGEMM peak measured here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
+        f"({args.threads} threads, load {os.getloadavg()[0]:.2f})"
+    )
+    print(
+        format_table(
+            [
+                "model",
+                "task",
+                "GFLOP",
+                "fp32 s",
+                "bf16 s",
+                "fp32/bf16",
+                "fp32 GFLOP/s (% peak)",
+                "bf16 GFLOP/s (% peak)",
+            ],
+            rows,
+        )
+    )
     write_results("precision_speed", {"gemm_peak_gflops": peaks, "results": results, "machine": machine_info("cpu")})
 
 

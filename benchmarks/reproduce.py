@@ -63,18 +63,33 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     "camvid_segnet_basic": Experiment(
-        "reproduce/camvid_segnet_basic", "camvid", "SegNet-Basic (TPAMI 2017, Table 1)",
-        {"G": 82.7, "C": 62.0, "mIoU": 47.7, "BF": 35.78}, "CamVid test (233 images)"),
+        "reproduce/camvid_segnet_basic",
+        "camvid",
+        "SegNet-Basic (TPAMI 2017, Table 1)",
+        {"G": 82.7, "C": 62.0, "mIoU": 47.7, "BF": 35.78},
+        "CamVid test (233 images)",
+    ),
     "camvid_segnet_basic_single_channel": Experiment(
-        "reproduce/camvid_segnet_basic_single_channel", "camvid",
+        "reproduce/camvid_segnet_basic_single_channel",
+        "camvid",
         "SegNet-Basic-SingleChannelDecoder (Table 1)",
-        {"G": 81.2, "C": 60.7, "mIoU": 46.1, "BF": 31.62}, "CamVid test (233 images)"),
+        {"G": 81.2, "C": 60.7, "mIoU": 46.1, "BF": 31.62},
+        "CamVid test (233 images)",
+    ),
     "camvid_bilinear": Experiment(
-        "reproduce/camvid_bilinear", "camvid", "Bilinear-Interpolation (Table 1)",
-        {"G": 77.9, "C": 61.1, "mIoU": 43.3, "BF": 20.83}, "CamVid test (233 images)"),
+        "reproduce/camvid_bilinear",
+        "camvid",
+        "Bilinear-Interpolation (Table 1)",
+        {"G": 77.9, "C": 61.1, "mIoU": 43.3, "BF": 20.83},
+        "CamVid test (233 images)",
+    ),
     "isbi2012_unet": Experiment(
-        "reproduce/isbi2012_unet", "isbi2012", "U-Net (MICCAI 2015, Table 1)",
-        {"rand_error": 0.0382, "pixel_error": 0.0611, "warping_error": 0.000353}, "ISBI 2012 challenge test stack"),
+        "reproduce/isbi2012_unet",
+        "isbi2012",
+        "U-Net (MICCAI 2015, Table 1)",
+        {"rand_error": 0.0382, "pixel_error": 0.0611, "warping_error": 0.000353},
+        "ISBI 2012 challenge test stack",
+    ),
 }
 
 
@@ -126,9 +141,13 @@ def evaluate_camvid(model: torch.nn.Module, cfg: Config, scale: float) -> dict[s
         cm.update(pred, mask.unsqueeze(0))
         bf.update(pred, mask.unsqueeze(0))
     s = cm.compute()
-    return {"G": 100 * s["pixel_acc"], "C": 100 * s["mean_acc"], "mIoU": 100 * s["miou"],
-            "BF": 100 * bf.compute()["boundary_f1"],
-            "per_class_iou": dict(zip(ds.classes, [100 * v for v in s["per_class_iou"]], strict=True))}
+    return {
+        "G": 100 * s["pixel_acc"],
+        "C": 100 * s["mean_acc"],
+        "mIoU": 100 * s["miou"],
+        "BF": 100 * bf.compute()["boundary_f1"],
+        "per_class_iou": dict(zip(ds.classes, [100 * v for v in s["per_class_iou"]], strict=True)),
+    }
 
 
 @torch.no_grad()
@@ -149,16 +168,25 @@ def evaluate_isbi(model: torch.nn.Module, cfg: Config) -> dict[str, Any]:
         masks.append(mask.numpy())
     s = cm.compute()
     challenge = isbi_challenge_scores(np.stack(cell_prob), np.stack(masks))
-    return {"pixel_error": 1 - s["pixel_acc"], "iou_cell": s["per_class_iou"][1],
-            "iou_membrane": s["per_class_iou"][0], "miou": s["miou"],
-            "v_rand": challenge["v_rand"], "rand_error": 1 - challenge["v_rand"], "v_info": challenge["v_info"],
-            "challenge_pixel_error": challenge["pixel_error"],
-            "v_rand_threshold": challenge["v_rand_threshold"], "v_info_threshold": challenge["v_info_threshold"],
-            "v_rand_per_slice": challenge["v_rand_per_slice"], "v_info_per_slice": challenge["v_info_per_slice"]}
+    return {
+        "pixel_error": 1 - s["pixel_acc"],
+        "iou_cell": s["per_class_iou"][1],
+        "iou_membrane": s["per_class_iou"][0],
+        "miou": s["miou"],
+        "v_rand": challenge["v_rand"],
+        "rand_error": 1 - challenge["v_rand"],
+        "v_info": challenge["v_info"],
+        "challenge_pixel_error": challenge["pixel_error"],
+        "v_rand_threshold": challenge["v_rand_threshold"],
+        "v_info_threshold": challenge["v_info_threshold"],
+        "v_rand_per_slice": challenge["v_rand_per_slice"],
+        "v_info_per_slice": challenge["v_info_per_slice"],
+    }
 
 
-def evaluate_run(name: str, cfg: Config, *, from_checkpoint: bool = False,
-                 checkpoint: Path | None = None) -> dict[str, float]:
+def evaluate_run(
+    name: str, cfg: Config, *, from_checkpoint: bool = False, checkpoint: Path | None = None
+) -> dict[str, float]:
     exp = EXPERIMENTS[name]
     model = _load_run_model(Path(cfg.output.dir), from_checkpoint, checkpoint)
     if exp.dataset == "camvid":
@@ -192,8 +220,10 @@ def run(name: str, overrides: list[str], *, quick: bool, eval_at_epochs: list[in
     run_dir = Path(cfg.output.dir)
     n_train = cfg.data.max_train_images or _count_train(cfg)
     steps_per_epoch = n_train // (cfg.data.batch_size * cfg.train.grad_accum)
-    progress(f"[{name}] {cfg.model.name} {cfg.model.kwargs}: {cfg.train.epochs} epochs x {steps_per_epoch} steps "
-             f"-> {run_dir}")
+    progress(
+        f"[{name}] {cfg.model.name} {cfg.model.kwargs}: {cfg.train.epochs} epochs x {steps_per_epoch} steps "
+        f"-> {run_dir}"
+    )
     t0 = time.perf_counter()
     intermediate = {}
     resume = (run_dir / "last.pt").exists() and not fresh
@@ -202,8 +232,11 @@ def run(name: str, overrides: list[str], *, quick: bool, eval_at_epochs: list[in
         resume = True
         if result["interrupted"]:
             progress(f"[{name}] scoring the weights after {epochs} epochs")
-            intermediate[str(epochs)] = {"steps": result["step"], "wall_s": time.perf_counter() - t0,
-                                         "metrics": evaluate_run(name, cfg, from_checkpoint=True)}
+            intermediate[str(epochs)] = {
+                "steps": result["step"],
+                "wall_s": time.perf_counter() - t0,
+                "metrics": evaluate_run(name, cfg, from_checkpoint=True),
+            }
             progress(f"  {_short(intermediate[str(epochs)]['metrics'])}")
     result = train(cfg, resume=resume, overwrite=not resume)
     train_s = time.perf_counter() - t0
@@ -220,10 +253,19 @@ def run(name: str, overrides: list[str], *, quick: bool, eval_at_epochs: list[in
         "ours_split": "CamVid val (101 images)" if exp.dataset == "camvid" else "ISBI 2012 slices 25..29",
         "ours": metrics,
         "intermediate": intermediate,
-        "schedule": {"epochs": cfg.train.epochs, "steps": result["step"], "batch_size": cfg.data.batch_size,
-                     "train_scale": _train_scale(cfg), "crop_size": cfg.data.crop_size,
-                     "optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "momentum": cfg.train.momentum,
-                     "shortened": True, "wall_s": run_wall_s, "wall_s_this_process": train_s},
+        "schedule": {
+            "epochs": cfg.train.epochs,
+            "steps": result["step"],
+            "batch_size": cfg.data.batch_size,
+            "train_scale": _train_scale(cfg),
+            "crop_size": cfg.data.crop_size,
+            "optimizer": cfg.train.optimizer,
+            "lr": cfg.train.lr,
+            "momentum": cfg.train.momentum,
+            "shortened": True,
+            "wall_s": run_wall_s,
+            "wall_s_this_process": train_s,
+        },
         "config": config_to_dict(cfg),
         "machine": machine_info("cpu"),
     }
@@ -250,8 +292,10 @@ def record_intermediate(name: str, epoch: int, checkpoint: Path | None, metrics:
     if not path.is_file():
         raise SystemExit(f"{path} does not exist yet; run the experiment first")
     payload = json.loads(path.read_text())
-    payload.setdefault("intermediate", {})[str(epoch)] = {"steps": load_checkpoint(checkpoint)["step"],
-                                                          "metrics": metrics}
+    payload.setdefault("intermediate", {})[str(epoch)] = {
+        "steps": load_checkpoint(checkpoint)["step"],
+        "metrics": metrics,
+    }
     payload["intermediate"] = dict(sorted(payload["intermediate"].items(), key=lambda kv: int(kv[0])))
     write_results(f"reproduce_{name}", payload)
 
@@ -270,51 +314,115 @@ def table() -> str:
             continue
         r = json.loads(path.read_text())
         s = r["schedule"]
-        sched = (f"{s['epochs']} ep / {s['steps']} steps, batch {s['batch_size']}, scale {s['train_scale']:g}, "
-                 f"{s.get('wall_s', s.get('wall_s_including_intermediate_evals', 0.0)) / 60:.0f} min wall")
+        sched = (
+            f"{s['epochs']} ep / {s['steps']} steps, batch {s['batch_size']}, scale {s['train_scale']:g}, "
+            f"{s.get('wall_s', s.get('wall_s_including_intermediate_evals', 0.0)) / 60:.0f} min wall"
+        )
         if EXPERIMENTS[r["experiment"]].dataset == "camvid":
             keys = ["G", "C", "mIoU", "BF"]
             camvid.append([r["paper_row"], "paper (test)", *[r["paper"][k] for k in keys], "until convergence"])
             for ep, inter in r.get("intermediate", {}).items():
-                camvid.append(["", f"ours (val) @{ep} ep", *[inter["metrics"][k] for k in keys],
-                               f"{ep} ep / {inter['steps']} steps"])
+                camvid.append(
+                    [
+                        "",
+                        f"ours (val) @{ep} ep",
+                        *[inter["metrics"][k] for k in keys],
+                        f"{ep} ep / {inter['steps']} steps",
+                    ]
+                )
             camvid.append(["", "ours (val)", *[r["ours"][k] for k in keys], sched])
         else:
-            isbi.append([r["paper_row"], "paper (challenge test)", r["paper"]["pixel_error"], None,
-                         r["paper"]["rand_error"], None, None, None, "-"])
+            isbi.append(
+                [
+                    r["paper_row"],
+                    "paper (challenge test)",
+                    r["paper"]["pixel_error"],
+                    None,
+                    r["paper"]["rand_error"],
+                    None,
+                    None,
+                    None,
+                    "-",
+                ]
+            )
             o = r["ours"]
             rand_error = 1 - o["v_rand"] if "v_rand" in o else None  # results from before the challenge's V_Rand
-            isbi.append(["", "ours (slices 25-29)", o.get("challenge_pixel_error"), o["pixel_error"], rand_error,
-                         o.get("v_info"), o["iou_cell"], o["miou"], sched])
+            isbi.append(
+                [
+                    "",
+                    "ours (slices 25-29)",
+                    o.get("challenge_pixel_error"),
+                    o["pixel_error"],
+                    rand_error,
+                    o.get("v_info"),
+                    o["iou_cell"],
+                    o["miou"],
+                    sched,
+                ]
+            )
     out = []
     if camvid:
         out.append(format_table(["model", "", "G", "C", "mIoU", "BF", "schedule"], camvid))
     if isbi:
-        out.append(format_table(["model", "", "pixel error (1 - max F)", "pixel error (argmax)",
-                                 "Rand error (1 - V_Rand)", "V_Info", "IoU cell", "mIoU", "schedule"], isbi))
+        out.append(
+            format_table(
+                [
+                    "model",
+                    "",
+                    "pixel error (1 - max F)",
+                    "pixel error (argmax)",
+                    "Rand error (1 - V_Rand)",
+                    "V_Info",
+                    "IoU cell",
+                    "mIoU",
+                    "schedule",
+                ],
+                isbi,
+            )
+        )
     return "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train an experiment and score it")
     r.add_argument("name", choices=list(EXPERIMENTS))
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, as for `pixelwise train` (e.g. --set train.epochs=2)")
-    r.add_argument("--eval-at-epochs", type=int, nargs="*", default=[],
-                   help="also score the weights after these epochs (e.g. to compare with shorter variant runs)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as for `pixelwise train` (e.g. --set train.epochs=2)",
+    )
+    r.add_argument(
+        "--eval-at-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also score the weights after these epochs (e.g. to compare with shorter variant runs)",
+    )
     r.add_argument("--fresh", action="store_true", help="start afresh even if the run folder holds a checkpoint")
     r.add_argument("--quick", action="store_true", help="smoke run: 8 training images, 1 epoch, own folder")
     r.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     e = sub.add_parser("eval", help="score a finished run again and print its metrics")
     e.add_argument("name", choices=list(EXPERIMENTS))
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("--checkpoint", type=Path, default=None,
-                   help="score this checkpoint (a saved copy of the run's last.pt) instead of best.safetensors")
-    e.add_argument("--record-epoch", type=int, default=None,
-                   help="with --checkpoint: store the scores as this epoch's in results/reproduce_<name>.json")
+    e.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="score this checkpoint (a saved copy of the run's last.pt) instead of best.safetensors",
+    )
+    e.add_argument(
+        "--record-epoch",
+        type=int,
+        default=None,
+        help="with --checkpoint: store the scores as this epoch's in results/reproduce_<name>.json",
+    )
     e.add_argument("--threads", type=int, default=2)
     sub.add_parser("table", help="print the markdown table of all reproduce_*.json results")
     args = p.parse_args(argv)
@@ -331,8 +439,16 @@ def main(argv: list[str] | None = None) -> int:
             record_intermediate(args.name, args.record_epoch, args.checkpoint, metrics)
         return 0
     payload = run(args.name, args.overrides, quick=args.quick, eval_at_epochs=args.eval_at_epochs, fresh=args.fresh)
-    print(json.dumps({"experiment": payload["experiment"], "paper": payload["paper"],
-                      "ours": {k: v for k, v in payload["ours"].items() if not isinstance(v, dict)}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "experiment": payload["experiment"],
+                "paper": payload["paper"],
+                "ours": {k: v for k, v in payload["ours"].items() if not isinstance(v, dict)},
+            },
+            indent=2,
+        )
+    )
     if not math.isfinite(sum(v for v in payload["ours"].values() if isinstance(v, float))):
         return 1
     return 0

@@ -42,8 +42,9 @@ def main() -> int:
     parser.add_argument("run", type=Path, help="run folder with best.safetensors and metrics.json")
     parser.add_argument("--name", required=True, help="built-in name, MODEL_TAG (e.g. segnet_basic_camvid)")
     parser.add_argument("--recipe", required=True, help="how it was trained: config and command")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"),
-                        help="data set root for the agreement check")
+    parser.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "camvid"), help="data set root for the agreement check"
+    )
     parser.add_argument("--dataset", default="camvid")
     parser.add_argument("--check-images", type=int, default=20)
     args = parser.parse_args()
@@ -56,9 +57,18 @@ def main() -> int:
     out.parent.mkdir(exist_ok=True)
     val_scores = {k: metrics["scores"][k] for k in ("miou", "pixel_acc", "mean_acc")}
     extra = {**meta.extra, "recipe": args.recipe, "val": val_scores, "stored_as": "fp16"}
-    save_weights(out, half, model_name=meta.model_name, model_kwargs=meta.model_kwargs,
-                 classes=meta.classes, palette=meta.palette, mean=meta.mean, std=meta.std,
-                 ignore_index=meta.ignore_index, extra=extra)
+    save_weights(
+        out,
+        half,
+        model_name=meta.model_name,
+        model_kwargs=meta.model_kwargs,
+        classes=meta.classes,
+        palette=meta.palette,
+        mean=meta.mean,
+        std=meta.std,
+        ignore_index=meta.ignore_index,
+        extra=extra,
+    )
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), sha256 {digest}")
     print(f"fp16 vs fp32 weights: argmax agreement {100 * agree:.3f}% of pixels on {args.check_images} val images")

@@ -96,8 +96,10 @@ def _tv(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision.models.segmentation as tvseg
 
-        return Logits(getattr(tvseg, name)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                                           aux_loss=False))
+        return Logits(
+            getattr(tvseg, name)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False)
+        )
+
     return build
 
 
@@ -108,8 +110,14 @@ def _smp_unet() -> nn.Module:
     # smp's vgg13 encoder is exactly that up to stride 8; at stride 16 it has 512 (+ a 512 centre block)
     # where U-Net has 1024, and its decoder interpolates (nearest) where U-Net has 2x2 up-convolutions.
     # No BN on either side (U-Net predates BatchNorm; our default norm_layer=None).
-    return smp.Unet(encoder_name="vgg13", encoder_depth=4, encoder_weights=None, decoder_use_norm=False,
-                    decoder_channels=(512, 256, 128, 64), classes=NUM_CLASSES)
+    return smp.Unet(
+        encoder_name="vgg13",
+        encoder_depth=4,
+        encoder_weights=None,
+        decoder_use_norm=False,
+        decoder_channels=(512, 256, 128, 64),
+        classes=NUM_CLASSES,
+    )
 
 
 def _smp_deeplabv3plus() -> nn.Module:
@@ -118,8 +126,14 @@ def _smp_deeplabv3plus() -> nn.Module:
     # Matched to ours: output stride 16, the paper's rates at OS 16 (6, 12, 18), plain (not separable)
     # ASPP convs. Left as smp builds them: a separable 3x3 after ASPP and ONE separable 3x3 fusing
     # conv in the decoder, where ours (the paper's ResNet variant, Table 2) has two full 3x3 convs.
-    return smp.DeepLabV3Plus(encoder_name="resnet50", encoder_weights=None, encoder_output_stride=16,
-                             decoder_atrous_rates=(6, 12, 18), decoder_aspp_separable=False, classes=NUM_CLASSES)
+    return smp.DeepLabV3Plus(
+        encoder_name="resnet50",
+        encoder_weights=None,
+        encoder_output_stride=16,
+        decoder_atrous_rates=(6, 12, 18),
+        decoder_aspp_separable=False,
+        classes=NUM_CLASSES,
+    )
 
 
 PAIRS: dict[str, Pair] = {
@@ -190,6 +204,7 @@ def _infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         with torch.no_grad():
             return model(x)
+
     return run
 
 
@@ -203,6 +218,7 @@ def _train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
         loss.backward()
         opt.step()
         return loss
+
     return step
 
 
@@ -231,10 +247,15 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
     peer = pair.peer().to(device).eval()
     torch.manual_seed(0)
     ours = pair.ours().to(device).eval()
-    rec: dict = {"pair": pair.name, "peer": pair.peer_name, "size": [h, w], "note": pair.note,
-                 "date": machine_info(device)["date"],
-                 "params_ours": sum(p.numel() for p in ours.parameters()),
-                 "params_peer": sum(p.numel() for p in peer.parameters())}
+    rec: dict = {
+        "pair": pair.name,
+        "peer": pair.peer_name,
+        "size": [h, w],
+        "note": pair.note,
+        "date": machine_info(device)["date"],
+        "params_ours": sum(p.numel() for p in ours.parameters()),
+        "params_peer": sum(p.numel() for p in peer.parameters()),
+    }
 
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randn(1, 3, h, w, generator=gen).to(device)
@@ -246,9 +267,12 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
 
     rec["gflops_ours"] = _flops_per_image(pair.ours, (h, w)) / 1e9
     rec["gflops_peer"] = _flops_per_image(pair.peer, (h, w)) / 1e9
-    progress(f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}; "
-             f"same-weights max|diff| {diff:.2e}" if pair.same_weights else
-             f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}")
+    progress(
+        f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}; "
+        f"same-weights max|diff| {diff:.2e}"
+        if pair.same_weights
+        else f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}"
+    )
 
     if args.fast:
         ours_fast = prepare_fast(copy.deepcopy(ours), compile=args.compile)
@@ -269,14 +293,19 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
         progress(f"  inference batch {b}: {reps} rounds of {', '.join(fns)}")
         times = time_alternating(fns, reps=reps, warmup=args.warmup, device=device, log=progress)
         stats = {k: summarize(v, items=b) for k, v in times.items()}
-        entry = {"times": stats, "ratio": paired_ratio(times["ours"], times["peer"]),
-                 "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"])}
+        entry = {
+            "times": stats,
+            "ratio": paired_ratio(times["ours"], times["peer"]),
+            "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"]),
+        }
         if fast_here:
             entry["ratio_fast"] = paired_ratio(times["ours_fast"], times["peer_fast"])
             entry["fast_speedup_ours"] = paired_ratio(times["ours_fast"], times["ours"])
         rec["inference"][str(b)] = entry
-        progress(f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
-                 f"img/s, ratio {entry['ratio']:.3f}")
+        progress(
+            f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
+            f"img/s, ratio {entry['ratio']:.3f}"
+        )
 
     if args.train_batch > 0:
         b = args.train_batch
@@ -288,10 +317,16 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
         progress(f"  training step batch {b}: {args.reps_large} rounds")
         times = time_alternating(fns, reps=args.reps_large, warmup=args.warmup, device=device, log=progress)
         stats = {k: summarize(v, items=b) for k, v in times.items()}
-        rec["train"] = {"batch": b, "times": stats, "ratio": paired_ratio(times["ours"], times["peer"]),
-                        "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"])}
-        progress(f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
-                 f"img/s, ratio {rec['train']['ratio']:.3f}")
+        rec["train"] = {
+            "batch": b,
+            "times": stats,
+            "ratio": paired_ratio(times["ours"], times["peer"]),
+            "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"]),
+        }
+        progress(
+            f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
+            f"img/s, ratio {rec['train']['ratio']:.3f}"
+        )
         ours.eval()
         peer.eval()
 
@@ -310,8 +345,9 @@ def bench_mfu(args: argparse.Namespace, device: torch.device) -> dict:
     b, s = args.mfu_batch, args.mfu_size
     bf16 = device.type == "cuda"  # never autocast to bf16 on a CPU (no bf16 hardware here)
     peak = args.peak_tflops if args.peak_tflops is not None else PEAK_TFLOPS[device.type]
-    progress(f"[mfu] deeplabv3_resnet101 {s}x{s} batch {b} {'bf16' if bf16 else 'fp32'} on {device}, "
-             f"peak {peak} TFLOP/s")
+    progress(
+        f"[mfu] deeplabv3_resnet101 {s}x{s} batch {b} {'bf16' if bf16 else 'fp32'} on {device}, peak {peak} TFLOP/s"
+    )
     torch.manual_seed(0)
     model = get_model("deeplabv3_resnet101", num_classes=21).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -331,16 +367,20 @@ def bench_mfu(args: argparse.Namespace, device: torch.device) -> dict:
         opt.step()
         return loss
 
-    out: dict = {"model": "deeplabv3_resnet101", "size": s, "batch": b, "dtype": "bf16" if bf16 else "fp32",
-                 "peak_tflops": peak}
+    out: dict = {
+        "model": "deeplabv3_resnet101",
+        "size": s,
+        "batch": b,
+        "dtype": "bf16" if bf16 else "fp32",
+        "peak_tflops": peak,
+    }
     for name, fn, mode in (("inference", infer, "eval"), ("train", train_step, "train")):
         model.train(mode == "train")
         flops = count_flops(fn)  # one call, also a warm-up
         times = time_alternating({name: fn}, reps=args.reps_large, warmup=args.warmup, device=device, log=progress)
         st = summarize(times[name], items=b)
         achieved = flops / st["median_s"] / 1e12
-        out[name] = {"tflop_per_call": flops / 1e12, "times": st, "achieved_tflops": achieved,
-                     "mfu": achieved / peak}
+        out[name] = {"tflop_per_call": flops / 1e12, "times": st, "achieved_tflops": achieved, "mfu": achieved / peak}
         progress(f"  {name}: {st['items_per_s']:.2f} img/s, {achieved:.3f} TFLOP/s, MFU {achieved / peak:.1%}")
     return out
 
@@ -361,47 +401,88 @@ def table(results: list[dict], fast: bool) -> str:
         row = [r["pair"], f"{r['size'][0]}x{r['size'][1]}", f"{r['gflops_ours']:.0f}/{r['gflops_peer']:.0f}"]
         for b in batches:
             e = r["inference"].get(str(b))
-            row += [e["times"]["ours"]["items_per_s"], e["times"]["peer"]["items_per_s"], e["ratio"]] if e else [
-                None, None, None]
+            row += (
+                [e["times"]["ours"]["items_per_s"], e["times"]["peer"]["items_per_s"], e["ratio"]]
+                if e
+                else [None, None, None]
+            )
         if fast:
-            row += [r["inference"][str(b)].get("ratio_fast") if str(b) in r["inference"] else None
-                    for b in fast_batches]
+            row += [
+                r["inference"][str(b)].get("ratio_fast") if str(b) in r["inference"] else None for b in fast_batches
+            ]
             row.append(r["inference"].get(str(fast_batches[0]), {}).get("fast_speedup_ours"))
         t = r.get("train")
-        row += [t["times"]["ours"]["items_per_s"], t["times"]["peer"]["items_per_s"], t["ratio"],
-                t["ratio"] * r["flop_ratio"]] if t else [None] * 4
+        row += (
+            [
+                t["times"]["ours"]["items_per_s"],
+                t["times"]["peer"]["items_per_s"],
+                t["ratio"],
+                t["ratio"] * r["flop_ratio"],
+            ]
+            if t
+            else [None] * 4
+        )
         rows.append(row)
     return format_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Ratios are ours/peer of images per second: > 1 means pixelwise is faster.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Ratios are ours/peer of images per second: > 1 means pixelwise is faster.",
+    )
     add_common_args(p)
-    p.add_argument("--pairs", nargs="*", choices=list(PAIRS), default=list(PAIRS),
-                   help="pairs to run (default all; none with --mfu: only the MFU measurement)")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="input size (default 360 480, CamVid; 176 240 with --quick); smp pairs round up to /16")
+    p.add_argument(
+        "--pairs",
+        nargs="*",
+        choices=list(PAIRS),
+        default=list(PAIRS),
+        help="pairs to run (default all; none with --mfu: only the MFU measurement)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="input size (default 360 480, CamVid; 176 240 with --quick); smp pairs round up to /16",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="inference batches (default 1 8)")
     p.add_argument("--train-batch", type=int, default=None, help="training-step batch (default 4; 0 = skip)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds at batch 1 (default 5)")
     p.add_argument("--reps-large", type=int, default=None, help="timed rounds at larger batches/training (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--fast", action="store_true", help="also time the prepare_fast path (ours and peer alike)")
-    p.add_argument("--fast-batch-sizes", type=int, nargs="+", default=[1],
-                   help="inference batches that also get the --fast columns (default 1)")
+    p.add_argument(
+        "--fast-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="inference batches that also get the --fast columns (default 1)",
+    )
     p.add_argument("--compile", action="store_true", help="with --fast: torch.compile (slow first call)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of ours and the peer")
-    p.add_argument("--update", action="store_true",
-                   help="replace only the pairs run now in an existing results file, keep the others")
-    p.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure MFU of deeplabv3_resnet101 (default: on for CUDA, off for CPU)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the pairs run now in an existing results file, keep the others",
+    )
+    p.add_argument(
+        "--mfu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure MFU of deeplabv3_resnet101 (default: on for CUDA, off for CPU)",
+    )
     p.add_argument("--mfu-batch", type=int, default=16, help="MFU batch (default 16)")
     p.add_argument("--mfu-size", type=int, default=512, help="MFU square input side (default 512)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.333 on CPU: this 2-core "
-                        "AVX-512 machine in fp32)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.333 on CPU: this 2-core "
+        "AVX-512 machine in fp32)",
+    )
     args = p.parse_args(argv)
 
     quick = args.quick
@@ -424,9 +505,22 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "speed",
         "machine": machine_info(device, ["segmentation-models-pytorch", "torchmetrics"]),
-        "settings": {k: getattr(args, k) for k in ("size", "batch_sizes", "train_batch", "reps", "reps_large",
-                                                   "warmup", "threads", "fast", "fast_batch_sizes", "compile",
-                                                   "quick")},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "size",
+                "batch_sizes",
+                "train_batch",
+                "reps",
+                "reps_large",
+                "warmup",
+                "threads",
+                "fast",
+                "fast_batch_sizes",
+                "compile",
+                "quick",
+            )
+        },
         "dtype": "fp32 eager (fast columns: bf16 autocast on CUDA, fp32 on CPU)",
         "pairs": results,
     }
@@ -434,15 +528,19 @@ def main(argv: list[str] | None = None) -> int:
         payload["mfu"] = bench_mfu(args, device)
     path = write_results("speed", payload, args.out)
     m = payload["machine"]
-    print(f"speed on {m['device_name']} ({device}, {args.threads} threads), torch {m['versions']['torch']}; "
-          f"ratio = ours/peer images/s (> 1: ours faster); 'per FLOP' = ratio x GFLOPs ours/peer")
+    print(
+        f"speed on {m['device_name']} ({device}, {args.threads} threads), torch {m['versions']['torch']}; "
+        f"ratio = ours/peer images/s (> 1: ours faster); 'per FLOP' = ratio x GFLOPs ours/peer"
+    )
     if results:
         print(table(results, args.fast))
     if run_mfu:
         mf = payload["mfu"]
         for k in ("inference", "train"):
-            print(f"MFU {k}: deeplabv3_resnet101 {mf['size']}x{mf['size']} b{mf['batch']} {mf['dtype']}: "
-                  f"{mf[k]['achieved_tflops']:.3f} TFLOP/s of {mf['peak_tflops']} = {mf[k]['mfu']:.1%}")
+            print(
+                f"MFU {k}: deeplabv3_resnet101 {mf['size']}x{mf['size']} b{mf['batch']} {mf['dtype']}: "
+                f"{mf[k]['achieved_tflops']:.3f} TFLOP/s of {mf['peak_tflops']} = {mf[k]['mfu']:.1%}"
+            )
     print(f"wrote {path}")
     worst = min((r["inference"][k]["ratio"] for r in results for k in r["inference"]), default=math.nan)
     if worst < 1.0:

@@ -48,9 +48,19 @@ VARIANTS = {
 def loop_seconds(overrides: list[str], data: str, steps: int, warmup: int) -> float:
     """Mean seconds a step over the `steps` steps after `warmup` steps of the real loop, from its log."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(CONFIG, [f"data.root={data}", f"output.dir={tmp}", "output.log_every_steps=1",
-                                        "output.progress=false", "output.report=false", "eval.every_epochs=0",
-                                        "data.max_val_images=1", *overrides])
+        cfg = load_config(
+            CONFIG,
+            [
+                f"data.root={data}",
+                f"output.dir={tmp}",
+                "output.log_every_steps=1",
+                "output.progress=false",
+                "output.report=false",
+                "eval.every_epochs=0",
+                "data.max_val_images=1",
+                *overrides,
+            ],
+        )
         train(cfg, stop_at_step=warmup + steps)
         log = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     t = [r["elapsed_s"] for r in log if r["kind"] == "train"]  # logged to 0.1 s: time the span, not each step
@@ -100,16 +110,39 @@ def main() -> None:
         loop = loop_seconds(overrides, args.data, args.steps, args.warmup)
         bare_all, flops = bare_seconds(args.steps, channels_last="train.channels_last=false" not in overrides)
         bare = statistics.mean(bare_all)
-        results[name] = {"loop_s": loop, "bare_s": bare, "overhead": 1 - bare / loop, "gflop": flops / 1e9,
-                         "load": os.getloadavg()[0]}
-        rows.append([name, f"{loop:.3f}", f"{bare:.3f}", f"{100 * (1 - bare / loop):.1f}%", f"{batch / loop:.2f}",
-                     f"{flops / loop / 1e9:.0f} ({100 * flops / loop / 1e9 / peak:.0f}%)"])
+        results[name] = {
+            "loop_s": loop,
+            "bare_s": bare,
+            "overhead": 1 - bare / loop,
+            "gflop": flops / 1e9,
+            "load": os.getloadavg()[0],
+        }
+        rows.append(
+            [
+                name,
+                f"{loop:.3f}",
+                f"{bare:.3f}",
+                f"{100 * (1 - bare / loop):.1f}%",
+                f"{batch / loop:.2f}",
+                f"{flops / loop / 1e9:.0f} ({100 * flops / loop / 1e9 / peak:.0f}%)",
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
     print(f"\n{precision_name(dtype)}; GEMM peak measured here {peak:.0f} GFLOP/s; load {os.getloadavg()[0]:.2f}")
-    print(format_table(["variant", "loop s/step", "bare s/step", "outside fwd/bwd/opt", "images/s",
-                        "GFLOP/s (% GEMM peak)"], rows))
-    write_results("train_loop", {"precision": precision_name(dtype), "gemm_peak_gflops": peak, "results": results,
-                                 "machine": machine_info("cpu")})
+    print(
+        format_table(
+            ["variant", "loop s/step", "bare s/step", "outside fwd/bwd/opt", "images/s", "GFLOP/s (% GEMM peak)"], rows
+        )
+    )
+    write_results(
+        "train_loop",
+        {
+            "precision": precision_name(dtype),
+            "gemm_peak_gflops": peak,
+            "results": results,
+            "machine": machine_info("cpu"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -12,14 +12,20 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any
 
 from pixelwise.errors import ArgumentError, UserError
 from pixelwise.fileio import describe_os_error
 
 # top-level module an optional feature imports -> the extra that installs it (pyproject.toml)
 MISSING_EXTRA = {
-    "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "starlette": "serve",
-    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "starlette": "serve",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
     "pydensecrf": "crf",
     "huggingface_hub": "hub",
     "timm": "timm",
@@ -40,8 +46,14 @@ HANDLERS = {
 
 
 # library argument (pixelwise.engine.InferenceSpec, CRFParams) -> the flag that gives it
-INFERENCE_FLAGS = {"mode": "--mode", "window": "--window", "stride": "--stride", "scales": "--scales",
-                   "preset": "--crf-preset", "iterations": "--crf-iterations"}
+INFERENCE_FLAGS = {
+    "mode": "--mode",
+    "window": "--window",
+    "stride": "--stride",
+    "scales": "--scales",
+    "preset": "--crf-preset",
+    "iterations": "--crf-iterations",
+}
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -49,21 +61,39 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     from pixelwise.inference import DEEPLAB_SCALES, MODES
 
     p.add_argument("--mode", choices=MODES, default="whole", help="inference mode (default: whole image)")
-    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"),
-                   help="slide mode: window size (default: the model's training crop, else 512 512)")
-    p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
-                   help="slide mode: stride (default: 2/3 of the window)")
-    p.add_argument("--scales", type=float, nargs="+", default=list(DEEPLAB_SCALES),
-                   help=f"multiscale mode: scales (default: DeepLab's {' '.join(map(str, DEEPLAB_SCALES))})")
+    p.add_argument(
+        "--window",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="slide mode: window size (default: the model's training crop, else 512 512)",
+    )
+    p.add_argument(
+        "--stride", type=int, nargs=2, metavar=("H", "W"), help="slide mode: stride (default: 2/3 of the window)"
+    )
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=list(DEEPLAB_SCALES),
+        help=f"multiscale mode: scales (default: DeepLab's {' '.join(map(str, DEEPLAB_SCALES))})",
+    )
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     p.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
-    p.add_argument("--crf-preset", choices=list(CRF_PRESETS), default=None,
-                   help="CRF parameters (default: those recorded in the weights, else deeplab_vgg)")
+    p.add_argument(
+        "--crf-preset",
+        choices=list(CRF_PRESETS),
+        default=None,
+        help="CRF parameters (default: those recorded in the weights, else deeplab_vgg)",
+    )
     p.add_argument("--crf-iterations", type=int, default=None, help="mean-field iterations (default: the preset's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     _add_precision_option(p)
-    p.add_argument("--skip-bad", action="store_true",
-                   help="list unreadable files in a report and go on (default: stop at the first)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="list unreadable files in a report and go on (default: stop at the first)",
+    )
 
 
 def inference_spec(args: argparse.Namespace, extra: dict, dtype: object) -> object:
@@ -76,11 +106,21 @@ def inference_spec(args: argparse.Namespace, extra: dict, dtype: object) -> obje
     with translated(INFERENCE_FLAGS, flags=True):
         crf = None
         if args.crf:
-            base = (CRFParams.preset(args.crf_preset) if args.crf_preset or "crf" not in extra
-                    else CRFParams.from_dict(extra["crf"]))
+            base = (
+                CRFParams.preset(args.crf_preset)
+                if args.crf_preset or "crf" not in extra
+                else CRFParams.from_dict(extra["crf"])
+            )
             crf = base.replace(iterations=args.crf_iterations) if args.crf_iterations is not None else base
-        return InferenceSpec(mode=args.mode, window=_window(args, extra), stride=args.stride,
-                             scales=tuple(args.scales), flip=args.flip, crf=crf, dtype=dtype)
+        return InferenceSpec(
+            mode=args.mode,
+            window=_window(args, extra),
+            stride=args.stride,
+            scales=tuple(args.scales),
+            flip=args.flip,
+            crf=crf,
+            dtype=dtype,
+        )
 
 
 def _window(args: argparse.Namespace, extra: dict) -> tuple[int, int] | None:
@@ -96,8 +136,12 @@ def _window(args: argparse.Namespace, extra: dict) -> tuple[int, int] | None:
 
 
 def _add_precision_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32",
+    )
 
 
 class _VersionAction(argparse.Action):
@@ -127,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_VersionAction, help="print the versions of pixelwise and torch")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_job_commands(sub)
+    _add_weights_commands(sub)
+    return parser
 
+
+def _add_job_commands(sub: Any) -> None:
+    """models, demo, configs, train: the commands that start from a name or a config."""
     p = sub.add_parser("models", help="list every model with parameters and GFLOPs")
     p.add_argument("--num-classes", type=int, default=21, help="classes for the count (default 21, VOC)")
     p.add_argument("--size", type=int, default=512, help="square input side for GFLOPs (default 512)")
@@ -136,26 +186,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, evaluate and predict on built-in synthetic data")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--quick", action="store_true",
-                   help="16 images of 32x32 for one epoch: checks an install in seconds (its mIoU means nothing)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="16 images of 32x32 for one epoch: checks an install in seconds (its mIoU means nothing)",
+    )
 
     p = sub.add_parser("configs", help="list the built-in paper configs, or print one")
     p.add_argument("name", nargs="?", help="print this config's YAML (e.g. camvid/segnet_basic) to copy and edit")
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML config file, or a built-in config's name (see `pixelwise configs`)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.epochs=10 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.epochs=10 (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+
+def _add_weights_commands(sub: Any) -> None:
+    """evaluate, predict, init-weights, export, serve: the commands that use (or write) a weights file."""
+    from pixelwise.data import DATASETS
 
     p = sub.add_parser("evaluate", help="score a weights file on a data set split")
     p.add_argument("--weights", required=True, help=".safetensors weights file or built-in weights name")
     p.add_argument("--data", required=True, help="data set root folder")
-    p.add_argument("--dataset", required=True,
-                   help="camvid, voc, cityscapes, ade20k, isbi2012, folder (ROOT/SPLIT/images + masks) or synthetic")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help=f"{', '.join(DATASETS)} (folder: ROOT/SPLIT/images + masks)",
+    )
     p.add_argument("--split", default="val", help="split (default val)")
-    p.add_argument("--out", default=None,
-                   help="folder for metrics.json (default: beside the weights; ./eval_NAME for built-in weights)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for metrics.json (default: eval_DATASET_SPLIT beside the weights, never over a run's own "
+        "files; ./eval_NAME_DATASET_SPLIT for built-in weights)",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=0)
     _add_inference_options(p)
@@ -182,17 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--static", action="store_true", help="fixed batch and spatial size")
-    p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
-                   help="example input size (default 512 512)")
+    p.add_argument(
+        "--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"), help="example input size (default 512 512)"
+    )
 
     p = sub.add_parser("serve", help="HTTP service and web page for a weights file")
-    p.add_argument("--weights", default="segnet_basic_camvid",
-                   help=".safetensors weights file or built-in weights name (default: segnet_basic_camvid)")
+    p.add_argument(
+        "--weights",
+        default="segnet_basic_camvid",
+        help=".safetensors weights file or built-in weights name (default: segnet_basic_camvid)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     _add_precision_option(p)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = MISSING_EXTRA.get((e.name or "").split(".")[0])
         if extra is None:
             raise
-        print(f"pixelwise {args.command}: error: missing package {e.name!r}; "
-              f"install the extra: pip install 'pixelwise[{extra}]'", file=sys.stderr)
+        print(
+            f"pixelwise {args.command}: error: missing package {e.name!r}; "
+            f"install the extra: pip install 'pixelwise[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"pixelwise {args.command}: interrupted", file=sys.stderr)

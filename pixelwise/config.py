@@ -176,9 +176,15 @@ def choices() -> dict[str, tuple[str, ...]]:
     from pixelwise.precision import PRECISIONS
 
     amp = ("auto", "none", *(p for p in PRECISIONS if p not in ("auto", "fp32")))  # train.amp spells fp32 "none"
-    return {"train.optimizer": tuple(OPTIMIZERS), "train.schedule": SCHEDULES, "train.amp": amp,
-            "loss.name": tuple(LOSSES), "loss.lovasz_classes": LOVASZ_CLASSES, "eval.mode": MODES,
-            "crf.preset": tuple(CRF_PRESETS)}
+    return {
+        "train.optimizer": tuple(OPTIMIZERS),
+        "train.schedule": SCHEDULES,
+        "train.amp": amp,
+        "loss.name": tuple(LOSSES),
+        "loss.lovasz_classes": LOVASZ_CLASSES,
+        "eval.mode": MODES,
+        "crf.preset": tuple(CRF_PRESETS),
+    }
 
 
 CONFIGS_DIR = Path(__file__).parent / "configs"  # the paper recipes: package data, one YAML per recipe
@@ -201,8 +207,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
         if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a mapping of sections (model:, data:, train: ...), "
-                            f"got {type(raw).__name__}")
+            raise UserError(
+                f"{path}: expected a mapping of sections (model:, data:, train: ...), got {type(raw).__name__}"
+            )
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw, source=source)
@@ -248,8 +255,9 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
             kwargs[key] = _coerce(v, hints[key], f"{source}: {name}.{key}")
             names = allowed.get(f"{name}.{key}")
             if names and kwargs[key] not in names:
-                raise UserError(f"{source}: {name}.{key}={kwargs[key]!r} is not allowed; "
-                                f"choose one of {', '.join(names)}")
+                raise UserError(
+                    f"{source}: {name}.{key}={kwargs[key]!r} is not allowed; choose one of {', '.join(names)}"
+                )
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     _check_values(cfg, source)
@@ -311,8 +319,7 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
-    return {str: "text", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}.get(
-        tp, str(tp))
+    return {str: "text", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -368,16 +375,23 @@ def _finite(x: float, where: str) -> float:
 
 def _check_values(cfg: Config, source: str) -> None:
     """Value checks that types cannot express."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise UserError(f"{source}: {msg}")
 
-    need(len(cfg.data.crop_size) == 2 and min(cfg.data.crop_size) > 0,
-         f"data.crop_size={cfg.data.crop_size} must be two positive sizes [H, W]")
-    need(len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
-         f"data.scale_range={cfg.data.scale_range} must be [low, high] with 0 < low <= high")
-    need(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
-         "data.mean and data.std must be three numbers each (R, G, B), std > 0")
+    need(
+        len(cfg.data.crop_size) == 2 and min(cfg.data.crop_size) > 0,
+        f"data.crop_size={cfg.data.crop_size} must be two positive sizes [H, W]",
+    )
+    need(
+        len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
+        f"data.scale_range={cfg.data.scale_range} must be [low, high] with 0 < low <= high",
+    )
+    need(
+        len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
+        "data.mean and data.std must be three numbers each (R, G, B), std > 0",
+    )
     need(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1")
     need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be 0 or more")
     need(cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be at least 1")
@@ -385,8 +399,11 @@ def _check_values(cfg: Config, source: str) -> None:
     need(cfg.train.grad_accum >= 1, f"train.grad_accum={cfg.train.grad_accum} must be at least 1")
     need(cfg.train.step_every >= 1, f"train.step_every={cfg.train.step_every} must be at least 1")
     need(cfg.train.warmup_steps >= 0, f"train.warmup_steps={cfg.train.warmup_steps} must be 0 or more")
-    need(cfg.train.encoder_lr_mult > 0, f"train.encoder_lr_mult={cfg.train.encoder_lr_mult} must be positive; "
-         "to stop the encoder learning set train.freeze_encoder=true")
+    need(
+        cfg.train.encoder_lr_mult > 0,
+        f"train.encoder_lr_mult={cfg.train.encoder_lr_mult} must be positive; "
+        "to stop the encoder learning set train.freeze_encoder=true",
+    )
     need(cfg.eval.every_epochs >= 0, f"eval.every_epochs={cfg.eval.every_epochs} must be 0 or more")
     need(len(cfg.eval.scales) > 0 and min(cfg.eval.scales) > 0, f"eval.scales={cfg.eval.scales} must be positive")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be at least 1")
@@ -396,14 +413,22 @@ def _check_values(cfg: Config, source: str) -> None:
     need(cfg.output.checkpoint_every_steps >= 0, "output.checkpoint_every_steps must be 0 or more")
     need(cfg.output.log_every_steps >= 1, "output.log_every_steps must be at least 1")
     cw = cfg.loss.class_weights
-    need(not isinstance(cw, str) or cw in ("none", "median_frequency"),
-         f"loss.class_weights={cw!r} must be none, median_frequency or a list of one weight per class")
-    need(not isinstance(cw, list) or (len(cw) > 0 and min(cw) >= 0),
-         f"loss.class_weights={cw} must list one non-negative weight per class")
-    need(all(s.isidentifier() for s in cfg.model.stages),  # each stage trains into output.dir/<stage>
-         f"model.stages={cfg.model.stages} must hold model names (see `pixelwise models`), not paths")
-    need(not cfg.model.stages or cfg.model.stages[-1] == cfg.model.name,
-         f"model.stages={cfg.model.stages} must end with model.name={cfg.model.name!r}, the model the run delivers")
+    need(
+        not isinstance(cw, str) or cw in ("none", "median_frequency"),
+        f"loss.class_weights={cw!r} must be none, median_frequency or a list of one weight per class",
+    )
+    need(
+        not isinstance(cw, list) or (len(cw) > 0 and min(cw) >= 0),
+        f"loss.class_weights={cw} must list one non-negative weight per class",
+    )
+    need(
+        all(s.isidentifier() for s in cfg.model.stages),  # each stage trains into output.dir/<stage>
+        f"model.stages={cfg.model.stages} must hold model names (see `pixelwise models`), not paths",
+    )
+    need(
+        not cfg.model.stages or cfg.model.stages[-1] == cfg.model.name,
+        f"model.stages={cfg.model.stages} must end with model.name={cfg.model.name!r}, the model the run delivers",
+    )
 
 
 # ------------------------------------------------------------------------------ `pixelwise configs`

@@ -46,6 +46,7 @@ _TRUNCATE_SIGMAS = 4.0
 # pixels refined at once on a CPU: one 480x360 image, or a batch of small ones (see dense_crf)
 _CPU_CHUNK_PIXELS = 2**18
 
+
 @dataclass(frozen=True)
 class CRFParams:
     """The dense CRF's parameters (names as pydensecrf's; the papers' symbols in the comments).
@@ -69,11 +70,17 @@ class CRFParams:
             value = getattr(self, f.name)
             number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
             if f.name.endswith("weight") and (not number or value < 0):
-                raise ArgumentError(f.name, value, "must be a number >= 0 (0 switches the kernel off); "
-                                    "use compat for other label interactions")
+                raise ArgumentError(
+                    f.name,
+                    value,
+                    "must be a number >= 0 (0 switches the kernel off); use compat for other label interactions",
+                )
             if not f.name.endswith("weight") and (not number or value <= 0):
-                raise ArgumentError(f.name, value, "must be a positive number of pixels / RGB levels, "
-                                    "e.g. 3 (smoothness) or 80 and 13 (appearance)")
+                raise ArgumentError(
+                    f.name,
+                    value,
+                    "must be a positive number of pixels / RGB levels, e.g. 3 (smoothness) or 80 and 13 (appearance)",
+                )
 
     @classmethod
     def preset(cls, name: str, **overrides: float | int) -> CRFParams:
@@ -87,8 +94,7 @@ class CRFParams:
         names = [f.name for f in fields(self)]
         unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise ArgumentError(unknown[0], changes[unknown[0]],
-                                f"not a CRF parameter; use one of {', '.join(names)}")
+            raise ArgumentError(unknown[0], changes[unknown[0]], f"not a CRF parameter; use one of {', '.join(names)}")
         return dataclasses.replace(self, **changes)
 
     def kwargs(self) -> dict[str, float | int]:
@@ -168,7 +174,8 @@ class PermutohedralLattice:
         num_groups = int(group.max()) + 1 if num_points else 1
         rounded, rank, bary = _simplices(features, d)
         simplex_of, vertex_of_simplex, unique_keys, block_sizes, codec = _vertices(
-            rounded[:d].long(), rank[:d].long(), group, num_groups, d)
+            rounded[:d].long(), rank[:d].long(), group, num_groups, d
+        )
         num_vertices = unique_keys.numel()
         self.num_vertices = num_vertices
         index_dtype = torch.int32 if max(num_points, num_vertices) * (d + 1) < 2**31 else torch.long
@@ -176,8 +183,9 @@ class PermutohedralLattice:
         self._blur = _blur_matrices(unique_keys, block_sizes, codec, d, index_dtype)
         self.set_point_scale(None, None)
 
-    def _build_splat_slice(self, bary: torch.Tensor, simplex_of: torch.Tensor, vertex_of_simplex: torch.Tensor,
-                           index_dtype: torch.dtype) -> None:
+    def _build_splat_slice(
+        self, bary: torch.Tensor, simplex_of: torch.Tensor, vertex_of_simplex: torch.Tensor, index_dtype: torch.dtype
+    ) -> None:
         """The splat (vertices x points) and slice (points x vertices) matrices' structure and weights."""
         d, num_points, num_vertices = self.d, self.num_points, self.num_vertices
         device = bary.device
@@ -187,8 +195,9 @@ class PermutohedralLattice:
         # splat rows are vertices: each k's points sorted by vertex (stable: ascending columns)
         point_sorted = torch.cat([torch.sort(vertex_of[k], stable=True)[1] for k in range(d + 1)])  # (P*(d+1),)
         counts = torch.zeros(num_vertices, dtype=torch.long, device=device)
-        counts.index_add_(0, vertex_of_simplex.reshape(-1), torch.bincount(simplex_of, minlength=num_simplices)
-                          .repeat(d + 1))
+        counts.index_add_(
+            0, vertex_of_simplex.reshape(-1), torch.bincount(simplex_of, minlength=num_simplices).repeat(d + 1)
+        )
         self._splat_crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(index_dtype)
         self._splat_col = point_sorted.to(index_dtype)
         self._splat_point = point_sorted
@@ -264,8 +273,9 @@ def _simplices(features: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tens
     return rounded, rank, bary
 
 
-def _vertices(base: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, num_groups: int,
-              d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _MixedRadix]:
+def _vertices(
+    base: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, num_groups: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _MixedRadix]:
     """The lattice vertices the points touch: each point's simplex id, each simplex's d+1 vertex ids,
     the vertices' sorted keys, the number of vertices of each remainder, and the key codec."""
     device = base.device
@@ -304,8 +314,9 @@ def _vertices(base: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, num_g
     return simplex_of, vertex_of_simplex, unique_keys, block_sizes, codec
 
 
-def _blur_matrices(unique_keys: torch.Tensor, block_sizes: torch.Tensor, codec: _MixedRadix, d: int,
-                   index_dtype: torch.dtype) -> list[torch.Tensor]:
+def _blur_matrices(
+    unique_keys: torch.Tensor, block_sizes: torch.Tensor, codec: _MixedRadix, d: int, index_dtype: torch.dtype
+) -> list[torch.Tensor]:
     """One sparse matrix I + (N1 + N2) / 2 per lattice direction (see below)."""
     device = unique_keys.device
     num_vertices = unique_keys.numel()
@@ -371,11 +382,13 @@ class _MixedRadix:
         self.lows = [0 if isinstance(f, int) else f[0] for f in fields]
         self.sizes = [f if isinstance(f, int) else f[1] - f[0] + 1 for f in fields]
         # key = sum_i (value_i - low_i) * strides_i
-        self.strides = [math.prod(self.sizes[i + 1:]) for i in range(len(self.sizes))]
+        self.strides = [math.prod(self.sizes[i + 1 :]) for i in range(len(self.sizes))]
         capacity = math.prod(self.sizes)
         if capacity >= 2**62:
-            raise UserError(f"dense CRF: the permutohedral lattice would need {capacity:.3g} cells, too many to "
-                            "index; increase the kernel's sxy / srgb or refine fewer images at once")
+            raise UserError(
+                f"dense CRF: the permutohedral lattice would need {capacity:.3g} cells, too many to "
+                "index; increase the kernel's sxy / srgb or refine fewer images at once"
+            )
 
     def encode(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         key = values[0] - self.lows[0]
@@ -545,22 +558,38 @@ def dense_crf(
     """
     crf = CRFParams(iterations, bilateral_weight, bilateral_sxy, bilateral_srgb, gaussian_weight, gaussian_sxy)
     _check_inputs(probs, image, ignore_mask, compat, filtering)
-    params = {**crf.kwargs(), "filtering": filtering,
-              "compat": None if compat is None else torch.as_tensor(compat, dtype=torch.float32, device=probs.device)}
+    params = {
+        **crf.kwargs(),
+        "filtering": filtering,
+        "compat": None if compat is None else torch.as_tensor(compat, dtype=torch.float32, device=probs.device),
+    }
     b, _, h, w = probs.shape
     # On a CPU the arrays of one 480x360 image stay in cache and those of a whole batch do not (a
     # batch of 8 at once measured 1.35x slower per image), so images go through in chunks of about
     # _CPU_CHUNK_PIXELS; a GPU takes the whole batch at once.
     step = b if probs.device.type != "cpu" else max(1, _CPU_CHUNK_PIXELS // (h * w))
     with torch.no_grad():
-        chunks = [_mean_field(probs[i:i + step], image[i:i + step],
-                              None if ignore_mask is None else ignore_mask[i:i + step], **params)
-                  for i in range(0, b, step)]
+        chunks = [
+            _mean_field(
+                probs[i : i + step],
+                image[i : i + step],
+                None if ignore_mask is None else ignore_mask[i : i + step],
+                **params,
+            )
+            for i in range(0, b, step)
+        ]
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
-def _mean_field(probs: torch.Tensor, image: torch.Tensor, ignore_mask: torch.Tensor | None, *, iterations: int,
-                compat: torch.Tensor | None, **kernel_params: object) -> torch.Tensor:
+def _mean_field(
+    probs: torch.Tensor,
+    image: torch.Tensor,
+    ignore_mask: torch.Tensor | None,
+    *,
+    iterations: int,
+    compat: torch.Tensor | None,
+    **kernel_params: object,
+) -> torch.Tensor:
     """`dense_crf` on checked inputs, one chunk of the batch."""
     b, k, h, w = probs.shape
     device = probs.device
@@ -606,9 +635,17 @@ def _mean_field(probs: torch.Tensor, image: torch.Tensor, ignore_mask: torch.Ten
     return pixels.permute(0, 3, 1, 2).to(probs.dtype, memory_format=torch.contiguous_format)  # (B, K, H, W)
 
 
-def _build_kernels(image: torch.Tensor, valid: torch.Tensor, *, gaussian_sxy: float, gaussian_weight: float,
-                   bilateral_sxy: float, bilateral_srgb: float, bilateral_weight: float,
-                   filtering: str) -> tuple[_LatticeKernel | _ExactKernel | _GridGaussianKernel, ...]:
+def _build_kernels(
+    image: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    gaussian_sxy: float,
+    gaussian_weight: float,
+    bilateral_sxy: float,
+    bilateral_srgb: float,
+    bilateral_weight: float,
+    filtering: str,
+) -> tuple[_LatticeKernel | _ExactKernel | _GridGaussianKernel, ...]:
     """The weighted smoothness and appearance kernels over the valid pixels of the batch."""
     index = torch.nonzero(valid)  # (P, 3): b, y, x in raster order
     group = index[:, 0]
@@ -617,36 +654,47 @@ def _build_kernels(image: torch.Tensor, valid: torch.Tensor, *, gaussian_sxy: fl
     rgb = (rgb.reshape(-1, 3) if bool(valid.all()) else rgb[valid]).float()  # (P, 3)
     bilateral = torch.cat([xy / bilateral_sxy, rgb / bilateral_srgb], 1)  # (P, 5)
     if filtering == "exact":
-        return (_ExactKernel(xy / gaussian_sxy, group, gaussian_weight),
-                _ExactKernel(bilateral, group, bilateral_weight))
-    return (_GridGaussianKernel(valid, gaussian_sxy, gaussian_weight),
-            _LatticeKernel(bilateral, group, bilateral_weight))
+        return (
+            _ExactKernel(xy / gaussian_sxy, group, gaussian_weight),
+            _ExactKernel(bilateral, group, bilateral_weight),
+        )
+    return (
+        _GridGaussianKernel(valid, gaussian_sxy, gaussian_weight),
+        _LatticeKernel(bilateral, group, bilateral_weight),
+    )
 
 
 def _check_inputs(probs: object, image: object, ignore_mask: object, compat: object, filtering: object) -> None:
     """One ValueError naming the argument, its value and the fix, for every kind of bad input."""
     if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or not probs.is_floating_point():
-        got = (f"{tuple(probs.shape)} {probs.dtype}" if isinstance(probs, torch.Tensor) else type(probs).__name__)
-        raise ValueError(f"dense_crf: probs must be a float tensor (B, K, H, W), got {got}; "
-                        "pass logits.softmax(1)")
+        got = f"{tuple(probs.shape)} {probs.dtype}" if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"dense_crf: probs must be a float tensor (B, K, H, W), got {got}; pass logits.softmax(1)")
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"dense_crf: image must be an RGB tensor (B, 3, H, W), got {got}; "
-                        "convert grayscale with image.expand(-1, 3, -1, -1)")
+        raise ValueError(
+            f"dense_crf: image must be an RGB tensor (B, 3, H, W), got {got}; "
+            "convert grayscale with image.expand(-1, 3, -1, -1)"
+        )
     if image.dtype != torch.uint8:
-        raise ValueError(f"dense_crf: image must be uint8 0..255, got {image.dtype}; "
-                        "pass the image before normalisation, e.g. (x * 255).round().to(torch.uint8)")
+        raise ValueError(
+            f"dense_crf: image must be uint8 0..255, got {image.dtype}; "
+            "pass the image before normalisation, e.g. (x * 255).round().to(torch.uint8)"
+        )
     b, _, h, w = probs.shape
     if image.shape[0] != b or image.shape[2:] != probs.shape[2:]:
-        raise ValueError(f"dense_crf: image of size {tuple(image.shape)} does not match probs of size "
-                        f"{tuple(probs.shape)}; resize the scores to the image (B, K, H, W) first")
+        raise ValueError(
+            f"dense_crf: image of size {tuple(image.shape)} does not match probs of size "
+            f"{tuple(probs.shape)}; resize the scores to the image (B, K, H, W) first"
+        )
     if probs.shape[1] < 1:
         raise ValueError("dense_crf: probs has 0 classes; it needs K >= 1 channels")
     # NaN fails ">= 0"; once all are >= 0, an infinity makes the sum infinite
     if not bool((probs >= 0).all()) or not math.isfinite(float(probs.double().sum())):
         bad = ~torch.isfinite(probs) | (probs < 0)
-        raise ValueError(f"dense_crf: probs contains {probs[bad][0].item()} (NaN, infinite or negative); "
-                        "pass probabilities, e.g. logits.softmax(1)")
+        raise ValueError(
+            f"dense_crf: probs contains {probs[bad][0].item()} (NaN, infinite or negative); "
+            "pass probabilities, e.g. logits.softmax(1)"
+        )
     if ignore_mask is not None and (not isinstance(ignore_mask, torch.Tensor) or ignore_mask.shape != (b, h, w)):
         got = tuple(ignore_mask.shape) if isinstance(ignore_mask, torch.Tensor) else type(ignore_mask).__name__
         raise ValueError(f"dense_crf: ignore_mask must be a bool tensor of shape {(b, h, w)}, got {got}")
@@ -654,8 +702,10 @@ def _check_inputs(probs: object, image: object, ignore_mask: object, compat: obj
         k = probs.shape[1]
         mu = torch.as_tensor(compat)
         if mu.shape != (k, k) or not bool(torch.isfinite(mu.double()).all()):
-            raise ValueError(f"dense_crf: compat must be a finite ({k}, {k}) matrix for {k} classes, "
-                            f"got shape {tuple(mu.shape)}; or None for the Potts model")
+            raise ValueError(
+                f"dense_crf: compat must be a finite ({k}, {k}) matrix for {k} classes, "
+                f"got shape {tuple(mu.shape)}; or None for the Potts model"
+            )
     if filtering not in FILTERINGS:
         raise ValueError(f"dense_crf: filtering={filtering!r} is not supported; choose one of {', '.join(FILTERINGS)}")
 
@@ -672,8 +722,13 @@ class DenseCRF(nn.Module):
         -> ``(B, K, H, W)`` probabilities.
     """
 
-    def __init__(self, *, compat: torch.Tensor | Sequence[Sequence[float]] | None = None,
-                 filtering: str = "lattice", **params: float | int) -> None:
+    def __init__(
+        self,
+        *,
+        compat: torch.Tensor | Sequence[Sequence[float]] | None = None,
+        filtering: str = "lattice",
+        **params: float | int,
+    ) -> None:
         """`params`: the fields of `CRFParams` (all of them, or use `from_preset`)."""
         super().__init__()
         missing = [f.name for f in fields(CRFParams) if f.name not in params and f.name != "iterations"]
@@ -692,8 +747,9 @@ class DenseCRF(nn.Module):
         self, probs: torch.Tensor, image: torch.Tensor, ignore_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Refined probabilities (B, K, H, W); see `dense_crf`."""
-        return dense_crf(probs, image, **self.params.kwargs(), compat=self.compat, ignore_mask=ignore_mask,
-                         filtering=self.filtering)
+        return dense_crf(
+            probs, image, **self.params.kwargs(), compat=self.compat, ignore_mask=ignore_mask, filtering=self.filtering
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params.kwargs().items()) + f", filtering={self.filtering!r}"

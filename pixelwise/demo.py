@@ -100,9 +100,11 @@ def demo_command(args: argparse.Namespace) -> int:
         print(f"demo interrupted after {summary['seconds']:.0f} s; run it again to start over")
         return 130
     out = Path(summary["out"])
-    print(f"demo done in {summary['seconds']:.0f} s: validation mIoU {summary['miou']:.4f}\n"
-          f"  weights     {out / 'best.safetensors'}\n"
-          f"  metrics     {out / 'metrics.json'}\n"
-          f"  report      {out / 'report.html'}\n"
-          f"  predictions {out / 'predictions'}/")
+    print(
+        f"demo done in {summary['seconds']:.0f} s: validation mIoU {summary['miou']:.4f}\n"
+        f"  weights     {out / 'best.safetensors'}\n"
+        f"  metrics     {out / 'metrics.json'}\n"
+        f"  report      {out / 'report.html'}\n"
+        f"  predictions {out / 'predictions'}/"
+    )
     return 0

@@ -64,8 +64,10 @@ def local_device(device: torch.device) -> torch.device:
         return device
     index = local_rank()
     if index >= torch.cuda.device_count():
-        raise UserError(f"LOCAL_RANK={index} but this node has {torch.cuda.device_count()} GPU(s); "
-                        f"start at most {torch.cuda.device_count()} processes per node (--nproc-per-node)")
+        raise UserError(
+            f"LOCAL_RANK={index} but this node has {torch.cuda.device_count()} GPU(s); "
+            f"start at most {torch.cuda.device_count()} processes per node (--nproc-per-node)"
+        )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -82,8 +84,10 @@ def launched(device: str = "auto") -> Iterator[None]:
         return
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set; start "
-                        "distributed runs with torchrun --nproc-per-node N -m pixelwise train CONFIG")
+        raise UserError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set; start "
+            "distributed runs with torchrun --nproc-per-node N -m pixelwise train CONFIG"
+        )
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     backend = "nccl" if cuda else "gloo"
     if cuda:

@@ -54,24 +54,42 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
         extra.append(ISBIChallenge(cell_class=list(meta.classes).index("cell") if "cell" in meta.classes else 1))
     with translated({"batch_size": "--batch-size", "workers": "--workers"}, flags=True):
-        result = evaluate(model, dataset, spec, mean=meta.mean, std=meta.std, num_classes=meta.num_classes,
-                          ignore_index=dataset.ignore_index, batch_size=args.batch_size, workers=args.workers,
-                          skip_bad=args.skip_bad, progress=True, extra_metrics=extra)
+        result = evaluate(
+            model,
+            dataset,
+            spec,
+            mean=meta.mean,
+            std=meta.std,
+            num_classes=meta.num_classes,
+            ignore_index=dataset.ignore_index,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            progress=True,
+            extra_metrics=extra,
+        )
     if result.num_images == 0:
-        raise UserError(f"no sample of {args.dataset}/{args.split} could be read ({len(result.bad)} bad, listed "
-                        f"in {out / 'bad_files.txt'}); fix or replace those files")
-    record = metrics_record(result, meta.classes, spec, **weights_source(Path(args.weights), meta),
-                            dataset=args.dataset, split=args.split)
+        raise UserError(
+            f"no sample of {args.dataset}/{args.split} could be read ({len(result.bad)} bad, listed "
+            f"in {out / 'bad_files.txt'}); fix or replace those files"
+        )
+    record = metrics_record(
+        result, meta.classes, spec, **weights_source(Path(args.weights), meta), dataset=args.dataset, split=args.split
+    )
     atomic_write_text(out / "metrics.json", json.dumps(record, indent=2) + "\n")
     if result.bad:
         write_bad_files(out, result.bad)
     print(format_table(record["scores"]))
     if "isbi_challenge" in record["scores"]:
         c = record["scores"]["isbi_challenge"]
-        print(f"ISBI 2012 challenge: V_Rand {c['v_rand']:.4f} (t={c['v_rand_threshold']:.1f})  V_Info "
-              f"{c['v_info']:.4f} (t={c['v_info_threshold']:.1f})  pixel error {c['pixel_error']:.4f}")
-    print(f"{result.num_images} images; wrote {out / 'metrics.json'}"
-          + (f"; skipped {len(result.bad)} bad files, listed in {out / 'bad_files.txt'}" if result.bad else ""))
+        print(
+            f"ISBI 2012 challenge: V_Rand {c['v_rand']:.4f} (t={c['v_rand_threshold']:.1f})  V_Info "
+            f"{c['v_info']:.4f} (t={c['v_info_threshold']:.1f})  pixel error {c['pixel_error']:.4f}"
+        )
+    print(
+        f"{result.num_images} images; wrote {out / 'metrics.json'}"
+        + (f"; skipped {len(result.bad)} bad files, listed in {out / 'bad_files.txt'}" if result.bad else "")
+    )
     return 0
 
 
@@ -89,6 +107,8 @@ def _dataset(args: argparse.Namespace, meta: Any) -> Any:
     with translated({"name": "--dataset"}, flags=True):
         dataset = build_dataset(args.dataset, args.data, args.split, transforms=raw_transforms(), **kw)
     if dataset.num_classes != meta.num_classes:
-        raise UserError(f"{args.weights} predicts {meta.num_classes} classes but data set {args.dataset!r} has "
-                        f"{dataset.num_classes}; evaluate on the data the weights were trained for")
+        raise UserError(
+            f"{args.weights} predicts {meta.num_classes} classes but data set {args.dataset!r} has "
+            f"{dataset.num_classes}; evaluate on the data the weights were trained for"
+        )
     return dataset

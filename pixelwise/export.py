@@ -121,8 +121,12 @@ def _quiet():
     logger.setLevel(logging.ERROR)
     saved_fd = os.dup(2)  # the TorchScript exporter prints IR graphs from C++, past sys.stderr
     try:
-        with (open(os.devnull, "w") as devnull, warnings.catch_warnings(),
-              contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())):
+        with (
+            open(os.devnull, "w") as devnull,
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             os.dup2(devnull.fileno(), 2)
             warnings.simplefilter("ignore")
             yield
@@ -146,10 +150,15 @@ def _onnx_torchscript(model: nn.Module, x: torch.Tensor, f: Path, opset: int | N
     axes = {_AXES[d]: d for d in dims}
     with _quiet():  # TracerWarnings and the deprecation notice: the check decides, not the warnings
         torch.onnx.export(
-            model, (x,), str(f), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (x,),
+            str(f),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             opset_version=opset or 17,  # 17: read by onnxruntime >= 1.14, written by every torch >= 2.4
             dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes} if axes else None,
-            do_constant_folding=True, **_supported(torch.onnx.export, dynamo=False),
+            do_constant_folding=True,
+            **_supported(torch.onnx.export, dynamo=False),
         )
 
 
@@ -160,8 +169,17 @@ def _onnx_dynamo(model: nn.Module, x: torch.Tensor, f: Path, opset: int | None, 
         x = x.expand(2, -1, -1, -1).contiguous()  # torch.export fixes dimensions of size 1
     kwargs = _supported(torch.onnx.export, external_data=False, optimize=True, verbose=False)
     with _quiet():
-        torch.onnx.export(model, (x,), str(f), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamo=True, dynamic_shapes=_export_dims(dims), **kwargs)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(f),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=_export_dims(dims),
+            **kwargs,
+        )
 
 
 def check_onnx(model: nn.Module, path: str | Path, inputs: list[torch.Tensor]) -> float:
@@ -179,8 +197,9 @@ def check_onnx(model: nn.Module, path: str | Path, inputs: list[torch.Tensor]) -
             ref = model(x.to(device)).float().cpu().numpy()
         out = session.run(None, {INPUT_NAME: x.cpu().numpy()})[0]
         if out.shape != ref.shape:
-            raise ValueError(f"onnxruntime gives shape {tuple(out.shape)} for input {tuple(x.shape)}, "
-                             f"PyTorch {tuple(ref.shape)}")
+            raise ValueError(
+                f"onnxruntime gives shape {tuple(out.shape)} for input {tuple(x.shape)}, PyTorch {tuple(ref.shape)}"
+            )
         worst = max(worst, float(abs(out - ref).max()) / max(1.0, float(abs(ref).max())))
     return worst
 
@@ -238,8 +257,10 @@ def export_onnx(
                 return ExportResult(name, dims, err)
             except Exception as e:  # every exporter raises its own types; the message is what matters
                 failures.append((name, _reason(e)))
-    raise UserError(f"cannot export {type(model).__name__} to ONNX ({_summary(failures)}); "
-                    "try another --opset or --size, or --format torch-export")
+    raise UserError(
+        f"cannot export {type(model).__name__} to ONNX ({_summary(failures)}); "
+        "try another --opset or --size, or --format torch-export"
+    )
 
 
 def _set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -301,8 +322,10 @@ def export_torch(
         torch.export.save(program, buf, extra_files=extra)
         atomic_write_bytes(path, buf.getvalue())
         return ExportResult("torch.export", dims, err)
-    raise UserError(f"cannot export {type(model).__name__} with torch.export ({_summary(failures)}); "
-                    "try another --size or --format onnx")
+    raise UserError(
+        f"cannot export {type(model).__name__} with torch.export ({_summary(failures)}); "
+        "try another --size or --format onnx"
+    )
 
 
 def _check_program(model: nn.Module, program: torch.export.ExportedProgram, inputs: list[torch.Tensor]) -> float:
@@ -335,8 +358,10 @@ def export_command(args: argparse.Namespace) -> int:
             raise UserError(f"--opset {args.opset} is outside 7..23; leave it out for 17, or give 18")
         result = export_onnx(model, out, opset=args.opset, dynamic=not args.static, size=size, metadata=metadata)
         how = f"ONNX ({result.exporter} exporter)"
-        use = (f"input '{INPUT_NAME}' (B, 3, H, W) float32, normalised with mean {list(meta.mean)} "
-               f"std {list(meta.std)}; output '{OUTPUT_NAME}' (B, K, H, W)")
+        use = (
+            f"input '{INPUT_NAME}' (B, 3, H, W) float32, normalised with mean {list(meta.mean)} "
+            f"std {list(meta.std)}; output '{OUTPUT_NAME}' (B, K, H, W)"
+        )
     else:
         if args.opset is not None:
             raise UserError("--opset applies to --format onnx only; leave it out for torch-export")

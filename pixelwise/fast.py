@@ -88,7 +88,8 @@ def prepare_fast(
         model = model.to(memory_format=torch.channels_last)
     if compile:
         if not hasattr(torch, "compile"):
-            raise UserError(f"prepare_fast(compile=True) needs torch >= 2.0, found {torch.__version__}; "
-                            "pass compile=False")
+            raise UserError(
+                f"prepare_fast(compile=True) needs torch >= 2.0, found {torch.__version__}; pass compile=False"
+            )
         model = torch.compile(model)
     return FastInference(model, channels_last=channels_last, amp=amp).eval()

@@ -82,13 +82,17 @@ def _full_or_read_only(directory: Path) -> int | None:
 _OS_ERRORS = {
     errno.ENOSPC: ("the disk is full", "free some space or write to another disk"),
     errno.EDQUOT: ("the disk quota is used up", "free some space or write to another disk"),
-    errno.EROFS: ("the file system is read-only (was it remounted after an error?)",
-                  "write to a writable folder, or remount the disk read-write"),
+    errno.EROFS: (
+        "the file system is read-only (was it remounted after an error?)",
+        "write to a writable folder, or remount the disk read-write",
+    ),
     errno.EACCES: ("permission denied", "fix the permissions or choose another folder"),
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another folder"),
     errno.EEXIST: ("exists and is not a folder", "remove or rename it, or choose another output folder"),
-    errno.ENOTDIR: ("a part of this path is a file, not a folder", "remove or rename that file, or choose "
-                    "another output folder"),
+    errno.ENOTDIR: (
+        "a part of this path is a file, not a folder",
+        "remove or rename that file, or choose another output folder",
+    ),
     errno.EISDIR: ("is a folder where a file is needed", "remove it or choose another name"),
     errno.ENOENT: ("no such file or folder", "check the path"),
     errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),

@@ -107,8 +107,9 @@ def _batched(items: list, n: int) -> list[list]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
-def _slide(model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int],
-           batch_size: int) -> torch.Tensor:
+def _slide(
+    model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int], batch_size: int
+) -> torch.Tensor:
     """Average of overlapping window logits. Shape: (B, C, H, W) -> (B, K, H, W)."""
     b, _, h, w = x.shape
     wh, ww = window
@@ -144,8 +145,9 @@ def _overlap_tile(model: nn.Module, x: torch.Tensor, window: tuple[int, int], ba
     boxes = [(i, j) for i in range(ny) for j in range(nx)]
     total = None
     for chunk in _batched(boxes, max(1, batch_size // b)):
-        tiles = torch.cat([x[..., i * tout[0] : i * tout[0] + tin[0], j * tout[1] : j * tout[1] + tin[1]]
-                           for i, j in chunk])  # (n*B, C, tin_h, tin_w)
+        tiles = torch.cat(
+            [x[..., i * tout[0] : i * tout[0] + tin[0], j * tout[1] : j * tout[1] + tin[1]] for i, j in chunk]
+        )  # (n*B, C, tin_h, tin_w)
         out = model.forward_valid(tiles)  # (n*B, K, tout_h, tout_w)
         if total is None:
             total = torch.zeros(b, out.shape[1], ny * tout[0], nx * tout[1], device=x.device)
@@ -158,8 +160,9 @@ def _is_valid_conv(model: nn.Module) -> bool:
     return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
 
 
-def check_options(mode: str, window: Sequence[int] | None, stride: Sequence[int] | None,
-                  scales: Sequence[float]) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+def check_options(
+    mode: str, window: Sequence[int] | None, stride: Sequence[int] | None, scales: Sequence[float]
+) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     """Check `predict_logits`' options (ArgumentError naming the argument); return (window, stride) as
     int pairs, the stride defaulting to 2/3 of the window."""
     if mode not in MODES:
@@ -176,8 +179,11 @@ def check_options(mode: str, window: Sequence[int] | None, stride: Sequence[int]
     if stride is None:
         stride = (max(1, math.ceil(window[0] * 2 / 3)), max(1, math.ceil(window[1] * 2 / 3)))
     if len(stride) != 2 or not (0 < stride[0] <= window[0] and 0 < stride[1] <= window[1]):
-        raise ArgumentError("stride", list(stride), f"must be positive and at most the window {list(window)}, "
-                            "or pixels between windows get no prediction")
+        raise ArgumentError(
+            "stride",
+            list(stride),
+            f"must be positive and at most the window {list(window)}, or pixels between windows get no prediction",
+        )
     return window, (int(stride[0]), int(stride[1]))
 
 
@@ -240,8 +246,9 @@ def predict_logits(
     total = None
     for s in scales:
         size = (max(1, round(h * s)), max(1, round(w * s)))
-        x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear",
-                                                      align_corners=False)  # (B, C, sH, sW)
+        x = (
+            image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        )  # (B, C, sH, sW)
         y = with_flip(x)
         if y.shape[-2:] != (h, w):
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)  # (B, K, H, W)

@@ -22,12 +22,13 @@ if TYPE_CHECKING:
     from pixelwise.config import LossConfig
 
 
-
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
     """Internal invariant: logits (B, K, H, W) against target (B, H, W)."""
     if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match; "
-                         "expected (B, K, H, W) and (B, H, W)")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match; "
+            "expected (B, K, H, W) and (B, H, W)"
+        )
 
 
 def pixel_weighted_cross_entropy(
@@ -123,7 +124,11 @@ def lovasz_softmax_flat(probs: torch.Tensor, labels: torch.Tensor, *, classes: s
 
 
 def lovasz_softmax(
-    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255, classes: str = "present",
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    classes: str = "present",
     per_image: bool = False,
 ) -> torch.Tensor:
     """Lovász-Softmax loss, a convex surrogate of 1 - mIoU (Berman et al. 2018, CVPR).
@@ -150,7 +155,11 @@ def lovasz_softmax(
 
 
 def ohem_mask(
-    logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.7, min_kept: int = 100_000,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """Which pixels online hard example mining keeps: the valid pixels whose probability of the true
@@ -180,8 +189,13 @@ def ohem_mask(
 
 
 def ohem_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.7, min_kept: int = 100_000,
-    weight: torch.Tensor | None = None, ignore_index: int = 255,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = 255,
 ) -> torch.Tensor:
     """Cross-entropy over the hard pixels chosen by `ohem_mask` only (optionally class-weighted).
 
@@ -299,16 +313,26 @@ class UNetWeightMapLoss(nn.Module):
         logits (B, K, H, W), target (B, H, W) int64 -> scalar.
     """
 
-    def __init__(self, *, w0: float = 10.0, sigma: float = 5.0, ignore_index: int = 255,
-                 weight_map: Callable[..., np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        w0: float = 10.0,
+        sigma: float = 5.0,
+        ignore_index: int = 255,
+        weight_map: Callable[..., np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.weight_map = weight_map or unet_weight_map
         self.w0, self.sigma, self.ignore_index = w0, sigma, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        maps = [np.asarray(self.weight_map(t.cpu().numpy(), w0=self.w0, sigma=self.sigma,
-                                           ignore_index=self.ignore_index), dtype=np.float32)
-                for t in target]
+        maps = [
+            np.asarray(
+                self.weight_map(t.cpu().numpy(), w0=self.w0, sigma=self.sigma, ignore_index=self.ignore_index),
+                dtype=np.float32,
+            )
+            for t in target
+        ]
         pixel_weight = torch.from_numpy(np.stack(maps)).to(logits.device)  # (B, H, W)
         return pixel_weighted_cross_entropy(logits, target, pixel_weight, ignore_index=self.ignore_index)
 
@@ -340,8 +364,9 @@ class LovaszSoftmaxLoss(nn.Module):
         self.classes, self.per_image, self.ignore_index = classes, per_image, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return lovasz_softmax(logits, target, ignore_index=self.ignore_index, classes=self.classes,
-                              per_image=self.per_image)
+        return lovasz_softmax(
+            logits, target, ignore_index=self.ignore_index, classes=self.classes, per_image=self.per_image
+        )
 
 
 class OhemCrossEntropyLoss(nn.Module):
@@ -351,15 +376,27 @@ class OhemCrossEntropyLoss(nn.Module):
         logits (B, K, H, W), target (B, H, W) int64 -> scalar.
     """
 
-    def __init__(self, *, thresh: float = 0.7, min_kept: int = 100_000, weight: torch.Tensor | None = None,
-                 ignore_index: int = 255) -> None:
+    def __init__(
+        self,
+        *,
+        thresh: float = 0.7,
+        min_kept: int = 100_000,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = 255,
+    ) -> None:
         super().__init__()
         self.thresh, self.min_kept, self.ignore_index = thresh, min_kept, ignore_index
         self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return ohem_cross_entropy(logits, target, thresh=self.thresh, min_kept=self.min_kept,
-                                  weight=self.weight, ignore_index=self.ignore_index)
+        return ohem_cross_entropy(
+            logits,
+            target,
+            thresh=self.thresh,
+            min_kept=self.min_kept,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+        )
 
 
 # loss.name -> builder from (loss config, class weights, ignore index): the one list of losses
@@ -367,10 +404,12 @@ LOSSES: dict[str, Callable[[LossConfig, torch.Tensor | None, int], nn.Module]] =
     "cross_entropy": lambda cfg, w, ignore: CrossEntropyLoss(weight=w, ignore_index=ignore),
     "unet_weight_map": lambda cfg, w, ignore: UNetWeightMapLoss(w0=cfg.w0, sigma=cfg.sigma, ignore_index=ignore),
     "dice": lambda cfg, w, ignore: DiceLoss(smooth=cfg.dice_smooth, ignore_index=ignore),
-    "lovasz_softmax": lambda cfg, w, ignore: LovaszSoftmaxLoss(classes=cfg.lovasz_classes,
-                                                               per_image=cfg.lovasz_per_image, ignore_index=ignore),
-    "ohem": lambda cfg, w, ignore: OhemCrossEntropyLoss(thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept,
-                                                        weight=w, ignore_index=ignore),
+    "lovasz_softmax": lambda cfg, w, ignore: LovaszSoftmaxLoss(
+        classes=cfg.lovasz_classes, per_image=cfg.lovasz_per_image, ignore_index=ignore
+    ),
+    "ohem": lambda cfg, w, ignore: OhemCrossEntropyLoss(
+        thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept, weight=w, ignore_index=ignore
+    ),
 }
 LOSS_NAMES = tuple(LOSSES)
 _WEIGHTED = ("cross_entropy", "ohem")  # the losses that take class weights
@@ -382,6 +421,8 @@ def build_loss(cfg: LossConfig, *, class_weights: torch.Tensor | None = None, ig
     if name not in LOSSES:
         raise UserError(f"loss.name={name!r} is not a loss; choose one of {', '.join(LOSSES)}")
     if class_weights is not None and name not in _WEIGHTED:
-        raise UserError(f"loss.class_weights is only used by {' and '.join(_WEIGHTED)}, not loss.name={name!r}; "
-                        "set loss.class_weights=none")
+        raise UserError(
+            f"loss.class_weights is only used by {' and '.join(_WEIGHTED)}, not loss.name={name!r}; "
+            "set loss.class_weights=none"
+        )
     return LOSSES[name](cfg, class_weights, ignore_index)

@@ -154,8 +154,14 @@ def _edges(labels: np.ndarray) -> np.ndarray:
     return edges
 
 
-def boundary_f1_per_image(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int, *,
-                          ignore_index: int = 255, tolerance: float = BF_TOLERANCE) -> np.ndarray:
+def boundary_f1_per_image(
+    pred: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    tolerance: float = BF_TOLERANCE,
+) -> np.ndarray:
     """Boundary F1 per class for one image (Csurka et al. 2013, as used by SegNet).
 
     For each class present in `target`, the boundaries of `pred == c` and `target == c` (region
@@ -193,8 +199,10 @@ def boundary_f1_per_image(pred: np.ndarray | torch.Tensor, target: np.ndarray | 
             continue
         # distances beyond the tolerance do not matter: work in the boundaries' box grown by it
         ys, xs = np.nonzero(gt_b | pr_b)
-        box = (slice(max(ys.min() - reach, 0), ys.max() + reach + 1),
-               slice(max(xs.min() - reach, 0), xs.max() + reach + 1))
+        box = (
+            slice(max(ys.min() - reach, 0), ys.max() + reach + 1),
+            slice(max(xs.min() - reach, 0), xs.max() + reach + 1),
+        )
         gt_b, pr_b = gt_b[box], pr_b[box]
         precision = float((ndimage.distance_transform_edt(~gt_b)[pr_b] <= tol).mean())
         recall = float((ndimage.distance_transform_edt(~pr_b)[gt_b] <= tol).mean())
@@ -220,8 +228,9 @@ class BoundaryF1:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         labels = to_labels(pred).cpu()
         for p, t in zip(labels, target.cpu(), strict=True):
-            self.per_image.append(boundary_f1_per_image(p, t, self.num_classes, ignore_index=self.ignore_index,
-                                                        tolerance=self.tolerance))
+            self.per_image.append(
+                boundary_f1_per_image(p, t, self.num_classes, ignore_index=self.ignore_index, tolerance=self.tolerance)
+            )
 
     def compute(self) -> dict[str, Any]:
         """Returns boundary_f1 (mean of image means) and per_class_boundary_f1 (list of K, NaN if never present)."""
@@ -232,12 +241,20 @@ class BoundaryF1:
         image_means = [float(s[p].mean()) for s, p in zip(scores, present, strict=True) if p.any()]
         counts = present.sum(0)
         per_class = np.where(counts > 0, np.nansum(scores, 0) / np.maximum(counts, 1), np.nan)
-        return {"boundary_f1": float(np.mean(image_means)) if image_means else math.nan,
-                "per_class_boundary_f1": per_class.tolist()}
+        return {
+            "boundary_f1": float(np.mean(image_means)) if image_means else math.nan,
+            "per_class_boundary_f1": per_class.tolist(),
+        }
 
 
-def boundary_f1(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int, *,
-                ignore_index: int = 255, tolerance: float = BF_TOLERANCE) -> float:
+def boundary_f1(
+    pred: torch.Tensor | np.ndarray,
+    target: torch.Tensor | np.ndarray,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    tolerance: float = BF_TOLERANCE,
+) -> float:
     """SegNet's BF score of a batch: the mean over images of the mean F1 over each image's classes.
 
     Shape:

@@ -88,7 +88,7 @@ def thin_borders(cell: np.ndarray) -> np.ndarray:
     claim = np.full(lab.size, _NEVER, dtype=np.int32)
     touch = np.zeros_like(cells)
     for off in offsets:
-        touch[max(off, 0):lab.size + min(off, 0)] |= cells[max(-off, 0):lab.size + min(-off, 0)]
+        touch[max(off, 0) : lab.size + min(off, 0)] |= cells[max(-off, 0) : lab.size + min(-off, 0)]
     cur = np.flatnonzero(border & touch).astype(np.int32)  # the first layer, in column-major order
     pending = border & ~touch
     polled = 0
@@ -118,8 +118,9 @@ def _label_range(vals: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(pos, vals, _NEVER).min(1), np.where(pos, vals, 0).max(1)
 
 
-def _flood_layer(lab: np.ndarray, when: np.ndarray, cand: np.ndarray, cur: np.ndarray, nbrs: np.ndarray,
-                 base: int) -> None:
+def _flood_layer(
+    lab: np.ndarray, when: np.ndarray, cand: np.ndarray, cur: np.ndarray, nbrs: np.ndarray, base: int
+) -> None:
     """Label one breadth-first layer `cur` (in queue order) as the sequential FIFO would.
 
     A pixel sees the neighbours taken from the queue before it: basins, earlier layers and the earlier
@@ -210,8 +211,14 @@ def rand_info_scores(gt_segments: np.ndarray, proposal_segments: np.ndarray) -> 
     else:
         mutual = h_t + h_s - h_ts
         info_merge, info_split = mutual / h_t, mutual / h_s
-    return {"v_rand": _f_score(rand_merge, rand_split), "v_rand_split": rand_split, "v_rand_merge": rand_merge,
-            "v_info": _f_score(info_merge, info_split), "v_info_split": info_split, "v_info_merge": info_merge}
+    return {
+        "v_rand": _f_score(rand_merge, rand_split),
+        "v_rand_split": rand_split,
+        "v_rand_merge": rand_merge,
+        "v_info": _f_score(info_merge, info_split),
+        "v_info_split": info_split,
+        "v_info_merge": info_merge,
+    }
 
 
 def _as_stack(cell_prob: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,17 +227,21 @@ def _as_stack(cell_prob: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     if prob.ndim == 2:
         prob, labels = prob[None], labels[None]
     if prob.ndim != 3 or prob.shape != labels.shape:
-        raise ValueError(f"cell_prob of shape {prob.shape} and labels of shape {labels.shape} must both be "
-                         "(H, W) or (N, H, W)")
+        raise ValueError(
+            f"cell_prob of shape {prob.shape} and labels of shape {labels.shape} must both be (H, W) or (N, H, W)"
+        )
     prob = prob.astype(np.float32).astype(np.float64)
     if prob.size and not (0.0 <= prob.min() and prob.max() <= 1.0):  # also catches NaN
-        raise ValueError(f"cell_prob spans {prob.min():g}..{prob.max():g}; give probabilities in [0, 1] "
-                         "(e.g. the softmax of the cell class)")
+        raise ValueError(
+            f"cell_prob spans {prob.min():g}..{prob.max():g}; give probabilities in [0, 1] "
+            "(e.g. the softmax of the cell class)"
+        )
     return prob, labels
 
 
-def isbi_pixel_error(cell_prob: np.ndarray, labels: np.ndarray, *,
-                     thresholds: tuple[float, ...] = ISBI_THRESHOLDS) -> dict[str, Any]:
+def isbi_pixel_error(
+    cell_prob: np.ndarray, labels: np.ndarray, *, thresholds: tuple[float, ...] = ISBI_THRESHOLDS
+) -> dict[str, Any]:
     """The challenge's retired pixel error: 1 - the best F-score of the cell pixels over thresholds.
 
     At each threshold t, a pixel is predicted cell where `cell_prob > t`; true positives, false
@@ -252,12 +263,16 @@ def isbi_pixel_error(cell_prob: np.ndarray, labels: np.ndarray, *,
         fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(true)) - tp
         scores.append(_f_score(1.0 if fp == 0 else tp / (tp + fp), 1.0 if fn == 0 else tp / (tp + fn)))
     best = int(np.argmax(scores))
-    return {"pixel_error": 1.0 - scores[best], "pixel_error_threshold": thresholds[best],
-            "pixel_fscore_per_threshold": scores}
+    return {
+        "pixel_error": 1.0 - scores[best],
+        "pixel_error_threshold": thresholds[best],
+        "pixel_fscore_per_threshold": scores,
+    }
 
 
-def isbi_challenge_scores(cell_prob: np.ndarray, labels: np.ndarray, *,
-                          thresholds: tuple[float, ...] = ISBI_THRESHOLDS) -> dict[str, Any]:
+def isbi_challenge_scores(
+    cell_prob: np.ndarray, labels: np.ndarray, *, thresholds: tuple[float, ...] = ISBI_THRESHOLDS
+) -> dict[str, Any]:
     """V_Rand and V_Info after border thinning, and pixel error, as the ISBI 2012 challenge scores a stack.
 
     `cell_prob` is the probability of **cell interior** (not membrane) per pixel: for a membrane map,

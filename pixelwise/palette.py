@@ -11,8 +11,15 @@ from PIL import Image
 
 from pixelwise.fileio import atomic_write_bytes
 
-__all__ = ["IGNORE_COLOR", "colorize", "default_palette", "index_png_bytes", "overlay", "save_index_png",
-           "save_rgb_png"]
+__all__ = [
+    "IGNORE_COLOR",
+    "colorize",
+    "default_palette",
+    "index_png_bytes",
+    "overlay",
+    "save_index_png",
+    "save_rgb_png",
+]
 
 IGNORE_COLOR = (224, 224, 192)  # PASCAL VOC's colour for "void" pixels
 _BLEND_PIXELS = 2**20  # pixels blended at once: ~30 MB of temporaries, whatever the image size
@@ -53,8 +60,14 @@ def colorize(mask: np.ndarray, palette: Sequence[tuple[int, int, int]], *, ignor
     return _lut(palette, ignore_index)[mask.astype(np.intp)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[tuple[int, int, int]], *,
-            alpha: float = 0.5, ignore_index: int = 255) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    palette: Sequence[tuple[int, int, int]],
+    *,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+) -> np.ndarray:
     """Blend class colours over the image with opacity `alpha`; ignored pixels show the image only.
 
     Shape:
@@ -88,8 +101,9 @@ def index_png_bytes(mask: np.ndarray, palette: Sequence[tuple[int, int, int]], *
     return buf.getvalue()
 
 
-def save_index_png(path: str | Path, mask: np.ndarray, palette: Sequence[tuple[int, int, int]], *,
-                   ignore_index: int = 255) -> None:
+def save_index_png(
+    path: str | Path, mask: np.ndarray, palette: Sequence[tuple[int, int, int]], *, ignore_index: int = 255
+) -> None:
     """Write `index_png_bytes(mask, palette)` to `path` atomically."""
     atomic_write_bytes(path, index_png_bytes(mask, palette, ignore_index=ignore_index))
 

@@ -64,8 +64,9 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "bf16":
         if not native_bf16(device):
             where = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16/AMX-BF16/Arm BF16)"
-            raise PrecisionError(f"bf16 is not executed natively by {where}: it would be emulated and slow; "
-                                 "use fp32 or auto")
+            raise PrecisionError(
+                f"bf16 is not executed natively by {where}: it would be emulated and slow; use fp32 or auto"
+            )
         return torch.bfloat16
     if name == "fp16":
         if device.type != "cuda":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise UserError(f"{p}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                                "give a folder with images or image files")
+                raise UserError(
+                    f"{p}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    "give a folder with images or image files"
+                )
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -38,8 +41,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     seen: dict[str, Path] = {}
     for f in files:
         if f.stem in seen and seen[f.stem].resolve() != f.resolve():
-            raise UserError(f"{seen[f.stem]} and {f} would both be written as {f.stem}.png; "
-                            "rename one or predict them into different --out folders")
+            raise UserError(
+                f"{seen[f.stem]} and {f} would both be written as {f.stem}.png; "
+                "rename one or predict them into different --out folders"
+            )
         seen[f.stem] = f
     return list(dict.fromkeys(seen.values()))
 
@@ -52,7 +57,6 @@ def predict_command(args: argparse.Namespace) -> int:
     from pixelwise.data.imageio import read_image
     from pixelwise.evaluate import write_bad_files
     from pixelwise.inference import resolve_device, resolve_dtype
-    from pixelwise.palette import overlay, save_index_png, save_rgb_png
     from pixelwise.segment import MAX_WHOLE_PIXELS, default_window, segment_image
     from pixelwise.weights import load_weights
 
@@ -67,8 +71,10 @@ def predict_command(args: argparse.Namespace) -> int:
     model, meta = load_weights(args.weights, device)
     channels = int(meta.model_kwargs.get("in_channels", 3))
     if channels != 3:
-        raise UserError(f"{args.weights}: the model takes {channels}-channel input but predict feeds RGB images; "
-                        "use weights of a 3-channel model")
+        raise UserError(
+            f"{args.weights}: the model takes {channels}-channel input but predict feeds RGB images; "
+            "use weights of a 3-channel model"
+        )
     spec = inference_spec(args, meta.extra, dtype)
     bad: list[tuple[str, str]] = []
     written = slid = 0
@@ -78,25 +84,44 @@ def predict_command(args: argparse.Namespace) -> int:
             try:
                 image = read_image(path)  # (H, W, 3) uint8
                 # above MAX_WHOLE_PIXELS by sliding window in chunks: memory O(window), not O(image)
-                labels = segment_image(model, image, spec, mean=meta.mean, std=meta.std, num_classes=meta.num_classes,
-                                       default_win=default_window(meta.extra), name=str(path))  # (H, W)
+                labels = segment_image(
+                    model,
+                    image,
+                    spec,
+                    mean=meta.mean,
+                    std=meta.std,
+                    num_classes=meta.num_classes,
+                    default_win=default_window(meta.extra),
+                    name=str(path),
+                )  # (H, W)
             except UserError as e:
                 if not args.skip_bad:
                     raise
                 bad.append((str(path), str(e)))
                 continue
             slid += args.mode == "whole" and labels.size > MAX_WHOLE_PIXELS
-            save_index_png(out / "masks" / f"{path.stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
-            shown = overlay(image, labels, meta.palette, alpha=args.alpha, ignore_index=meta.ignore_index)
-            if args.side_by_side:
-                shown = np.concatenate([image, np.full((image.shape[0], 8, 3), 255, np.uint8), shown], axis=1)
-            save_rgb_png(out / "overlays" / f"{path.stem}.png", shown)  # (H, W, 3) or (H, 2W + 8, 3)
+            _write(out, path.stem, image, labels, meta, alpha=args.alpha, side_by_side=args.side_by_side)
             written += 1
     if bad:
         write_bad_files(out, bad)
     if written == 0:
         raise UserError(f"none of the {len(files)} inputs could be read; see {out / 'bad_files.txt'}")
-    print(f"wrote {written} masks to {out / 'masks'} and overlays to {out / 'overlays'}"
-          + (f"; {slid} images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" if slid else "")
-          + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else ""))
+    print(
+        f"wrote {written} masks to {out / 'masks'} and overlays to {out / 'overlays'}"
+        + (f"; {slid} images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" if slid else "")
+        + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else "")
+    )
     return 0
+
+
+def _write(
+    out: Path, stem: str, image: np.ndarray, labels: np.ndarray, meta: Any, *, alpha: float, side_by_side: bool
+) -> None:
+    """masks/STEM.png (class indices, palette mode) and overlays/STEM.png (colours over the image)."""
+    from pixelwise.palette import overlay, save_index_png, save_rgb_png
+
+    save_index_png(out / "masks" / f"{stem}.png", labels, meta.palette, ignore_index=meta.ignore_index)
+    shown = overlay(image, labels, meta.palette, alpha=alpha, ignore_index=meta.ignore_index)
+    if side_by_side:
+        shown = np.concatenate([image, np.full((image.shape[0], 8, 3), 255, np.uint8), shown], axis=1)
+    save_rgb_png(out / "overlays" / f"{stem}.png", shown)  # (H, W, 3) or (H, 2W + 8, 3)

@@ -49,12 +49,15 @@ class Pretrained:
         """The file, after checking its sha256."""
         path = trained_dir() / self.file
         if not path.is_file():
-            raise UserError(f"built-in weights {self.name}: {path} is missing from the installed package; "
-                            "reinstall pixelwise")
+            raise UserError(
+                f"built-in weights {self.name}: {path} is missing from the installed package; reinstall pixelwise"
+            )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != self.sha256:
-            raise UserError(f"built-in weights {self.name}: {path} has sha256 {digest[:16]}..., expected "
-                            f"{self.sha256[:16]}...; the file is damaged or was replaced: reinstall pixelwise")
+            raise UserError(
+                f"built-in weights {self.name}: {path} has sha256 {digest[:16]}..., expected "
+                f"{self.sha256[:16]}...; the file is damaged or was replaced: reinstall pixelwise"
+            )
         return path
 
     @property
@@ -80,14 +83,25 @@ PRETRAINED: dict[str, Pretrained] = {
         file="segnet_basic_camvid.safetensors",
         sha256="58a0968ffed288d61eb2a1c2c97c7bd8a07bacbac217f06c4f0b0e99ca3ce436",
         recipe="SegNet-Basic (Badrinarayanan et al., TPAMI 2017) from scratch on CamVid train (367 images): "
-               "config camvid/segnet_basic_fast, AdamW 1e-3 with poly decay, 240x320 native-scale crops "
-               "and flips, square-rooted median-frequency class weights, batch 4, 36 epochs, bf16 autocast, "
-               "87 min on 2 CPU cores; stored as fp16",
-        metrics={"split": "CamVid val (101 images), whole 360x480 images",
-                 "global_acc": 87.86, "class_avg": 73.47, "miou": 57.00, "boundary_f1": 54.31},
+        "config camvid/segnet_basic_fast, AdamW 1e-3 with poly decay, 240x320 native-scale crops "
+        "and flips, square-rooted median-frequency class weights, batch 4, 36 epochs, bf16 autocast, "
+        "87 min on 2 CPU cores; stored as fp16",
+        metrics={
+            "split": "CamVid val (101 images), whole 360x480 images",
+            "global_acc": 87.86,
+            "class_avg": 73.47,
+            "miou": 57.00,
+            "boundary_f1": 54.31,
+        },
         # benchmarks/crf_search.py: DeepLab-style search on held-aside train images (RESULTS.md, dense CRF)
-        crf={"iterations": 5, "bilateral_weight": 3.0, "bilateral_sxy": 100.0, "bilateral_srgb": 3.0,
-             "gaussian_weight": 3.0, "gaussian_sxy": 3.0},
+        crf={
+            "iterations": 5,
+            "bilateral_weight": 3.0,
+            "bilateral_sxy": 100.0,
+            "bilateral_srgb": 3.0,
+            "gaussian_weight": 3.0,
+            "gaussian_sxy": 3.0,
+        },
     ),
 }
 

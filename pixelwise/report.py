@@ -49,16 +49,34 @@ def write_report(
     denom = confusion.sum(0) + confusion.sum(1) - tp
     iou = np.divide(tp, denom, out=np.full(len(classes), np.nan), where=denom > 0)
     figures = [
-        _save(out_dir, _curves(history), "curves.png",
-              "Training loss per logged step and validation mIoU per validated epoch."),
-        _save(out_dir, _confusion(confusion, classes), "confusion.png",
-              "Fraction of each ground-truth class predicted as each class."),
-        _save(out_dir, _iou_bars(iou, classes, palette), "iou.png",
-              "Intersection over union of each class on the validation split."),
+        _save(
+            out_dir,
+            _curves(history),
+            "curves.png",
+            "Training loss per logged step and validation mIoU per validated epoch.",
+        ),
+        _save(
+            out_dir,
+            _confusion(confusion, classes),
+            "confusion.png",
+            "Fraction of each ground-truth class predicted as each class.",
+        ),
+        _save(
+            out_dir,
+            _iou_bars(iou, classes, palette),
+            "iou.png",
+            "Intersection over union of each class on the validation split.",
+        ),
     ]
     if samples:
-        figures.append(_save(out_dir, _samples(samples, palette, ignore_index), "samples.png",
-                             "Validation images with ground truth and prediction overlaid."))
+        figures.append(
+            _save(
+                out_dir,
+                _samples(samples, palette, ignore_index),
+                "samples.png",
+                "Validation images with ground truth and prediction overlaid.",
+            )
+        )
     path = out_dir / "report.html"
     atomic_write_text(path, _page(title, summary or {}, figures, classes, iou))
     return path
@@ -103,16 +121,28 @@ def _confusion(confusion: np.ndarray, classes: Sequence[str]) -> Any:
     side = max(4.0, 0.45 * k + 2)
     fig, ax = plt.subplots(figsize=(side, side))
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="ground truth",
-           title="Confusion matrix (row-normalised)")
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xlabel="predicted",
+        ylabel="ground truth",
+        title="Confusion matrix (row-normalised)",
+    )
     ax.set_xticklabels(classes, rotation=90, fontsize=8)
     ax.set_yticklabels(classes, fontsize=8)
     if k <= 25:
         for i in range(k):
             for j in range(k):
                 if norm[i, j] >= 0.005:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     return fig
 
@@ -125,15 +155,22 @@ def _iou_bars(iou: np.ndarray, classes: Sequence[str], palette: Sequence[tuple[i
     fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * k + 2), 3.6))
     colours = [tuple(c / 255 for c in palette[i]) if i < len(palette) else (0.5, 0.5, 0.5) for i in range(k)]
     ax.bar(range(k), np.nan_to_num(iou), color=colours, edgecolor="black", lw=0.5)
-    ax.set(xticks=range(k), ylim=(0, 1), ylabel="IoU", title=f"Per-class IoU (mean {np.nanmean(iou):.3f})"
-           if np.isfinite(iou).any() else "Per-class IoU")
+    ax.set(
+        xticks=range(k),
+        ylim=(0, 1),
+        ylabel="IoU",
+        title=f"Per-class IoU (mean {np.nanmean(iou):.3f})" if np.isfinite(iou).any() else "Per-class IoU",
+    )
     ax.set_xticklabels(classes, rotation=90, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
 
-def _samples(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-             palette: Sequence[tuple[int, int, int]], ignore_index: int) -> Any:
+def _samples(
+    samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: Sequence[tuple[int, int, int]],
+    ignore_index: int,
+) -> Any:
     """Image | ground truth | prediction, one row per sample."""
     import matplotlib.pyplot as plt
 
@@ -148,15 +185,21 @@ def _samples(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     return fig
 
 
-def _page(title: str, summary: dict[str, Any], figures: list[tuple[str, str]], classes: Sequence[str],
-          iou: np.ndarray) -> str:
+def _page(
+    title: str, summary: dict[str, Any], figures: list[tuple[str, str]], classes: Sequence[str], iou: np.ndarray
+) -> str:
     """The HTML page: summary table, figures, per-class IoU table."""
-    rows_html = "".join(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                        for key, v in summary.items())
-    iou_rows = "".join(f"<tr><th>{html.escape(c)}</th><td>{_fmt(float(v))}</td></tr>"
-                       for c, v in zip(classes, iou, strict=True))
-    figs_html = "".join(f'<figure><img src="{name}" alt="{html.escape(caption)}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
+    rows_html = "".join(
+        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_fmt(v))}</td></tr>" for key, v in summary.items()
+    )
+    iou_rows = "".join(
+        f"<tr><th>{html.escape(c)}</th><td>{_fmt(float(v))}</td></tr>" for c, v in zip(classes, iou, strict=True)
+    )
+    figs_html = "".join(
+        f'<figure><img src="{name}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in figures
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}

@@ -49,9 +49,18 @@ def default_window(extra: dict) -> tuple[int, int]:
     return DEFAULT_WINDOW
 
 
-def segment_image(model: nn.Module, image: np.ndarray, spec: InferenceSpec, *, mean: Sequence[float],
-                  std: Sequence[float], num_classes: int, default_win: tuple[int, int] = DEFAULT_WINDOW,
-                  max_whole_pixels: int = MAX_WHOLE_PIXELS, name: str = "image") -> np.ndarray:
+def segment_image(
+    model: nn.Module,
+    image: np.ndarray,
+    spec: InferenceSpec,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    default_win: tuple[int, int] = DEFAULT_WINDOW,
+    max_whole_pixels: int = MAX_WHOLE_PIXELS,
+    name: str = "image",
+) -> np.ndarray:
     """Class labels of an RGB image as `spec` asks; above `max_whole_pixels` by chunked sliding window
     (module docstring). `default_win` is the window used when the image is too large for whole-image
     inference and `spec` gives none.
@@ -66,8 +75,10 @@ def segment_image(model: nn.Module, image: np.ndarray, spec: InferenceSpec, *, m
     large = h * w > max_whole_pixels
     if large and (spec.mode == "multiscale" or spec.crf is not None):
         what = "multi-scale inference" if spec.mode == "multiscale" else "the dense CRF"
-        raise NeedsWholeImage(f"{name}: {w}x{h} = {h * w} pixels is more than the {max_whole_pixels} that {what} "
-                              f"handles in bounded memory; downscale the image or leave {what} out")
+        raise NeedsWholeImage(
+            f"{name}: {w}x{h} = {h * w} pixels is more than the {max_whole_pixels} that {what} "
+            f"handles in bounded memory; downscale the image or leave {what} out"
+        )
     if large:
         window = spec.window or default_win
         spec = replace(spec, mode="slide", window=window, stride=spec.stride if spec.window else None)
@@ -75,9 +86,18 @@ def segment_image(model: nn.Module, image: np.ndarray, spec: InferenceSpec, *, m
         device = model_device(model)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
         return _labels(segment(model, x, spec, mean=mean, std=std, num_classes=num_classes), num_classes)[0]
-    return _chunked_slide(model, image, mean=mean, std=std, device=model_device(model),
-                          dtype=spec.dtype, window=spec.window, stride=spec.stride, flip=spec.flip,
-                          num_classes=num_classes)
+    return _chunked_slide(
+        model,
+        image,
+        mean=mean,
+        std=std,
+        device=model_device(model),
+        dtype=spec.dtype,
+        window=spec.window,
+        stride=spec.stride,
+        flip=spec.flip,
+        num_classes=num_classes,
+    )
 
 
 def _overlap_tiled(model: nn.Module) -> bool:
@@ -85,8 +105,16 @@ def _overlap_tiled(model: nn.Module) -> bool:
     return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
 
 
-def _scores(model: nn.Module, image: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
-            device: torch.device, dtype: torch.dtype | None, **kwargs) -> torch.Tensor:
+def _scores(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    **kwargs,
+) -> torch.Tensor:
     """`predict_logits` on an (h, w, 3) uint8 array, as float32 logits (1, K, h, w)."""
     from pixelwise.inference import normalize, predict_logits
     from pixelwise.precision import autocast
@@ -117,8 +145,17 @@ def covering_span(length: int, window: int, stride: int, out0: int, out1: int) -
     return starts[first], min(starts[last] + window, length)
 
 
-def _chunked_slide(model: nn.Module, image: np.ndarray, *, window: tuple[int, int], stride: tuple[int, int],
-                   flip: bool, num_classes: int, windows_per_chunk: int = 3, **kwargs) -> np.ndarray:
+def _chunked_slide(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    flip: bool,
+    num_classes: int,
+    windows_per_chunk: int = 3,
+    **kwargs,
+) -> np.ndarray:
     """Sliding-window labels, one output chunk at a time (module docstring). (H, W, 3) -> (H, W)."""
     h, w = image.shape[:2]
     labels = np.empty((h, w), np.uint8 if num_classes <= 256 else np.int32)
@@ -130,12 +167,26 @@ def _chunked_slide(model: nn.Module, image: np.ndarray, *, window: tuple[int, in
         for x0 in range(0, w, step_x):
             x1 = min(x0 + step_x, w)
             b0, b1 = covering_span(w, window[1], stride[1], x0, x1)
-            y = _scores(model, image[a0:a1, b0:b1], mode="slide", window=window, stride=stride,
-                        num_classes=num_classes, **kwargs)[..., y0 - a0 : y1 - a0, x0 - b0 : x1 - b0]
+            y = _scores(
+                model,
+                image[a0:a1, b0:b1],
+                mode="slide",
+                window=window,
+                stride=stride,
+                num_classes=num_classes,
+                **kwargs,
+            )[..., y0 - a0 : y1 - a0, x0 - b0 : x1 - b0]
             if flip:  # the flipped image's own grid, in its own coordinates, as predict_logits(flip=True) runs it
                 f0, f1 = covering_span(w, window[1], stride[1], w - x1, w - x0)
-                yf = _scores(model, flipped[a0:a1, f0:f1], mode="slide", window=window, stride=stride,
-                             num_classes=num_classes, **kwargs)  # (1, K, a1 - a0, f1 - f0)
+                yf = _scores(
+                    model,
+                    flipped[a0:a1, f0:f1],
+                    mode="slide",
+                    window=window,
+                    stride=stride,
+                    num_classes=num_classes,
+                    **kwargs,
+                )  # (1, K, a1 - a0, f1 - f0)
                 yf = yf[..., y0 - a0 : y1 - a0, w - x1 - f0 : w - x0 - f0].flip(-1)  # (1, K, y1 - y0, x1 - x0)
                 y = (y + yf) / 2
             labels[y0:y1, x0:x1] = _labels(y, num_classes)[0]

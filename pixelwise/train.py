@@ -26,8 +26,10 @@ def train_command(args: argparse.Namespace) -> int:
             return 130 if result["interrupted"] else 0
     if result["interrupted"]:
         sets = [x for o in args.overrides for x in ("--set", o)]
-        print(f"stopped at step {result['step']}; continue with: "
-              f"{shlex.join(['pixelwise', 'train', args.config, *sets, '--resume'])}")
+        print(
+            f"stopped at step {result['step']}; continue with: "
+            f"{shlex.join(['pixelwise', 'train', args.config, *sets, '--resume'])}"
+        )
         return 130
     val = result.get("metrics") or {}
     miou = f", val mIoU {val['miou']:.4f}" if "miou" in val else ""

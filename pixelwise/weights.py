@@ -70,8 +70,16 @@ def save_weights(
     if len(palette) < len(classes):
         raise UserError(f"palette has {len(palette)} colours for {len(classes)} classes; give one per class")
     kwargs = {k: v for k, v in model_kwargs.items() if k not in ("num_classes", "weights_backbone", "init_from")}
-    meta = WeightsMeta(model_name, kwargs, list(classes), palette[: len(classes)], tuple(mean), tuple(std),
-                       int(ignore_index), dict(extra or {}))
+    meta = WeightsMeta(
+        model_name,
+        kwargs,
+        list(classes),
+        palette[: len(classes)],
+        tuple(mean),
+        tuple(std),
+        int(ignore_index),
+        dict(extra or {}),
+    )
     try:
         header = {"format": "pixelwise", "version": FORMAT_VERSION, "meta": json.dumps(asdict(meta))}
     except TypeError as e:
@@ -95,11 +103,15 @@ def read_weights_meta(path: str | Path) -> WeightsMeta:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for a damaged header
-        raise UserError(f"{path}: not a readable .safetensors file ({_short(e)}); "
-                        "give a file written by pixelwise (train, demo or init-weights)") from None
+        raise UserError(
+            f"{path}: not a readable .safetensors file ({_short(e)}); "
+            "give a file written by pixelwise (train, demo or init-weights)"
+        ) from None
     if header.get("format") != "pixelwise" or "meta" not in header:
-        raise UserError(f"{path}: this .safetensors file has no pixelwise metadata; "
-                        "make one with `pixelwise init-weights` or `pixelwise train`")
+        raise UserError(
+            f"{path}: this .safetensors file has no pixelwise metadata; "
+            "make one with `pixelwise init-weights` or `pixelwise train`"
+        )
     try:
         raw = json.loads(header["meta"])
     except ValueError as e:
@@ -131,8 +143,10 @@ def check_meta(raw: Any, path: str | Path) -> WeightsMeta:
     except _Invalid as e:
         field_name, value, need = e.args
         shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
-        raise UserError(f"{path}: metadata {field_name}={shown} is not valid: {need}; re-save the weights with "
-                        "pixelwise or fix the file") from None
+        raise UserError(
+            f"{path}: metadata {field_name}={shown} is not valid: {need}; re-save the weights with "
+            "pixelwise or fix the file"
+        ) from None
 
 
 def _checked_meta(raw: Any) -> WeightsMeta:
@@ -150,8 +164,9 @@ def _checked_meta(raw: Any) -> WeightsMeta:
     name, classes, palette = raw["model_name"], raw["classes"], raw["palette"]
     if not isinstance(name, str) or name not in MODELS:
         raise _Invalid("model_name", name, f"choose one of {', '.join(MODELS)}")
-    if not (isinstance(classes, list) and 1 <= len(classes) <= _MAX_CLASSES
-            and all(isinstance(c, str) for c in classes)):
+    if not (
+        isinstance(classes, list) and 1 <= len(classes) <= _MAX_CLASSES and all(isinstance(c, str) for c in classes)
+    ):
         raise _Invalid("classes", classes, f"a list of 1 to {_MAX_CLASSES} class names")
     if not (isinstance(palette, list) and len(palette) == len(classes) and all(_is_rgb(c) for c in palette)):
         raise _Invalid("palette", palette, f"one [r, g, b] colour (0..255) per class, {len(classes)} in all")
@@ -160,18 +175,30 @@ def _checked_meta(raw: Any) -> WeightsMeta:
     ignore = raw.get("ignore_index", 255)
     if not (_is_int(ignore) and abs(ignore) < 2**31 and not 0 <= ignore < len(classes)):
         raise _Invalid("ignore_index", ignore, f"an integer that is not a class index (0..{len(classes) - 1})")
-    return WeightsMeta(name, kwargs, list(classes), [tuple(c) for c in palette],
-                       _checked_stats(raw, "mean", channels), _checked_stats(raw, "std", channels), ignore,
-                       _checked_extra(raw.get("extra", {})))
+    return WeightsMeta(
+        name,
+        kwargs,
+        list(classes),
+        [tuple(c) for c in palette],
+        _checked_stats(raw, "mean", channels),
+        _checked_stats(raw, "std", channels),
+        ignore,
+        _checked_extra(raw.get("extra", {})),
+    )
 
 
 def _checked_stats(raw: dict, key: str, channels: int) -> tuple[float, ...]:
     """`mean` or `std`: one finite number per input channel (std > 0), ImageNet's when absent."""
     value = raw.get(key, list(IMAGENET_MEAN if key == "mean" else IMAGENET_STD))
-    if not (isinstance(value, list) and len(value) == channels and all(_finite(v) for v in value)
-            and (key == "mean" or min(value) > 0)):
-        raise _Invalid(key, value, f"{channels} finite numbers, one per input channel"
-                                   + (", all above 0" if key == "std" else ""))
+    if not (
+        isinstance(value, list)
+        and len(value) == channels
+        and all(_finite(v) for v in value)
+        and (key == "mean" or min(value) > 0)
+    ):
+        raise _Invalid(
+            key, value, f"{channels} finite numbers, one per input channel" + (", all above 0" if key == "std" else "")
+        )
     return tuple(float(v) for v in value)
 
 
@@ -185,21 +212,33 @@ def _checked_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
     for key, value in kwargs.items():
         where = f"model_kwargs.{key}"
         if key in _NOT_STORED:
-            raise _Invalid(where, value, "a weights file may not set it (the class count comes from `classes`, and "
-                                         "a file holds its own tensors and may not point at other files)")
+            raise _Invalid(
+                where,
+                value,
+                "a weights file may not set it (the class count comes from `classes`, and "
+                "a file holds its own tensors and may not point at other files)",
+            )
         if key not in params:
             allowed = ", ".join(k for k in params if k not in _NOT_STORED)
             raise _Invalid(where, value, f"model {name!r} has no option {key!r}; it takes {allowed}")
         kind = str(params[key].annotation)
-        ok = {"int": _is_int(value) and 0 <= value <= _MAX_INT, "bool": isinstance(value, bool),
-              "float": _finite(value),
-              "str": isinstance(value, str) and len(value) <= 64,
-              "tuple[int, ...]": isinstance(value, list) and 0 < len(value) <= 64
-              and all(_is_int(v) and 0 < v <= _MAX_INT for v in value)}.get(kind, False)
+        ok = {
+            "int": _is_int(value) and 0 <= value <= _MAX_INT,
+            "bool": isinstance(value, bool),
+            "float": _finite(value),
+            "str": isinstance(value, str) and len(value) <= 64,
+            "tuple[int, ...]": isinstance(value, list)
+            and 0 < len(value) <= 64
+            and all(_is_int(v) and 0 < v <= _MAX_INT for v in value),
+        }.get(kind, False)
         if not ok:
-            need = {"int": f"an integer in 0..{_MAX_INT}", "bool": "true or false", "float": "a finite number",
-                    "str": "a short string",
-                    "tuple[int, ...]": "a list of positive integers"}.get(kind, "not storable in a weights file")
+            need = {
+                "int": f"an integer in 0..{_MAX_INT}",
+                "bool": "true or false",
+                "float": "a finite number",
+                "str": "a short string",
+                "tuple[int, ...]": "a list of positive integers",
+            }.get(kind, "not storable in a weights file")
             raise _Invalid(where, value, need)
     return dict(kwargs)
 
@@ -210,8 +249,9 @@ def _checked_extra(extra: Any) -> dict[str, Any]:
         raise _Invalid("extra", extra, "a JSON object")
     for key in ("crop_size", "synthetic_size"):
         size = extra.get(key)
-        if size is not None and not (isinstance(size, list) and len(size) == 2
-                                     and all(_is_int(v) and 0 < v <= _MAX_INT for v in size)):
+        if size is not None and not (
+            isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 0 < v <= _MAX_INT for v in size)
+        ):
             raise _Invalid(f"extra.{key}", size, f"[height, width], two integers in 1..{_MAX_INT}")
     if "crf" in extra:
         from pixelwise.crf import CRFParams
@@ -277,8 +317,10 @@ def _check_shapes(path: Path, meta: WeightsMeta) -> None:
         with torch.device("meta"):
             skeleton = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
     except (UserError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: metadata model_kwargs={json.dumps(meta.model_kwargs)} do not build model "
-                        f"{meta.model_name!r} ({_short(e)}); re-save the weights with pixelwise") from None
+        raise UserError(
+            f"{path}: metadata model_kwargs={json.dumps(meta.model_kwargs)} do not build model "
+            f"{meta.model_name!r} ({_short(e)}); re-save the weights with pixelwise"
+        ) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
@@ -289,9 +331,11 @@ def _check_shapes(path: Path, meta: WeightsMeta) -> None:
         skeleton.load_state_dict({k: torch.empty(shape, device="meta") for k, shape in stored.items()})
     except RuntimeError as e:
         problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), _short(e))
-        raise UserError(f"{path}: the tensors do not fit model {meta.model_name!r} with "
-                        f"{json.dumps(meta.model_kwargs)} ({problem[:300]}); the metadata does not describe these "
-                        "tensors — re-save the weights with pixelwise") from None
+        raise UserError(
+            f"{path}: the tensors do not fit model {meta.model_name!r} with "
+            f"{json.dumps(meta.model_kwargs)} ({problem[:300]}); the metadata does not describe these "
+            "tensors — re-save the weights with pixelwise"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -300,11 +344,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
-                        f"containers ({_short(e)}); only load checkpoints you trust with your own code") from None
+        raise UserError(
+            f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
+            f"containers ({_short(e)}); only load checkpoints you trust with your own code"
+        ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path}: damaged or truncated checkpoint ({_short(e)}); "
-                        "resume from an earlier one or start again") from None
+        raise UserError(
+            f"{path}: damaged or truncated checkpoint ({_short(e)}); resume from an earlier one or start again"
+        ) from None
 
 
 def load_torchvision_state(path: str | Path, argument: str = "weights") -> dict[str, torch.Tensor]:

@@ -8,8 +8,7 @@ import pytest
 
 def test_time_alternating_interleaves_and_summarizes():
     calls = []
-    times = common.time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                    reps=3, warmup=1)
+    times = common.time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1)
     assert calls == ["a", "b"] * 4  # warm-up round, then A B A B A B
     assert set(times) == {"a", "b"} and all(len(v) == 3 for v in times.values())
     s = common.summarize([1.0, 3.0, 2.0], items=4)
@@ -25,6 +24,7 @@ def test_format_table_aligns_and_formats():
 
 def test_bf16_accuracy_verdict_compares_the_gap_with_the_seed_spread():
     import bf16_accuracy
+
     runs = [{"amp": "none", "miou": m} for m in (0.80, 0.82, 0.84)] + [{"amp": "bf16", "miou": m} for m in (0.81, 0.83)]
     s = bf16_accuracy.summarise(runs)
     assert s["none"]["mean"] == pytest.approx(0.82) and s["none"]["std"] == pytest.approx(0.02)

@@ -19,8 +19,10 @@ selenium = pytest.importorskip("selenium")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+    pytest.skip(
+        "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 
 import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
@@ -55,9 +57,19 @@ def browser():
     profile = tempfile.mkdtemp(prefix="pixelwise-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,800",
+    ):
         options.add_argument(flag)
     # an explicit driver and browser path: Selenium Manager never runs, nothing is downloaded
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -92,18 +104,22 @@ def test_upload_shows_overlay_and_legend(server_url, browser, tmp_path):
 
     browser.find_element(By.ID, "file").send_keys(str(path))
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
-        browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", browser.find_element(
+        By.ID, "status"
+    ).text
 
     mask = browser.find_element(By.ID, "mask")
     assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", mask) == [180, 120]
     # the browser decoded the palette PNG: class colours at a disc pixel and a field pixel
-    colours = browser.execute_script("""
+    colours = browser.execute_script(
+        """
         const img = arguments[0], c = document.createElement('canvas');
         c.width = img.naturalWidth; c.height = img.naturalHeight;
         const g = c.getContext('2d'); g.drawImage(img, 0, 0);
         return [Array.from(g.getImageData(70, 60, 1, 1).data), Array.from(g.getImageData(170, 5, 1, 1).data)];
-    """, mask)
+    """,
+        mask,
+    )
     assert colours == [[255, 0, 0, 255], [0, 255, 0, 255]]
 
     rows = browser.find_elements(By.CSS_SELECTOR, "#legend li")

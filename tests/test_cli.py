@@ -50,15 +50,23 @@ def test_every_extra_has_its_one_line_error():
     from pixelwise.cli import MISSING_EXTRA
 
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+        "optional-dependencies"
+    ]
     assert set(MISSING_EXTRA.values()) == {"serve", "onnx", "crf", "hub", "timm"}
     assert extras["all"] == ["pixelwise[serve,onnx,crf,hub,timm]"]
     assert all(extras[name] for name in MISSING_EXTRA.values())
 
 
-@pytest.mark.parametrize(("module", "extra"), [("fastapi.responses", "serve"), ("onnxruntime", "onnx"),
-                                               ("pydensecrf.densecrf", "crf"), ("huggingface_hub", "hub"),
-                                               ("timm", "timm")])
+@pytest.mark.parametrize(
+    ("module", "extra"),
+    [
+        ("fastapi.responses", "serve"),
+        ("onnxruntime", "onnx"),
+        ("pydensecrf.densecrf", "crf"),
+        ("huggingface_hub", "hub"),
+        ("timm", "timm"),
+    ],
+)
 def test_missing_extra_is_one_line_naming_it(module, extra, monkeypatch, capsys):
     def needs_it(args):
         raise ModuleNotFoundError(f"No module named {module!r}", name=module)
@@ -66,13 +74,27 @@ def test_missing_extra_is_one_line_naming_it(module, extra, monkeypatch, capsys)
     monkeypatch.setattr("pixelwise.models.models_command", needs_it)
     assert main(["models"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"pixelwise models: error: missing package {module!r}; "
-                   f"install the extra: pip install 'pixelwise[{extra}]'\n")
+    assert err == (
+        f"pixelwise models: error: missing package {module!r}; install the extra: pip install 'pixelwise[{extra}]'\n"
+    )
 
 
 def test_unknown_model_is_one_line_error_with_suggestion(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pixelwise", "init-weights", "fcn8", "--num-classes", "3",
-                        "--out", str(tmp_path / "w.safetensors")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pixelwise",
+            "init-weights",
+            "fcn8",
+            "--num-classes",
+            "3",
+            "--out",
+            str(tmp_path / "w.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "did you mean 'fcn8s'" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "w.safetensors").exists()

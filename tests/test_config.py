@@ -35,9 +35,19 @@ def test_round_trip_through_yaml():
 
 
 def test_overrides():
-    cfg = load_config(None, ["train.epochs=7", "train.amp=bf16", "data.crop_size=[32,48]",
-                             "model.kwargs.padding=same", "model.kwargs.depth=2", "loss.class_weights=[1, 2.5]",
-                             "crf.enabled=true", "data.root="])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=7",
+            "train.amp=bf16",
+            "data.crop_size=[32,48]",
+            "model.kwargs.padding=same",
+            "model.kwargs.depth=2",
+            "loss.class_weights=[1, 2.5]",
+            "crf.enabled=true",
+            "data.root=",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.train.amp == "bf16"
     assert cfg.data.crop_size == [32, 48]
     assert cfg.model.kwargs == {"padding": "same", "depth": 2}
@@ -45,19 +55,22 @@ def test_overrides():
     assert cfg.crf.enabled is True and cfg.data.root == ""
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["train.lrr=1"], r"unknown key train\.lrr; did you mean train\.lr\?"),
-    (["trian.lr=1"], r"unknown section 'trian'; did you mean train\?"),
-    (["train.lr=fast"], r"train\.lr must be a number, got 'fast'"),
-    (["train.epochs=2.5"], r"train\.epochs must be an integer"),
-    (["data.crop_size=64"], r"data\.crop_size must be a list of an integer"),
-    (["data.flip=maybe"], r"data\.flip must be true/false"),
-    (["train.optimizer=adam"], r"train\.optimizer='adam' is not allowed; choose one of sgd, adamw"),
-    (["loss.class_weights=inverse"], r"loss\.class_weights='inverse' must be none, median_frequency or a list"),
-    (["train.epochs"], r"expected KEY=VALUE"),
-    (["train.lr.x=1"], r"train\.lr is not a mapping"),
-    (["data.crop_size=[0, 4]"], r"crop_size=\[0, 4\] must be two positive sizes"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], r"unknown key train\.lrr; did you mean train\.lr\?"),
+        (["trian.lr=1"], r"unknown section 'trian'; did you mean train\?"),
+        (["train.lr=fast"], r"train\.lr must be a number, got 'fast'"),
+        (["train.epochs=2.5"], r"train\.epochs must be an integer"),
+        (["data.crop_size=64"], r"data\.crop_size must be a list of an integer"),
+        (["data.flip=maybe"], r"data\.flip must be true/false"),
+        (["train.optimizer=adam"], r"train\.optimizer='adam' is not allowed; choose one of sgd, adamw"),
+        (["loss.class_weights=inverse"], r"loss\.class_weights='inverse' must be none, median_frequency or a list"),
+        (["train.epochs"], r"expected KEY=VALUE"),
+        (["train.lr.x=1"], r"train\.lr is not a mapping"),
+        (["data.crop_size=[0, 4]"], r"crop_size=\[0, 4\] must be two positive sizes"),
+    ],
+)
 def test_override_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, overrides)
@@ -87,16 +100,29 @@ def test_every_default_has_a_why_comment():
 
 
 # every shipped config: keys valid, and the model builds (tiny widths where the builder allows it)
-TINY = {"unet": {"base_channels": 4}, "segnet_basic": {"encoder_channels": 8, "decoder_channels": 8},
-        "fcn32s": {"width_div": 16, "fc_channels": 256}, "fcn16s": {"width_div": 16, "fc_channels": 256},
-        "fcn8s": {"width_div": 16, "fc_channels": 256}}
+TINY = {
+    "unet": {"base_channels": 4},
+    "segnet_basic": {"encoder_channels": 8, "decoder_channels": 8},
+    "fcn32s": {"width_div": 16, "fc_channels": 256},
+    "fcn16s": {"width_div": 16, "fc_channels": 256},
+    "fcn8s": {"width_div": 16, "fc_channels": 256},
+}
 
 
 def test_shipped_configs_exist():
     names = {f"{p.parent.name}/{p.name}" for p in CONFIGS}
-    assert {"camvid/segnet_basic.yaml", "camvid/fcn8s.yaml", "camvid/unet.yaml", "camvid/deeplabv3plus.yaml",
-            "isbi2012/unet.yaml", "voc/fcn8s_staged.yaml", "voc/deeplab_v1.yaml", "voc/deeplab_v2.yaml",
-            "voc/deeplab_v3.yaml", "cityscapes/deeplabv3plus.yaml"} <= names
+    assert {
+        "camvid/segnet_basic.yaml",
+        "camvid/fcn8s.yaml",
+        "camvid/unet.yaml",
+        "camvid/deeplabv3plus.yaml",
+        "isbi2012/unet.yaml",
+        "voc/fcn8s_staged.yaml",
+        "voc/deeplab_v1.yaml",
+        "voc/deeplab_v2.yaml",
+        "voc/deeplab_v3.yaml",
+        "cityscapes/deeplabv3plus.yaml",
+    } <= names
 
 
 def test_shipped_configs_load_by_name_and_a_file_wins(tmp_path, monkeypatch):
@@ -126,8 +152,12 @@ def test_configs_command_lists_each_and_prints_one(capsys):
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("camvid/segnet_basic "))
     assert row.split("  ")[0] == "camvid/segnet_basic"
-    for cell in ("SegNet (Badrinarayanan et al., TPAMI 2017)", "segnet_basic", "camvid",
-                 "520 epochs, sgd lr 0.1 constant, batch 12"):
+    for cell in (
+        "SegNet (Badrinarayanan et al., TPAMI 2017)",
+        "segnet_basic",
+        "camvid",
+        "520 epochs, sgd lr 0.1 constant, batch 12",
+    ):
         assert cell in row
     assert "3 stages x 30 epochs" in next(line for line in lines if line.startswith("voc/fcn8s_staged "))
     assert len([line for line in lines if "epoch" in line]) == len(CONFIGS)

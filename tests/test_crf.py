@@ -22,8 +22,14 @@ from pixelwise.crf import (
 from pixelwise.errors import ArgumentError, UserError
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
-SMALL = {"iterations": 5, "gaussian_sxy": 1.5, "gaussian_weight": 3.0, "bilateral_sxy": 6.0,
-         "bilateral_srgb": 20.0, "bilateral_weight": 5.0}
+SMALL = {
+    "iterations": 5,
+    "gaussian_sxy": 1.5,
+    "gaussian_weight": 3.0,
+    "bilateral_sxy": 6.0,
+    "bilateral_srgb": 20.0,
+    "bilateral_weight": 5.0,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -117,8 +123,18 @@ def test_key_overflow_is_a_user_error():
 
 
 # ------------------------------------------------------------------------------- mean field
-def direct_mean_field(probs, image, *, iterations, gaussian_sxy, gaussian_weight, bilateral_sxy,
-                      bilateral_srgb, bilateral_weight, compat=None):
+def direct_mean_field(
+    probs,
+    image,
+    *,
+    iterations,
+    gaussian_sxy,
+    gaussian_weight,
+    bilateral_sxy,
+    bilateral_srgb,
+    bilateral_weight,
+    compat=None,
+):
     """The update equations written out pixel pair by pixel pair, in float64, for one tiny image."""
     k, h, w = probs.shape
     n = h * w
@@ -195,7 +211,7 @@ def test_batch_equals_images_one_by_one():
     probs, image = random_probs(3, 4, 18, 22, 5), smooth_image(3, 18, 22, 5)
     batched = dense_crf(probs, image, **SMALL)
     for i in range(3):
-        assert torch.allclose(batched[i:i + 1], dense_crf(probs[i:i + 1], image[i:i + 1], **SMALL), atol=1e-5)
+        assert torch.allclose(batched[i : i + 1], dense_crf(probs[i : i + 1], image[i : i + 1], **SMALL), atol=1e-5)
 
 
 def test_ignore_mask_padding_equals_the_cropped_image():
@@ -219,8 +235,7 @@ def test_ignored_pixels_send_no_messages():
     other[:, :, 4:9, 5:11] = torch.softmax(10 * torch.randn(1, 3, 5, 6), 1)  # change the ignored scores only
     out_other = dense_crf(other, image, **SMALL, ignore_mask=ignore)
     assert torch.equal(out[:, :, 4:9, 5:11], probs[:, :, 4:9, 5:11])
-    assert torch.allclose(out[~ignore[:, None].expand_as(out)], out_other[~ignore[:, None].expand_as(out)],
-                          atol=1e-6)
+    assert torch.allclose(out[~ignore[:, None].expand_as(out)], out_other[~ignore[:, None].expand_as(out)], atol=1e-6)
     assert not torch.allclose(out, dense_crf(probs, image, **SMALL), atol=1e-4)  # but they did before
 
 
@@ -248,8 +263,12 @@ def pydensecrf_refine(image: np.ndarray, probs: np.ndarray, params: dict, compat
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1.0)).reshape(k, -1)))
     gw, bw = params["gaussian_weight"], params["bilateral_weight"]
     crf.addPairwiseGaussian(sxy=params["gaussian_sxy"], compat=gw if compat is None else gw * compat)
-    crf.addPairwiseBilateral(sxy=params["bilateral_sxy"], srgb=params["bilateral_srgb"],
-                             rgbim=np.ascontiguousarray(image), compat=bw if compat is None else bw * compat)
+    crf.addPairwiseBilateral(
+        sxy=params["bilateral_sxy"],
+        srgb=params["bilateral_srgb"],
+        rgbim=np.ascontiguousarray(image),
+        compat=bw if compat is None else bw * compat,
+    )
     return np.asarray(crf.inference(params["iterations"])).reshape(k, h, w)
 
 

@@ -62,8 +62,9 @@ def test_voc_maps_palette_indices_and_boundary_and_sbd_mat(tmp_path):
     (sbd / "train.txt").write_text("c\nb\n")
     (sbd / "val.txt").write_text("a\n")
     _img(sbd / "img" / "c.jpg")
-    scipy.io.savemat(sbd / "cls" / "c.mat", {"GTcls": {"Segmentation": np.array([[3, 4, 0, 0, 0, 0]] * 4,
-                                                                                    dtype=np.uint8)}})
+    scipy.io.savemat(
+        sbd / "cls" / "c.mat", {"GTcls": {"Segmentation": np.array([[3, 4, 0, 0, 0, 0]] * 4, dtype=np.uint8)}}
+    )
     aug = VOCSegmentation(voc, "train_aug", transforms=raw_transforms(), sbd_root=tmp_path / "benchmark_RELEASE")
     # (SBD train+val + VOC train) - VOC val: b is VOC val, so a (VOC png) and c (SBD .mat)
     assert [p[0].stem for p in aug.samples] == ["a", "c"]
@@ -77,10 +78,8 @@ def test_voc_maps_palette_indices_and_boundary_and_sbd_mat(tmp_path):
 
 
 def test_cityscapes_label_ids_to_train_ids(tmp_path):
-    ids = np.array([[0, 7, 8, 11, 12, 13, 17, 19, 20, 21, 22],
-                    [23, 24, 25, 26, 27, 28, 31, 32, 33, 30, 255]])
-    expected = np.array([[255, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-                         [10, 11, 12, 13, 14, 15, 16, 17, 18, 255, 255]])
+    ids = np.array([[0, 7, 8, 11, 12, 13, 17, 19, 20, 21, 22], [23, 24, 25, 26, 27, 28, 31, 32, 33, 30, 255]])
+    expected = np.array([[255, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 255, 255]])
     _img(tmp_path / "leftImg8bit" / "val" / "bonn" / "bonn_000000_000019_leftImg8bit.png", 2, 11)
     _mask(tmp_path / "gtFine" / "val" / "bonn" / "bonn_000000_000019_gtFine_labelIds.png", ids)
     ds = build_dataset("cityscapes", tmp_path, "val", transforms=raw_transforms())
@@ -111,8 +110,15 @@ def test_folder_index_and_colour_masks(tmp_path):
     colour[0, 1], colour[1, 2], colour[1, 0] = (255, 0, 0), (0, 0, 255), (7, 7, 7)
     _img(tmp_path / "val" / "images" / "y.png", 2, 3)
     Image.fromarray(colour).save(tmp_path / "val" / "masks" / "y.png")
-    ds = build_dataset("folder", tmp_path, "val", transforms=raw_transforms(), classes=["bg", "red", "blue"],
-                       palette=palette, ignore_color=(7, 7, 7))
+    ds = build_dataset(
+        "folder",
+        tmp_path,
+        "val",
+        transforms=raw_transforms(),
+        classes=["bg", "red", "blue"],
+        palette=palette,
+        ignore_color=(7, 7, 7),
+    )
     assert [p[0].name for p in ds.samples] == ["x.jpg", "y.png"]
     assert ds[0][1].tolist() == [[0, 1, 2], [255, 2, 1]]
     assert ds[1][1].tolist() == [[0, 1, 0], [255, 0, 2]]

@@ -164,16 +164,22 @@ def test_gif_is_read_by_the_one_decoder_for_files_and_uploads(tmp_path):
 def test_unsupported_format_and_corrupt_file_are_different_errors(tmp_path):
     eps = tmp_path / "photo.png"
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
-    with pytest.raises(imageio.ImageFormatError, match=r"photo\.png: cannot read this image: it is EPS, which is "
-                                                        r"not supported; convert it to PNG, JPEG"):
+    with pytest.raises(
+        imageio.ImageFormatError,
+        match=r"photo\.png: cannot read this image: it is EPS, which is "
+        r"not supported; convert it to PNG, JPEG",
+    ):
         read_image(eps)
     (tmp_path / "text.jpg").write_bytes(b"hello, not an image")
     with pytest.raises(imageio.ImageFormatError, match="the format is not recognised"):
         read_image(tmp_path / "text.jpg")
     png = _encoded(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8), "PNG")
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
-    with pytest.raises(imageio.CorruptImage, match=r"cut\.png: cannot read this image: the PNG data is corrupt "
-                                                   r"or truncated \(.*\); replace it or use --skip-bad"):
+    with pytest.raises(
+        imageio.CorruptImage,
+        match=r"cut\.png: cannot read this image: the PNG data is corrupt "
+        r"or truncated \(.*\); replace it or use --skip-bad",
+    ):
         read_image(tmp_path / "cut.png")
     with pytest.raises(imageio.CorruptImage, match="uploaded image: .* corrupt or truncated"):
         imageio.decode_image(png[: len(png) // 2])
@@ -190,7 +196,10 @@ def test_bomb_message_states_the_limit_that_is_enforced(tmp_path):
 
     header = chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 9000, 8, 0, 0, 0, 0))
     (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
-    with pytest.raises(imageio.ImageTooLarge, match=r"bomb\.png: 10000x9000 pixels exceeds the limit of "
-                                                    r"89478485") as e:
+    with pytest.raises(
+        imageio.ImageTooLarge,
+        match=r"bomb\.png: 10000x9000 pixels exceeds the limit of "
+        r"89478485",
+    ) as e:
         read_image(tmp_path / "bomb.png")
     assert "178956970" not in str(e.value)

@@ -26,12 +26,15 @@ def _pair(h=40, w=56, values=(0, 3, 7)):
     return tv_tensors.Image(image), tv_tensors.Mask(mask)
 
 
-@pytest.mark.parametrize("kw", [
-    {"scale_range": (0.37, 1.9)},
-    {"scale_range": None, "rotation": 33.0},
-    {"scale_range": (0.6, 1.4), "elastic": True},
-    {"scale_range": (0.5, 2.0), "rotation": 20.0, "elastic": True, "color_jitter": 0.3},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"scale_range": (0.37, 1.9)},
+        {"scale_range": None, "rotation": 33.0},
+        {"scale_range": (0.6, 1.4), "elastic": True},
+        {"scale_range": (0.5, 2.0), "rotation": 20.0, "elastic": True, "color_jitter": 0.3},
+    ],
+)
 def test_mask_values_stay_in_original_set_plus_ignore(kw):
     torch.manual_seed(1)
     image, mask = _pair()

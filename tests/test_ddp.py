@@ -23,12 +23,22 @@ from pixelwise.weights import load_checkpoint
 # 16 synthetic 32x32 images, a 2-level U-Net without BatchNorm (SyncBatchNorm needs CUDA), no scale
 # augmentation (padding with the ignore index would give the ranks different pixel counts)
 COMMON = [
-    "data.kwargs={size: [32, 32], num_images: 16, num_classes: 3}", "data.crop_size=[32, 32]",
-    "data.scale_range=[1.0, 1.0]", "data.workers=0", "data.max_val_images=6",
-    "model.name=unet", "model.kwargs={padding: same, base_channels: 4, depth: 2}",
-    "train.optimizer=sgd", "train.lr=0.05", "train.epochs=2", "train.device=cpu", "eval.every_epochs=1",
+    "data.kwargs={size: [32, 32], num_images: 16, num_classes: 3}",
+    "data.crop_size=[32, 32]",
+    "data.scale_range=[1.0, 1.0]",
+    "data.workers=0",
+    "data.max_val_images=6",
+    "model.name=unet",
+    "model.kwargs={padding: same, base_channels: 4, depth: 2}",
+    "train.optimizer=sgd",
+    "train.lr=0.05",
+    "train.epochs=2",
+    "train.device=cpu",
+    "eval.every_epochs=1",
     "train.amp=none",  # fp32: bf16 rounding would hide the 1e-5 agreement the test checks
-    "output.progress=false", "output.report=false", "output.log_every_steps=1",
+    "output.progress=false",
+    "output.report=false",
+    "output.log_every_steps=1",
 ]
 
 # Run by torchrun: train, then each rank saves the weights its DDP module ended with.
@@ -62,8 +72,18 @@ def _torchrun(tmp_path: Path, overrides: list[str], *, resume: bool = False, sto
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(script), json.dumps(overrides), str(int(resume)), str(stop_at)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        json.dumps(overrides),
+        str(int(resume)),
+        str(stop_at),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # both ranks print to one pipe: under load one's line can land inside the other's, so find the objects
@@ -115,8 +135,11 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())["scores"]
     assert final["miou"] == pytest.approx(single["miou"], abs=1e-6)
     # the training log is rank 0's alone: one line per step, not two
-    train_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                   if json.loads(line)["kind"] == "train"]
+    train_steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert train_steps == list(range(1, 9))
 
 

@@ -23,9 +23,18 @@ from pixelwise.losses import LOSSES
 from pixelwise.train import train
 
 TINY_CAMVID = [
-    "data.dataset=camvid", "data.crop_size=[20, 28]", "data.batch_size=2", "data.workers=0",
-    "model.name=unet", "model.kwargs={padding: same, base_channels: 4, depth: 2}", "train.optimizer=adamw",
-    "train.lr=0.01", "train.epochs=1", "train.amp=none", "train.channels_last=false", "output.progress=false",
+    "data.dataset=camvid",
+    "data.crop_size=[20, 28]",
+    "data.batch_size=2",
+    "data.workers=0",
+    "model.name=unet",
+    "model.kwargs={padding: same, base_channels: 4, depth: 2}",
+    "train.optimizer=adamw",
+    "train.lr=0.01",
+    "train.epochs=1",
+    "train.amp=none",
+    "train.channels_last=false",
+    "output.progress=false",
     "output.report=false",
 ]
 
@@ -49,8 +58,24 @@ def test_train_and_evaluate_write_one_layout_with_the_same_numbers(tmp_path, cap
     data = _camvid(tmp_path / "camvid")
     run = tmp_path / "run"
     train(load_config(None, [*TINY_CAMVID, f"data.root={data}", f"output.dir={run}"]))
-    assert main(["evaluate", "--weights", str(run / "best.safetensors"), "--data", str(data), "--dataset", "camvid",
-                 "--split", "val", "--precision", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(run / "best.safetensors"),
+                "--data",
+                str(data),
+                "--dataset",
+                "camvid",
+                "--split",
+                "val",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     trained = json.loads((run / "metrics.json").read_text())
     evaluated = json.loads((run / "eval_camvid_val" / "metrics.json").read_text())  # not over the run's own
     assert set(trained) == set(evaluated) and set(trained["scores"]) == set(evaluated["scores"])
@@ -74,8 +99,12 @@ def test_version_1_metrics_files_are_read_in_the_current_layout(tmp_path):
 
 
 def test_a_version_1_checkpoint_resumes(tmp_path):
-    cfg = [*TINY_CAMVID, f"data.root={_camvid(tmp_path / 'camvid')}", f"output.dir={tmp_path / 'run'}",
-           "train.epochs=2"]
+    cfg = [
+        *TINY_CAMVID,
+        f"data.root={_camvid(tmp_path / 'camvid')}",
+        f"output.dir={tmp_path / 'run'}",
+        "train.epochs=2",
+    ]
     train(load_config(None, cfg), stop_at_step=2)
     path = tmp_path / "run" / "last.pt"
     ckpt = torch.load(path, weights_only=True)
@@ -128,9 +157,17 @@ def test_library_errors_name_arguments_and_front_ends_name_flags_and_keys():
 
 
 def test_a_bad_eval_key_is_named_before_training(tmp_path):
-    cfg = load_config(None, [*TINY_CAMVID, f"data.root={_camvid(tmp_path / 'camvid')}",
-                             f"output.dir={tmp_path / 'run'}", "eval.mode=slide", "eval.window=[8, 8]",
-                             "eval.stride=[9, 9]"])
+    cfg = load_config(
+        None,
+        [
+            *TINY_CAMVID,
+            f"data.root={_camvid(tmp_path / 'camvid')}",
+            f"output.dir={tmp_path / 'run'}",
+            "eval.mode=slide",
+            "eval.window=[8, 8]",
+            "eval.stride=[9, 9]",
+        ],
+    )
     with pytest.raises(UserError, match=r"^eval\.stride=\[9, 9\]: must be positive and at most the window"):
         train(cfg)
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -177,10 +214,33 @@ def test_evaluate_isbi2012_prints_the_challenge_scores(tmp_path, capsys):
 
     kwargs = {"padding": "same", "base_channels": 4, "depth": 2}
     torch.manual_seed(0)
-    save_weights(tmp_path / "w.safetensors", get_model("unet", num_classes=2, **kwargs), model_name="unet",
-                 model_kwargs=kwargs, classes=["membrane", "cell"])
-    assert main(["evaluate", "--weights", str(tmp_path / "w.safetensors"), "--data", str(ISBI), "--dataset",
-                 "isbi2012", "--split", "val", "--precision", "fp32", "--out", str(tmp_path / "ev")]) == 0
+    save_weights(
+        tmp_path / "w.safetensors",
+        get_model("unet", num_classes=2, **kwargs),
+        model_name="unet",
+        model_kwargs=kwargs,
+        classes=["membrane", "cell"],
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(tmp_path / "w.safetensors"),
+                "--data",
+                str(ISBI),
+                "--dataset",
+                "isbi2012",
+                "--split",
+                "val",
+                "--precision",
+                "fp32",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert "ISBI 2012 challenge: V_Rand" in capsys.readouterr().out
     c = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scores"]["isbi_challenge"]
     assert all(0 <= c[k] <= 1 for k in ("v_rand", "v_info", "pixel_error"))

@@ -55,14 +55,36 @@ def _one_line_error(rc, err, *needles):
 
 def test_evaluate_writes_metrics_matching_a_direct_computation(tmp_path, weights, capsys):
     data = _camvid(tmp_path / "camvid")
-    rc, out, _ = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
-                      "--out", tmp_path / "ev", "--batch-size", "2", "--precision", "fp32")
+    rc, out, _ = _run(
+        capsys,
+        "evaluate",
+        "--weights",
+        weights,
+        "--data",
+        data,
+        "--dataset",
+        "camvid",
+        "--out",
+        tmp_path / "ev",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+    )
     assert rc == 0
     record = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert record["inference"]["precision"] == "fp32"
     m = record["scores"]
-    for key in ("pixel_acc", "mean_acc", "miou", "fwiou", "per_class_iou", "per_class_dice", "mean_dice",
-                "boundary_f1"):
+    for key in (
+        "pixel_acc",
+        "mean_acc",
+        "miou",
+        "fwiou",
+        "per_class_iou",
+        "per_class_dice",
+        "mean_dice",
+        "boundary_f1",
+    ):
         assert key in m
     assert record["num_images"] == 3 and record["classes"] == CamVid.classes and len(m["per_class_iou"]) == 11
     assert "Bicyclist" in out and "mean" in out
@@ -78,9 +100,27 @@ def test_evaluate_writes_metrics_matching_a_direct_computation(tmp_path, weights
 
 def test_evaluate_slide_flip_crf_runs(tmp_path, weights, capsys):
     data = _camvid(tmp_path / "camvid", n=1, h=12, w=16)
-    rc, _, err = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
-                      "--out", tmp_path, "--mode", "slide", "--window", "8", "8", "--flip", "--crf",
-                      "--crf-preset", "deeplab_resnet")
+    rc, _, err = _run(
+        capsys,
+        "evaluate",
+        "--weights",
+        weights,
+        "--data",
+        data,
+        "--dataset",
+        "camvid",
+        "--out",
+        tmp_path,
+        "--mode",
+        "slide",
+        "--window",
+        "8",
+        "8",
+        "--flip",
+        "--crf",
+        "--crf-preset",
+        "deeplab_resnet",
+    )
     assert rc == 0, err
     m = json.loads((tmp_path / "metrics.json").read_text())["inference"]
     assert m["mode"] == "slide" and m["window"] == [8, 8] and m["flip"]
@@ -90,12 +130,26 @@ def test_evaluate_slide_flip_crf_runs(tmp_path, weights, capsys):
 def test_evaluate_bad_samples_stop_or_are_skipped(tmp_path, weights, capsys):
     data = _camvid(tmp_path / "camvid")
     (data / "val" / "f1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    rc, _, err = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
-                      "--out", tmp_path / "ev")
+    rc, _, err = _run(
+        capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid", "--out", tmp_path / "ev"
+    )
     _one_line_error(rc, err, "f1.png", "cannot read")
     assert not (tmp_path / "ev" / "metrics.json").exists()
-    rc, out, _ = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
-                      "--out", tmp_path / "ev", "--skip-bad", "--workers", "1")
+    rc, out, _ = _run(
+        capsys,
+        "evaluate",
+        "--weights",
+        weights,
+        "--data",
+        data,
+        "--dataset",
+        "camvid",
+        "--out",
+        tmp_path / "ev",
+        "--skip-bad",
+        "--workers",
+        "1",
+    )
     assert rc == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["num_images"] == 2 and m["skipped"][0].endswith("f1.png")
@@ -104,11 +158,14 @@ def test_evaluate_bad_samples_stop_or_are_skipped(tmp_path, weights, capsys):
     assert "f1.png\t" in (tmp_path / "ev" / "bad_files.txt").read_text()
 
 
-@pytest.mark.parametrize("damage, needles", [
-    ("size", ["f0.png is 28x20 but its label map", "is 27x20"]),
-    ("label", ["label value 40 is outside 0..10"]),
-    ("rgb_mask", ["colour RGB image with 3 channels"]),
-])
+@pytest.mark.parametrize(
+    "damage, needles",
+    [
+        ("size", ["f0.png is 28x20 but its label map", "is 27x20"]),
+        ("label", ["label value 40 is outside 0..10"]),
+        ("rgb_mask", ["colour RGB image with 3 channels"]),
+    ],
+)
 def test_evaluate_bad_pairs_are_one_line_errors(tmp_path, weights, capsys, damage, needles):
     data = _camvid(tmp_path / "camvid", n=1)
     label = data / "valannot" / "f0.png"
@@ -120,17 +177,21 @@ def test_evaluate_bad_pairs_are_one_line_errors(tmp_path, weights, capsys, damag
         rgb = np.zeros((20, 28, 3), dtype=np.uint8)
         rgb[0, 0] = (1, 2, 3)
         Image.fromarray(rgb).save(label)
-    rc, _, err = _run(capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid",
-                      "--out", tmp_path / "ev")
+    rc, _, err = _run(
+        capsys, "evaluate", "--weights", weights, "--data", data, "--dataset", "camvid", "--out", tmp_path / "ev"
+    )
     _one_line_error(rc, err, *needles)
     assert not (tmp_path / "ev").exists()
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--dataset", "camvd"], ["did you mean 'camvid'"]),
-    (["--dataset", "camvid", "--split", "test"], ["CamVid split 'test'"]),
-    (["--dataset", "camvid", "--weights", "nope.safetensors"], ["nope.safetensors", "no such file"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--dataset", "camvd"], ["did you mean 'camvid'"]),
+        (["--dataset", "camvid", "--split", "test"], ["CamVid split 'test'"]),
+        (["--dataset", "camvid", "--weights", "nope.safetensors"], ["nope.safetensors", "no such file"]),
+    ],
+)
 def test_evaluate_bad_arguments(tmp_path, weights, capsys, argv, needles):
     data = _camvid(tmp_path / "camvid", n=1)
     base = ["evaluate", "--weights", weights, "--data", data]
@@ -150,7 +211,7 @@ def test_predict_writes_palette_masks_and_overlays(tmp_path, weights, capsys):
     assert mask.mode == "P" and mask.size == (14, 10)
     labels = np.asarray(mask)
     assert labels.max() <= 10
-    palette = np.asarray(mask.getpalette()[: 33]).reshape(11, 3)
+    palette = np.asarray(mask.getpalette()[:33]).reshape(11, 3)
     assert (palette == np.asarray(CamVid.palette)).all()
     overlay = np.asarray(Image.open(out / "overlays" / "single.png"))
     assert overlay.shape == (10, 14, 3) and (overlay == palette[labels]).all()  # alpha 1: pure class colours
@@ -205,8 +266,19 @@ def test_predict_slides_an_image_above_the_whole_image_limit(tmp_path, weights, 
     block = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     image = np.tile(block, (h // 64 + 1, w // 64 + 1, 1))[:h, :w]
     Image.fromarray(image).save(tmp_path / "wide.png")
-    rc, stdout, err = _run(capsys, "predict", "--weights", weights, tmp_path / "wide.png", "--out", tmp_path / "o",
-                           "--precision", "fp32", "--device", "cpu")
+    rc, stdout, err = _run(
+        capsys,
+        "predict",
+        "--weights",
+        weights,
+        tmp_path / "wide.png",
+        "--out",
+        tmp_path / "o",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     assert rc == 0, err
     assert f"1 images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" in stdout
     model, meta = load_weights(weights)

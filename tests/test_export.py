@@ -79,8 +79,7 @@ def test_every_model_has_tiny_kwargs():
     assert set(TINY_KWARGS) == set(MODELS)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FULL_SIZE else n
-                                  for n in MODELS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FULL_SIZE else n for n in MODELS])
 def test_onnx_matches_pytorch_at_two_sizes(name, tmp_path):
     model = tiny_model(name)
     path = tmp_path / f"{name}.onnx"
@@ -101,8 +100,9 @@ def test_onnx_matches_pytorch_at_two_sizes(name, tmp_path):
             assert diff <= 1e-4 * max(1.0, scale), (name, shape, diff, scale)
 
 
-@pytest.mark.parametrize(("name", "dims"), [("segnet", ("batch", "height", "width")),
-                                            ("fcn8s", ("batch",)), ("unet", ("batch",))])
+@pytest.mark.parametrize(
+    ("name", "dims"), [("segnet", ("batch", "height", "width")), ("fcn8s", ("batch",)), ("unet", ("batch",))]
+)
 def test_torch_export_program_loads_and_matches(name, dims, tmp_path):
     model = tiny_model(name)
     path = tmp_path / f"{name}.pt2"
@@ -151,11 +151,33 @@ def test_cli_exports_weights_with_metadata(tmp_path):
 
     model = tiny_model("segnet_basic")
     weights = tmp_path / "w.safetensors"
-    save_weights(weights, model, model_name="segnet_basic", model_kwargs=TINY_KWARGS["segnet_basic"],
-                 classes=["sky", "road", "car"])
+    save_weights(
+        weights,
+        model,
+        model_name="segnet_basic",
+        model_kwargs=TINY_KWARGS["segnet_basic"],
+        classes=["sky", "road", "car"],
+    )
     for fmt, name in (("onnx", "m.onnx"), ("torch-export", "m.pt2")):
-        r = subprocess.run([sys.executable, "-m", "pixelwise", "export", "--weights", str(weights), "--format", fmt,
-                            "--out", str(tmp_path / name), "--size", "48", "64"], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pixelwise",
+                "export",
+                "--weights",
+                str(weights),
+                "--format",
+                fmt,
+                "--out",
+                str(tmp_path / name),
+                "--size",
+                "48",
+                "64",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         assert "dynamic batch, height, width" in r.stdout and "segnet_basic" in r.stdout
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
@@ -167,6 +189,20 @@ def test_cli_exports_weights_with_metadata(tmp_path):
     [(diff, scale)] = ort_vs_torch(model, tmp_path / "m.onnx", [(2, 40, 56)])
     assert diff <= 1e-4 * max(1.0, scale)
 
-    r = subprocess.run([sys.executable, "-m", "pixelwise", "export", "--weights", str(tmp_path / "missing.safetensors"),
-                        "--format", "onnx", "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pixelwise",
+            "export",
+            "--weights",
+            str(tmp_path / "missing.safetensors"),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.safetensors" in r.stderr

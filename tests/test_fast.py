@@ -12,8 +12,9 @@ from pixelwise.models import get_model
 
 def _tiny_unet() -> torch.nn.Module:
     torch.manual_seed(0)
-    return get_model("unet", num_classes=3, padding="same", base_channels=4, depth=2,
-                     norm_layer=torch.nn.BatchNorm2d).eval()
+    return get_model(
+        "unet", num_classes=3, padding="same", base_channels=4, depth=2, norm_layer=torch.nn.BatchNorm2d
+    ).eval()
 
 
 def test_prepare_fast_matches_eager_and_uses_channels_last():

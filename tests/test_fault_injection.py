@@ -28,8 +28,10 @@ from safetensors.torch import load_file
 from pixelwise.errors import UserError
 from pixelwise.weights import load_checkpoint, load_weights
 
-pytestmark = [pytest.mark.timeout(240),
-              pytest.mark.skipif(not hasattr(os, "fork"), reason="the zygote forks (POSIX only)")]
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="the zygote forks (POSIX only)"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, BATCH, EPOCHS = 8, 2, 3  # 4 steps per epoch, 12 steps; checkpoints after every step and epoch
@@ -67,7 +69,7 @@ output:
 
 # The zygote: imports and warms up once, then forks one child per job. It reaps a child only when told
 # ("wait"), so the pid the test signals can never have been reused by another process.
-ZYGOTE = r'''
+ZYGOTE = r"""
 import contextlib, io, json, os, sys, time, traceback
 import torch
 torch.set_num_threads(1)
@@ -145,7 +147,7 @@ for line in sys.stdin:
     assert sys.stdin.readline().strip() == "wait"
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-'''
+"""
 
 
 class Zygote:
@@ -153,11 +155,19 @@ class Zygote:
 
     def __init__(self, workdir: Path, config: Path) -> None:
         self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         self._buf = b""
-        warm = {"argv": ["train", str(config), "--set", f"output.dir={workdir / 'warm'}"], "cwd": str(workdir),
-                "log": str(workdir / "warm.log")}
+        warm = {
+            "argv": ["train", str(config), "--set", f"output.dir={workdir / 'warm'}"],
+            "cwd": str(workdir),
+            "log": str(workdir / "warm.log"),
+        }
         self._send(json.dumps(warm))
         assert self._read(120).get("ready"), "the zygote did not start"
 
@@ -264,8 +274,12 @@ def finish(zygote: Zygote, config: Path, out: Path, log: Path) -> None:
 
 # (name, hooks) of the trials; "random" ones are killed after a random delay, the others inside a write
 KILL_TRIALS = [
-    ("random-1", {"kills": 1}), ("random-2", {"kills": 1}), ("random-3", {"kills": 1}), ("random-4", {"kills": 1}),
-    ("random-x3-a", {"kills": 3}), ("random-x3-b", {"kills": 3}),
+    ("random-1", {"kills": 1}),
+    ("random-2", {"kills": 1}),
+    ("random-3", {"kills": 1}),
+    ("random-4", {"kills": 1}),
+    ("random-x3-a", {"kills": 3}),
+    ("random-x3-b", {"kills": 3}),
     ("half-written-last.pt#1", {"phase": "half", "target": "last.pt", "n": 1}),  # the very first checkpoint
     ("half-written-last.pt#6", {"phase": "half", "target": "last.pt", "n": 6}),
     ("half-written-last.pt#11", {"phase": "half", "target": "last.pt", "n": 11}),
@@ -342,7 +356,7 @@ def test_nan_loss_names_step_and_batch_and_keeps_the_last_good_checkpoint(lab):
     # where sample 5 falls: epoch 0's order is randperm(seed * 100003) (train.py), 2 samples per step
     perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(3 * 100_003)).tolist()
     step = perm.index(bad) // BATCH + 1
-    batch = perm[(step - 1) * BATCH: step * BATCH]
+    batch = perm[(step - 1) * BATCH : step * BATCH]
     assert f"loss is nan at step {step} (epoch 1, batch of data set indices {batch})" in errors[0]
     assert str(out / "last.pt") in errors[0]
     if step == 1:
@@ -383,11 +397,16 @@ def test_resume_refuses_a_checkpoint_of_another_model_by_name(lab):
     assert text.count("\n") == 1 and "segnet_basic" in text and str(out / "last.pt") in text
 
 
-
-@pytest.mark.parametrize("override, key", [
-    ("train.lr=.inf", "train.lr"), ("train.grad_clip=.nan", "train.grad_clip"), ("data.std=[.inf, 1, 1]", "data.std"),
-    ("loss.class_weights=[1, .nan, 1]", "loss.class_weights"), ("loss.aux_weight=-.inf", "loss.aux_weight"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=.inf", "train.lr"),
+        ("train.grad_clip=.nan", "train.grad_clip"),
+        ("data.std=[.inf, 1, 1]", "data.std"),
+        ("loss.class_weights=[1, .nan, 1]", "loss.class_weights"),
+        ("loss.aux_weight=-.inf", "loss.aux_weight"),
+    ],
+)
 def test_non_finite_numbers_in_a_config_are_refused_before_training(override, key):
     """A NaN or inf knob would only surface as a NaN loss many steps later: the config loader refuses it."""
     from pixelwise.config import load_config

@@ -27,8 +27,9 @@ def weights(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_weights(path, get_model("unet", num_classes=3, **KW), model_name="unet", model_kwargs=KW,
-                 classes=["a", "b", "c"])
+    save_weights(
+        path, get_model("unet", num_classes=3, **KW), model_name="unet", model_kwargs=KW, classes=["a", "b", "c"]
+    )
     return path
 
 
@@ -90,8 +91,9 @@ def test_a_library_that_hides_enospc_is_reported_as_a_full_disk(small_disk, writ
     with pytest.raises(OSError) as e, atomic_path(target) as tmp:
         torch.save(big, tmp) if writer == "torch.save" else save_file(big, str(tmp))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
-    assert describe_os_error(e.value) == (f"{target}: the disk is full [ENOSPC]; free some space or write to "
-                                          "another disk")
+    assert describe_os_error(e.value) == (
+        f"{target}: the disk is full [ENOSPC]; free some space or write to another disk"
+    )
     assert target.read_bytes() == b"old" and sorted(p.name for p in small_disk.iterdir()) == ["last.pt"]
 
 
@@ -123,9 +125,11 @@ def test_other_os_errors_keep_their_traceback():
 
 def test_disk_full_during_training_is_one_line(tmp_path, small_disk, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("model: {name: unet, kwargs: {base_channels: 32, depth: 2, padding: same}}\n"
-                      "data: {kwargs: {num_images: 4, size: [32, 32]}, crop_size: [32, 32], batch_size: 2, "
-                      "workers: 0}\ntrain: {epochs: 1, device: cpu}\noutput: {report: false, progress: false}\n")
+    config.write_text(
+        "model: {name: unet, kwargs: {base_channels: 32, depth: 2, padding: same}}\n"
+        "data: {kwargs: {num_images: 4, size: [32, 32]}, crop_size: [32, 32], batch_size: 2, "
+        "workers: 0}\ntrain: {epochs: 1, device: cpu}\noutput: {report: false, progress: false}\n"
+    )
     rc, err = cli(capsys, "train", config, "--set", f"output.dir={small_disk / 'run'}")  # 1.9 MB of weights
     one_line(rc, err, "the disk is full [ENOSPC]", str(small_disk / "run"))
     assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]

@@ -31,8 +31,13 @@ from pixelwise.errors import UserError
 pytestmark = pytest.mark.timeout(120)
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
-FUZZ = settings(max_examples=100, deadline=2000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=100,
+    deadline=2000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 SIGNATURES = {  # file starts that steer the bytes into each decoder pixelwise accepts
     "none": b"",
     "png": b"\x89PNG\r\n\x1a\n",
@@ -77,8 +82,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int, color_type: int = 2) -> bytes:
     """A well-formed PNG (valid CRCs) whose IHDR declares width x height, with a tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def assert_user_error(exc: UserError, *paths: Path) -> None:
@@ -128,9 +137,11 @@ def test_random_bytes_are_an_error_naming_the_file(work, start, tail):
 
 # ------------------------------------------------------------------- corrupted label maps: no wrong label
 @FUZZ
-@given(kind=st.sampled_from(["L", "P", "I;16"]),
-       mask=hnp.arrays(np.int64, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.integers(0, 20)),
-       flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=3))
+@given(
+    kind=st.sampled_from(["L", "P", "I;16"]),
+    mask=hnp.arrays(np.int64, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.integers(0, 20)),
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=3),
+)
 def test_flipped_bytes_in_a_png_mask_never_give_a_wrong_label(work, kind, mask, flips):
     data = {"L": lambda m: encode(m.astype(np.uint8)), "P": palette_png, "I;16": i16_png}[kind](mask)
     corrupt = bytearray(data)
@@ -211,7 +222,7 @@ def _write(path: Path, data: bytes) -> Path:
 def _jpeg_claiming(width: int, height: int) -> bytes:
     data = bytearray(encode(np.zeros((8, 8, 3), np.uint8), "JPEG"))
     sof = data.find(b"\xff\xc0")
-    data[sof + 5: sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -221,13 +232,16 @@ def _bmp_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("name, data", [
-    ("rgb_100000x100000.png", png_claiming(100_000, 100_000)),
-    ("grey_100000x100000.png", png_claiming(100_000, 100_000, color_type=0)),
-    ("grey_20000x10000.png", png_claiming(20_000, 10_000, color_type=0)),
-    ("65000x65000.jpg", _jpeg_claiming(65_000, 65_000)),
-    ("100000x100000.bmp", _bmp_claiming(100_000, 100_000)),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("rgb_100000x100000.png", png_claiming(100_000, 100_000)),
+        ("grey_100000x100000.png", png_claiming(100_000, 100_000, color_type=0)),
+        ("grey_20000x10000.png", png_claiming(20_000, 10_000, color_type=0)),
+        ("65000x65000.jpg", _jpeg_claiming(65_000, 65_000)),
+        ("100000x100000.bmp", _bmp_claiming(100_000, 100_000)),
+    ],
+)
 def test_huge_declared_dimensions_are_refused_before_decoding(work, name, data):
     path = _write(work / name, data)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -354,8 +368,10 @@ def test_exif_rule_in_a_data_set(work):
     stored_labels = np.zeros((4, 6), np.uint8)
     stored_labels[0, 0] = 1
     photo = encode(stored, exif=_exif(6))
-    for name, mask in (("untagged_upright", encode(upright_labels)),
-                       ("tagged_stored", encode(stored_labels, exif=_exif(6)))):
+    for name, mask in (
+        ("untagged_upright", encode(upright_labels)),
+        ("tagged_stored", encode(stored_labels, exif=_exif(6))),
+    ):
         image, labels = _folder(work / name, photo, mask)[0]
         assert tuple(image.shape) == (3, 6, 4) and tuple(labels.shape) == (6, 4)
         assert image[:, 0, 3].tolist() == [255, 0, 0] and labels[0, 3] == 1 and int(labels.sum()) == 1
@@ -370,8 +386,11 @@ def test_exif_rule_in_a_data_set(work):
 def test_one_pixel_images_through_eval_and_train_transforms(work, mode):
     from pixelwise.data.transforms import eval_transforms, train_transforms
 
-    image = encode(np.array([[[9, 99, 199]]], np.uint8)) if mode == "RGB" else (
-        encode(np.array([[77]], np.uint8)) if mode == "L" else palette_png(np.array([[1]])))
+    image = (
+        encode(np.array([[[9, 99, 199]]], np.uint8))
+        if mode == "RGB"
+        else (encode(np.array([[77]], np.uint8)) if mode == "L" else palette_png(np.array([[1]])))
+    )
     ds = _folder(work / f"one_{mode}", image, encode(np.array([[1]], np.uint8)))
     img, msk = ds[0]
     assert tuple(img.shape) == (3, 1, 1) and msk.tolist() == [[1]]
@@ -421,10 +440,21 @@ def _mk(path: Path) -> Path:
 
 # (data set, stored value, expected class index or None for "refused naming the value")
 LUT_CASES = [
-    ("camvid", 10, 10), ("camvid", 11, 255), ("camvid", 12, None), ("camvid", 300, None),
-    ("voc", 20, 20), ("voc", 255, 255), ("voc", 21, None), ("voc", 254, None),
-    ("cityscapes", 7, 0), ("cityscapes", 33, 18), ("cityscapes", 3, 255), ("cityscapes", 34, None),
-    ("ade20k", 150, 149), ("ade20k", 151, None), ("isbi2012", 128, None),
+    ("camvid", 10, 10),
+    ("camvid", 11, 255),
+    ("camvid", 12, None),
+    ("camvid", 300, None),
+    ("voc", 20, 20),
+    ("voc", 255, 255),
+    ("voc", 21, None),
+    ("voc", 254, None),
+    ("cityscapes", 7, 0),
+    ("cityscapes", 33, 18),
+    ("cityscapes", 3, 255),
+    ("cityscapes", 34, None),
+    ("ade20k", 150, 149),
+    ("ade20k", 151, None),
+    ("isbi2012", 128, None),
 ]
 
 
@@ -471,18 +501,35 @@ def _image_bytes(mode: str, values: np.ndarray) -> bytes:
     return i16_png(values[..., 0].astype(np.int64) * 257)
 
 
-@settings(max_examples=60, deadline=3000, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(image_mode=st.sampled_from(IMAGE_MODES), mask_mode=st.sampled_from(["L", "P", "I;16"]),
-       h=st.integers(1, 9), w=st.integers(1, 9), num_classes=st.integers(2, 5), resize=st.booleans(),
-       data=st.data())
+@settings(
+    max_examples=60,
+    deadline=3000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    image_mode=st.sampled_from(IMAGE_MODES),
+    mask_mode=st.sampled_from(["L", "P", "I;16"]),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    num_classes=st.integers(2, 5),
+    resize=st.booleans(),
+    data=st.data(),
+)
 def test_folder_data_set_pairs_are_right_or_refused(work, image_mode, mask_mode, h, w, num_classes, resize, data):
     """Random image modes, mask modes and values: the sample equals the expected arrays, or the error names
     the file and the first wrong value; a size mismatch names both files."""
     values = data.draw(hnp.arrays(np.int64, (h, w, 4), elements=st.integers(0, 255)), label="image")
     top = 300 if mask_mode == "I;16" else 255
-    labels = data.draw(hnp.arrays(np.int64, (h, w), elements=st.one_of(
-        st.integers(0, num_classes - 1), st.sampled_from([255, num_classes, top]))), label="labels")
+    labels = data.draw(
+        hnp.arrays(
+            np.int64,
+            (h, w),
+            elements=st.one_of(st.integers(0, num_classes - 1), st.sampled_from([255, num_classes, top])),
+        ),
+        label="labels",
+    )
     mh, mw = (h + 1, w) if resize else (h, w)
     mask_values = np.zeros((mh, mw), np.int64)
     mask_values[:h, :w] = labels
@@ -514,8 +561,11 @@ def test_other_formats_under_an_image_name_are_refused_and_ghostscript_never_run
         raise OSError("ghostscript must not run")
 
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", fake_ghostscript)
-    eps = _write(work / "evil.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
-                                    b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+    eps = _write(
+        work / "evil.png",
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+        b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n",
+    )
     tga = _write(work / "tga.png", encode(np.zeros((3, 4, 3), np.uint8), "TGA"))
     pcx = _write(work / "pcx.png", encode(np.zeros((3, 4), np.uint8), "PCX"))
     for path in (eps, tga, pcx):
@@ -541,8 +591,14 @@ def _tiny_weights(path: Path, classes: list[str], palette: list[tuple[int, int, 
 
     torch.manual_seed(0)
     kwargs = {"base_channels": 4, "depth": 2, "padding": "same"}
-    save_weights(path, get_model("unet", num_classes=len(classes), **kwargs), model_name="unet",
-                 model_kwargs=kwargs, classes=classes, palette=palette)
+    save_weights(
+        path,
+        get_model("unet", num_classes=len(classes), **kwargs),
+        model_name="unet",
+        model_kwargs=kwargs,
+        classes=classes,
+        palette=palette,
+    )
     return path
 
 
@@ -594,18 +650,33 @@ def test_evaluate_skip_bad_lists_every_bad_file_and_scores_the_rest(work, capsys
     dirty, clean = work / "dirty", work / "clean"
     bad = _camvid_with_bad_files(dirty, with_bad=True)
     _camvid_with_bad_files(clean, with_bad=False)
-    rc, _, err = _cli(capsys, "evaluate", "--weights", weights, "--data", dirty, "--dataset", "camvid",
-                      "--out", work / "ev-stop")
+    rc, _, err = _cli(
+        capsys, "evaluate", "--weights", weights, "--data", dirty, "--dataset", "camvid", "--out", work / "ev-stop"
+    )
     assert rc == 2 and err.count("\n") == 1 and str(dirty / "val" / "a_truncated.png") in err
     assert not (work / "ev-stop" / "metrics.json").exists()
-    rc, _, err = _cli(capsys, "evaluate", "--weights", weights, "--data", clean, "--dataset", "camvid",
-                      "--out", work / "ev-clean")
+    rc, _, err = _cli(
+        capsys, "evaluate", "--weights", weights, "--data", clean, "--dataset", "camvid", "--out", work / "ev-clean"
+    )
     assert rc == 0, err
     reference = json.loads((work / "ev-clean" / "metrics.json").read_text())
     for workers in (0, 2):
         out = work / f"ev-skip-{workers}"
-        rc, stdout, err = _cli(capsys, "evaluate", "--weights", weights, "--data", dirty, "--dataset", "camvid",
-                               "--out", out, "--skip-bad", "--workers", workers)
+        rc, stdout, err = _cli(
+            capsys,
+            "evaluate",
+            "--weights",
+            weights,
+            "--data",
+            dirty,
+            "--dataset",
+            "camvid",
+            "--out",
+            out,
+            "--skip-bad",
+            "--workers",
+            workers,
+        )
         assert rc == 0, err
         assert f"skipped {len(bad)} bad files" in stdout
         report = json.loads((out / "bad_files.json").read_text())
@@ -628,10 +699,13 @@ def test_predict_skip_bad_lists_every_bad_file_and_writes_the_rest(work, capsys)
         data = encode(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8))
         _write(good / f"g{i}.png", data)
         _write(mixed / f"g{i}.png", data)
-    bad = {"a_truncated.jpg": encode(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8), "JPEG")[:300],
-           "b_random.png": rng.bytes(500), "c_bomb.png": png_claiming(100_000, 100_000),
-           "d_eps.png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
-           "e_float.tif": None}
+    bad = {
+        "a_truncated.jpg": encode(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8), "JPEG")[:300],
+        "b_random.png": rng.bytes(500),
+        "c_bomb.png": png_claiming(100_000, 100_000),
+        "d_eps.png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+        "e_float.tif": None,
+    }
     for name, data in bad.items():
         if data is None:
             Image.fromarray(np.zeros((4, 4), np.float32)).save(mixed / name)

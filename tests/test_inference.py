@@ -76,8 +76,18 @@ def test_flip_and_multiscale_average():
     assert torch.allclose(flipped, torch.full_like(flipped, 0.5), atol=1e-6)
     # multiscale = mean of per-scale logits resized back bilinearly
     ms = predict_logits(model, x, mode="multiscale", scales=[0.5, 1.5])
-    manual = sum(F.interpolate(model(F.interpolate(x, size=s, mode="bilinear", align_corners=False)), size=(20, 30),
-                               mode="bilinear", align_corners=False) for s in [(10, 15), (30, 45)]) / 2
+    manual = (
+        sum(
+            F.interpolate(
+                model(F.interpolate(x, size=s, mode="bilinear", align_corners=False)),
+                size=(20, 30),
+                mode="bilinear",
+                align_corners=False,
+            )
+            for s in [(10, 15), (30, 45)]
+        )
+        / 2
+    )
     assert ms.shape == (1, 4, 20, 30) and torch.allclose(ms, manual, atol=1e-6)
 
 

@@ -76,8 +76,9 @@ def test_weight_map_loss_with_the_unet_map_weights_gaps_between_cells():
     g = logits.grad[0, 0].abs()  # proportional to each pixel's weight here
     # class balance: 64 membrane pixels of 256 in 2 classes -> w_c = 256 / (2 * 64) = 2; in the gap
     # d1 + d2 = 1 + 2 adds w0 * exp(-9 / 50) = 8.35, at the edge 1 + 8 adds w0 * exp(-81 / 50) = 1.98
-    assert g[:, 7].mean() / g[:, 14].mean() == pytest.approx((2 + 10 * math.exp(-9 / 50)) /
-                                                              (2 + 10 * math.exp(-81 / 50)), rel=1e-4)
+    assert g[:, 7].mean() / g[:, 14].mean() == pytest.approx(
+        (2 + 10 * math.exp(-9 / 50)) / (2 + 10 * math.exp(-81 / 50)), rel=1e-4
+    )
 
 
 def test_lovasz_grad_hand_computed():

@@ -151,17 +151,36 @@ def test_freeze_encoder_and_per_part_rates_reach_the_optimiser(name):
 # Key names of the module layout before the anatomy (read off that version's state dicts), at least one
 # per renamed module: such a state dict must load, strictly, into the same tensors.
 OLD_LAYOUT = {
-    "fcn8s": ["encoder.features.0.weight", "fc.0.weight", "fc.3.weight", "score_fr.bias", "score_pool4.weight",
-              "upscore2.up.weight", "score_pool3.weight", "upscore_pool4.up.weight", "upscore.up.weight"],
+    "fcn8s": [
+        "encoder.features.0.weight",
+        "fc.0.weight",
+        "fc.3.weight",
+        "score_fr.bias",
+        "score_pool4.weight",
+        "upscore2.up.weight",
+        "score_pool3.weight",
+        "upscore_pool4.up.weight",
+        "upscore.up.weight",
+    ],
     "segnet": ["encoder.features.0.weight", "decoder.stages.0.0.0.weight", "classifier.weight", "classifier.bias"],
     "segnet_basic": ["encoder.convs.0.0.weight", "decoder.stages.0.0.weight", "classifier.weight"],
-    "fcn_basic": ["encoder.convs.0.0.weight", "decoder.reduce_input.weight", "decoder.reduce_skips.2.bias",
-                  "decoder.ups.0.up.weight"],
+    "fcn_basic": [
+        "encoder.convs.0.0.weight",
+        "decoder.reduce_input.weight",
+        "decoder.reduce_skips.2.bias",
+        "decoder.ups.0.up.weight",
+    ],
     "unet": ["down.0.0.0.weight", "down.4.1.0.bias", "up.0.up.weight", "decode.3.0.0.weight", "head.weight"],
     "deeplab_v1": ["backbone.features.0.weight", "classifier.0.weight", "classifier.3.bias", "classifier.6.weight"],
     "deeplab_v2": ["backbone.conv1.weight", "backbone.layer4.2.bn3.running_var", "classifier.branches.3.0.weight"],
-    "deeplabv3plus_resnet50": ["backbone.conv1.weight", "aspp.convs.0.0.weight", "aspp.project.0.weight",
-                               "decoder.reduce.0.weight", "decoder.fuse.1.0.weight", "decoder.classifier.weight"],
+    "deeplabv3plus_resnet50": [
+        "backbone.conv1.weight",
+        "aspp.convs.0.0.weight",
+        "aspp.project.0.weight",
+        "decoder.reduce.0.weight",
+        "decoder.fuse.1.0.weight",
+        "decoder.classifier.weight",
+    ],
 }
 
 
@@ -178,7 +197,7 @@ def test_state_dicts_of_the_layout_before_the_anatomy_load_into_the_same_tensors
 
     def old_key(key: str) -> str:
         new = next((n for n in longest_first if key.startswith(n)), "")
-        return to_old[new] + key[len(new):] if new else key
+        return to_old[new] + key[len(new) :] if new else key
 
     old_state = {old_key(k): v for k, v in state.items()}
     assert set(OLD_LAYOUT[name]) <= set(old_state)

@@ -30,10 +30,17 @@ def builtin(tmp_path, monkeypatch):
     (package / "trained").mkdir(parents=True)
     model = get_model("segnet_basic", num_classes=11, **KW)
     path = package / "trained" / "tiny.safetensors"
-    save_weights(path, model, model_name="segnet_basic", model_kwargs=KW, classes=CamVid.classes,
-                 palette=CamVid.palette)
-    entry = Pretrained(model="segnet_basic", tag="tiny", file="tiny.safetensors",
-                       sha256=hashlib.sha256(path.read_bytes()).hexdigest(), recipe="test", metrics={"miou": 1.0})
+    save_weights(
+        path, model, model_name="segnet_basic", model_kwargs=KW, classes=CamVid.classes, palette=CamVid.palette
+    )
+    entry = Pretrained(
+        model="segnet_basic",
+        tag="tiny",
+        file="tiny.safetensors",
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        recipe="test",
+        metrics={"miou": 1.0},
+    )
     monkeypatch.setitem(PRETRAINED, entry.name, entry)
     monkeypatch.setattr(pretrained, "trained_dir", lambda: package / "trained")
     return entry, model
@@ -83,11 +90,27 @@ def test_cli_accepts_the_name_for_predict_and_evaluate(builtin, tmp_path, capsys
         Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(root / "val" / f"f{i}.png")
         Image.fromarray(rng.integers(0, 12, (20, 28), dtype=np.uint8)).save(root / "valannot" / f"f{i}.png")
     out = tmp_path / "pred"
-    assert main(["predict", "--weights", "segnet_basic_tiny", str(root / "val"), "--out", str(out),
-                 "--precision", "fp32"]) == 0
+    assert (
+        main(["predict", "--weights", "segnet_basic_tiny", str(root / "val"), "--out", str(out), "--precision", "fp32"])
+        == 0
+    )
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["f0.png", "f1.png"]
-    assert main(["evaluate", "--weights", "segnet_basic_tiny", "--data", str(root), "--dataset", "camvid",
-                 "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                "segnet_basic_tiny",
+                "--data",
+                str(root),
+                "--dataset",
+                "camvid",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["num_images"] == 2 and metrics["inference"]["precision"] in ("fp32", "bf16")
     capsys.readouterr()
@@ -131,10 +154,32 @@ def test_the_shipped_camvid_file_keeps_its_keys_and_gives_the_logits_it_gave_bef
     x = torch.sin(torch.arange(3 * 45 * 61, dtype=torch.float32) * 0.37).reshape(1, 3, 45, 61) * 2
     with torch.no_grad():
         y = model(x).double()
-    per_class_mean = [-0.948433, 1.565056, -0.391133, -2.721629, -4.182644, 4.307215, 0.484788, 0.288134,
-                      0.983673, -1.213864, -1.086865]
-    centre = [-1.793104, 1.193845, -1.265403, -2.750561, -5.676802, 5.58499, 0.012842, 0.196078, 2.159605,
-              -1.443505, -0.508137]  # the 11 logits at row 22, column 30
+    per_class_mean = [
+        -0.948433,
+        1.565056,
+        -0.391133,
+        -2.721629,
+        -4.182644,
+        4.307215,
+        0.484788,
+        0.288134,
+        0.983673,
+        -1.213864,
+        -1.086865,
+    ]
+    centre = [
+        -1.793104,
+        1.193845,
+        -1.265403,
+        -2.750561,
+        -5.676802,
+        5.58499,
+        0.012842,
+        0.196078,
+        2.159605,
+        -1.443505,
+        -0.508137,
+    ]  # the 11 logits at row 22, column 30
     assert y.mean().item() == pytest.approx(-0.2650636974096022, abs=1e-5)
     assert y.abs().mean().item() == pytest.approx(1.7218382779430486, abs=1e-5)
     assert y.mean(dim=(0, 2, 3)).tolist() == pytest.approx(per_class_mean, abs=1e-5)

@@ -27,8 +27,20 @@ from pixelwise.weights import load_weights, save_weights
 
 pytestmark = pytest.mark.timeout(120)
 
-_FS_EVENTS = {"open", "os.listdir", "os.scandir", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree",
-              "os.symlink", "os.link", "os.chmod", "os.truncate"}
+_FS_EVENTS = {
+    "open",
+    "os.listdir",
+    "os.scandir",
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "shutil.rmtree",
+    "os.symlink",
+    "os.link",
+    "os.chmod",
+    "os.truncate",
+}
 _RECORDING: list[list[tuple[str, str]]] = []  # the audit hook cannot be removed; it records only when asked
 
 
@@ -37,8 +49,9 @@ def _audit(event: str, args: tuple) -> None:
         target = args[0] if args else None
         if isinstance(target, int):  # open() of a file descriptor: no path involved
             return
-        _RECORDING[-1].append((event, os.fsdecode(target) if isinstance(target, str | bytes | os.PathLike)
-                               else str(target)))
+        _RECORDING[-1].append(
+            (event, os.fsdecode(target) if isinstance(target, str | bytes | os.PathLike) else str(target))
+        )
 
 
 sys.addaudithook(_audit)
@@ -89,8 +102,15 @@ def client():
         yield c
 
 
-HOSTILE_NAMES = ["../../etc/passwd", "/etc/passwd", "..\\..\\windows\\win.ini", "....//....//etc/shadow",
-                 "%2e%2e%2fetc%2fpasswd", "x.png\x00../../etc/passwd", "~root/.ssh/id_rsa"]
+HOSTILE_NAMES = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..\\..\\windows\\win.ini",
+    "....//....//etc/shadow",
+    "%2e%2e%2fetc%2fpasswd",
+    "x.png\x00../../etc/passwd",
+    "~root/.ssh/id_rsa",
+]
 
 
 def test_upload_file_names_are_never_paths(client, tmp_path):
@@ -112,8 +132,13 @@ def test_query_and_url_paths_touch_no_file(client):
         for fmt in ("../../etc/passwd", "/etc/passwd", "png/../../x"):
             r = client.post(f"/v1/segment?format={fmt}", files={"image": ("a.png", image, "image/png")})
             assert r.status_code == 400 and "format" in r.json()["error"]
-        for url in ("/../../etc/passwd", "/static/../../pixelwise/weights.py", "/%2e%2e/%2e%2e/etc/passwd",
-                    "/v1/segment/../../../etc/passwd", "/..%2f..%2fetc%2fpasswd"):
+        for url in (
+            "/../../etc/passwd",
+            "/static/../../pixelwise/weights.py",
+            "/%2e%2e/%2e%2e/etc/passwd",
+            "/v1/segment/../../../etc/passwd",
+            "/..%2f..%2fetc%2fpasswd",
+        ):
             assert client.get(url).status_code == 404
     assert events == [], events
 
@@ -128,8 +153,9 @@ def _voc(root: Path, ids: list[str], split: str = "val") -> Path:
     return root
 
 
-@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "/etc/passwd", "../SegmentationClass/2007_000001",
-                                   ".hidden", "a\\..\\..\\b"])
+@pytest.mark.parametrize(
+    "entry", ["../../../../etc/passwd", "/etc/passwd", "../SegmentationClass/2007_000001", ".hidden", "a\\..\\..\\b"]
+)
 def test_voc_split_lists_cannot_leave_the_root(tmp_path, entry):
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(png(np.zeros((4, 4, 3), np.uint8)))
@@ -193,7 +219,8 @@ def test_config_relative_paths_resolve_against_the_working_directory(tmp_path, m
         "data: {dataset: folder, root: mydata, kwargs: {classes: [a, b]}, crop_size: [16, 16],\n"
         "       scale_range: [1.0, 1.0], batch_size: 2, workers: 0}\n"
         "train: {epochs: 1, device: cpu}\n"
-        "output: {dir: runs/rel, report: false, progress: false}\n")
+        "output: {dir: runs/rel, report: false, progress: false}\n"
+    )
     monkeypatch.chdir(work)
     result = train(load_config(configs / "c.yaml"))
     assert Path(result["out_dir"]) == Path("runs/rel")
@@ -216,8 +243,9 @@ def test_weights_metadata_cannot_name_other_files(tmp_path):
 
     kwargs = {"base_channels": 4, "depth": 2, "padding": "same"}
     good = tmp_path / "good.safetensors"
-    save_weights(good, get_model("unet", num_classes=2, **kwargs), model_name="unet", model_kwargs=kwargs,
-                 classes=["a", "b"])
+    save_weights(
+        good, get_model("unet", num_classes=2, **kwargs), model_name="unet", model_kwargs=kwargs, classes=["a", "b"]
+    )
     with safe_open(str(good), "pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     secret = tmp_path / "secret.pth"
@@ -240,9 +268,11 @@ def test_resume_with_a_code_carrying_last_pt_is_refused(tmp_path, capsys):
     _Evil.marker = tmp_path / "pwned"
     torch.save({"version": 1, "model": _Evil()}, out / "last.pt")
     config = tmp_path / "c.yaml"
-    config.write_text("model: {name: unet, kwargs: {base_channels: 4, depth: 2, padding: same}}\n"
-                      "data: {kwargs: {num_images: 2, size: [16, 16]}, crop_size: [16, 16], batch_size: 2, "
-                      "workers: 0}\ntrain: {epochs: 1, device: cpu}\noutput: {report: false, progress: false}\n")
+    config.write_text(
+        "model: {name: unet, kwargs: {base_channels: 4, depth: 2, padding: same}}\n"
+        "data: {kwargs: {num_images: 2, size: [16, 16]}, crop_size: [16, 16], batch_size: 2, "
+        "workers: 0}\ntrain: {epochs: 1, device: cpu}\noutput: {report: false, progress: false}\n"
+    )
     rc = main(["train", str(config), "--set", f"output.dir={out}", "--resume"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "refused to load" in err and str(out / "last.pt") in err
@@ -253,8 +283,18 @@ def test_code_carrying_backbone_file_is_refused(tmp_path, capsys):
     _Evil.marker = tmp_path / "pwned-backbone"
     evil = tmp_path / "vgg16.pth"
     torch.save({"features.0.weight": _Evil()}, evil)
-    rc = main(["init-weights", "segnet", "--num-classes", "2", "--out", str(tmp_path / "w.safetensors"),
-               "--weights-backbone", str(evil)])
+    rc = main(
+        [
+            "init-weights",
+            "segnet",
+            "--num-classes",
+            "2",
+            "--out",
+            str(tmp_path / "w.safetensors"),
+            "--weights-backbone",
+            str(evil),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and str(evil) in err
     assert not _Evil.marker.exists() and not (tmp_path / "w.safetensors").exists()
@@ -266,8 +306,9 @@ def test_predict_writes_only_under_out(tmp_path, capsys):
 
     kwargs = {"base_channels": 4, "depth": 2, "padding": "same"}
     weights = tmp_path / "w.safetensors"
-    save_weights(weights, get_model("unet", num_classes=2, **kwargs), model_name="unet", model_kwargs=kwargs,
-                 classes=["a", "b"])
+    save_weights(
+        weights, get_model("unet", num_classes=2, **kwargs), model_name="unet", model_kwargs=kwargs, classes=["a", "b"]
+    )
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("..png", "...png", "-rf.png", "~.png"):  # stems ".", "..", "-rf", "~"

@@ -42,8 +42,17 @@ def reference(model: nn.Module, img: np.ndarray, window, *, flip: bool = False) 
     return predict_logits(model, x, mode="slide", window=window, flip=flip, batch_size=1).argmax(1)[0].numpy()
 
 
-def run(model: nn.Module, img: np.ndarray, *, mode: str = "whole", window=None, flip: bool = False,
-        scales=(1.0,), crf: CRFParams | None = None, **kwargs) -> np.ndarray:
+def run(
+    model: nn.Module,
+    img: np.ndarray,
+    *,
+    mode: str = "whole",
+    window=None,
+    flip: bool = False,
+    scales=(1.0,),
+    crf: CRFParams | None = None,
+    **kwargs,
+) -> np.ndarray:
     spec = InferenceSpec(mode=mode, window=window, flip=flip, scales=scales, crf=crf)
     return seg.segment_image(model, img, spec, mean=MEAN, std=STD, num_classes=4, **kwargs)
 
@@ -85,8 +94,10 @@ def test_default_window_is_the_training_crop():
     assert seg.default_window({}) == (512, 512)
 
 
-@pytest.mark.parametrize(("kwargs", "words"), [({"mode": "multiscale", "scales": (0.5, 1.0)}, "multi-scale"),
-                                               ({"crf": CRFParams()}, "dense CRF")])
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [({"mode": "multiscale", "scales": (0.5, 1.0)}, "multi-scale"), ({"crf": CRFParams()}, "dense CRF")],
+)
 def test_whole_image_only_methods_are_refused_above_the_limit(kwargs, words):
     with pytest.raises(UserError) as e:
         run(Context().eval(), image(30, 40), max_whole_pixels=1000, name="big.png", **kwargs)

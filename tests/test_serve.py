@@ -52,8 +52,14 @@ class RedVsGreen(nn.Module):
         return self.conv(x)  # (B, 2, H, W)
 
 
-RG_META = WeightsMeta(model_name="red_vs_green", model_kwargs={}, classes=["green", "red"],
-                      palette=[(0, 255, 0), (255, 0, 0)], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+RG_META = WeightsMeta(
+    model_name="red_vs_green",
+    model_kwargs={},
+    classes=["green", "red"],
+    palette=[(0, 255, 0), (255, 0, 0)],
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+)
 
 
 def rg_image(h: int = 6, w: int = 8, red_cols: int = 3) -> np.ndarray:
@@ -72,8 +78,10 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, with a tiny IDAT: what a decompression bomb looks like up front."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -163,10 +171,11 @@ def test_upload_too_large_is_413():
         _assert_error(c.post("/v1/segment", files=upload(png_bytes(big))), 413, "2000 bytes")
 
         def chunks():  # no Content-Length: counted as it arrives
-            yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
             yield b"Content-Type: image/png\r\n\r\n"
             for _ in range(10):
                 yield b"\0" * 500
+
         r = c.post("/v1/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
         _assert_error(r, 413, "2000 bytes")
         assert c.post("/v1/segment", files=upload(png_bytes(rg_image()))).status_code == 200
@@ -174,16 +183,16 @@ def test_upload_too_large_is_413():
 
 def test_too_many_pixels_and_bombs_are_413_before_decoding(client):
     # 5000 x 4000 = 20 MP: over the 16 MP default, under Pillow's own bomb limit -> our header check
-    _assert_error(client.post("/v1/segment", files=upload(png_header_only(5000, 4000))), 413,
-                  "5000x4000", "16000000")
+    _assert_error(client.post("/v1/segment", files=upload(png_header_only(5000, 4000))), 413, "5000x4000", "16000000")
     # 40000 x 40000: Pillow refuses it at open
     _assert_error(client.post("/v1/segment", files=upload(png_header_only(40000, 40000))), 413)
 
 
 def test_wrong_content_types_are_415(client):
     data = png_bytes(rg_image())
-    _assert_error(client.post("/v1/segment", content=data, headers={"content-type": "image/png"}), 415,
-                  "multipart/form-data")
+    _assert_error(
+        client.post("/v1/segment", content=data, headers={"content-type": "image/png"}), 415, "multipart/form-data"
+    )
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
     _assert_error(client.post("/v1/segment", files=upload(eps, kind="image/png")), 415, "it is EPS", "not supported")
     svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
@@ -199,8 +208,9 @@ def test_upload_is_judged_by_its_bytes_not_its_declared_type(client, kind):
     for fmt, name in (("PNG", "x.png"), ("WEBP", "x.webp"), ("GIF", "x.gif")):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-        r = client.post("/v1/segment", files={"image": (name, buf.getvalue(), kind)} if kind else
-                        {"image": (name, buf.getvalue())})
+        r = client.post(
+            "/v1/segment", files={"image": (name, buf.getvalue(), kind)} if kind else {"image": (name, buf.getvalue())}
+        )
         assert r.status_code == 200, (fmt, kind, r.text)
         assert np.asarray(Image.open(io.BytesIO(r.content))).tolist() == (img[..., 0] > img[..., 1]).tolist()
 
@@ -229,8 +239,14 @@ def test_unexpected_errors_are_json_500_without_internals():
 
 
 def test_no_request_path_reaches_the_filesystem(client, tmp_path):
-    for path in ("/../../etc/passwd", "/static/../../pixelwise/weights.py", "/%2e%2e/%2e%2e/etc/passwd",
-                 "/static/index.html", "/index.html", "/..%2f..%2fetc%2fpasswd"):
+    for path in (
+        "/../../etc/passwd",
+        "/static/../../pixelwise/weights.py",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/static/index.html",
+        "/index.html",
+        "/..%2f..%2fetc%2fpasswd",
+    ):
         r = client.get(path)
         assert r.status_code == 404 and "error" in r.json(), path
     target = tmp_path / f"evil-{uuid.uuid4().hex}.png"
@@ -351,9 +367,25 @@ def test_load_200_requests_from_8_clients(unet_weights):
     images = [np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8) for i in range(4)]
     bodies = [png_bytes(img) for img in images]
     expected = [expected_mask(unet_weights, img) for img in images]
-    proc = subprocess.Popen([sys.executable, "-m", "pixelwise", "serve", "--weights", str(unet_weights),
-                             "--port", "0", "--device", "cpu", "--precision", "fp32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pixelwise",
+            "serve",
+            "--weights",
+            str(unet_weights),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = re.search(r"http://[\d.]+:\d+/", proc.stdout.readline()).group(0)
         rss_start = _rss_kib(proc.pid, "VmRSS")
@@ -374,9 +406,11 @@ def test_load_200_requests_from_8_clients(unet_weights):
         elapsed = time.perf_counter() - start
         assert len(results) == 200 and all(results), f"{results.count(False)} wrong answers"
         peak = _rss_kib(proc.pid, "VmHWM")
-        print(f"\nload test: 200 requests (96x128 PNG, unet) from 8 clients in {elapsed:.1f} s "
-              f"({200 / elapsed:.0f} req/s); server RSS {rss_start / 1024:.0f} MiB at start, "
-              f"peak {peak / 1024:.0f} MiB")
+        print(
+            f"\nload test: 200 requests (96x128 PNG, unet) from 8 clients in {elapsed:.1f} s "
+            f"({200 / elapsed:.0f} req/s); server RSS {rss_start / 1024:.0f} MiB at start, "
+            f"peak {peak / 1024:.0f} MiB"
+        )
         assert peak < rss_start + 512 * 1024  # bounded: the queue holds at most 16 small uploads
     finally:
         proc.send_signal(signal.SIGINT)
@@ -392,13 +426,13 @@ def test_cli_precision_bf16_is_refused_where_emulated(unet_weights, monkeypatch,
     from pixelwise.cli import main
 
     monkeypatch.setattr(pixelwise.precision, "cpu_has_native_bf16", lambda: False)
-    assert main(["serve", "--weights", str(unet_weights), "--port", "0", "--device", "cpu",
-                 "--precision", "bf16"]) == 2
+    assert main(["serve", "--weights", str(unet_weights), "--port", "0", "--device", "cpu", "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--precision bf16" in err and "use fp32 or auto" in err
 
 
 # ---- connections: uvicorn in a thread with the service's protocol, raw sockets ---------------------------
+
 
 @contextlib.contextmanager
 def running_server(app):
@@ -486,9 +520,11 @@ def test_trickled_head_gains_nothing_and_a_slow_body_is_408():
                 s.sendall(bytes([c]))
             assert s.recv(4096).startswith(b"HTTP/1.1 408 ")
         assert time.monotonic() - start < 5  # the deadline was 1 s after the first byte, not after the last
-        body = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
-        head = (b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                b"Content-Length: 10000\r\n\r\n")
+        body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+        head = (
+            b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 10000\r\n\r\n"
+        )
         status, headers, answer, seconds = raw_exchange(address, head + body)  # and then nothing more
         _json_error(status, headers, answer, 408, "request body was not complete within 1 s")
         assert 0.9 < seconds < 5
@@ -514,15 +550,19 @@ def test_a_flood_of_idle_sockets_evicts_the_oldest_not_the_health_check():
 def test_uvicorn_level_errors_are_json():
     with running_server(create_app(RedVsGreen(), RG_META)) as address:
         _json_error(*raw_exchange(address, b"NOT HTTP AT ALL\r\n\r\n")[:3], 400, "malformed HTTP request")
-        _json_error(*raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")[:3],
-                    400, "malformed HTTP request")
-        _json_error(*raw_exchange(address, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[:3],
-                    404, "Not Found")
+        _json_error(
+            *raw_exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")[:3],
+            400,
+            "malformed HTTP request",
+        )
+        _json_error(
+            *raw_exchange(address, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[:3], 404, "Not Found"
+        )
 
 
 # ---- memory: the largest accepted image ----------------------------------------------------------------
 
-PEAK_SCRIPT = r'''
+PEAK_SCRIPT = r"""
 import io, json, sys, time
 import numpy as np, torch, torch.nn as nn
 from PIL import Image
@@ -552,7 +592,7 @@ with TestClient(create_app(Wide(), meta, limits=ServeLimits())) as c:
     r = c.post("/v1/segment?format=json", files={"image": ("big.png", data)})
     seconds, peak = time.perf_counter() - start, peak_mib()
 print(json.dumps({"status": r.status_code, "body": r.json(), "base_mib": base, "peak_mib": peak, "seconds": seconds}))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -571,6 +611,8 @@ def test_peak_memory_for_the_largest_accepted_image_is_bounded(tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["status"] == 200 and (result["body"]["width"], result["body"]["height"]) == (side, side)
     growth = result["peak_mib"] - result["base_mib"]
-    print(f"\nlargest accepted image {side}x{side}: peak RSS +{growth:.0f} MiB over {result['base_mib']:.0f} MiB, "
-          f"{result['seconds']:.1f} s")
+    print(
+        f"\nlargest accepted image {side}x{side}: peak RSS +{growth:.0f} MiB over {result['base_mib']:.0f} MiB, "
+        f"{result['seconds']:.1f} s"
+    )
     assert growth < 600

@@ -24,9 +24,18 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # 16 synthetic 32x32 images, a 2-level U-Net with 4 base channels: a step takes milliseconds
 TINY = [
     "data.kwargs={size: [32, 32], num_images: 16, num_classes: 3}",
-    "data.crop_size=[32, 32]", "data.scale_range=[0.75, 1.25]", "data.batch_size=4", "data.workers=0",
-    "data.max_val_images=4", "model.name=unet", "model.kwargs={padding: same, base_channels: 4, depth: 2}",
-    "train.optimizer=adamw", "train.lr=0.01", "train.epochs=2", "output.progress=false", "output.report=false",
+    "data.crop_size=[32, 32]",
+    "data.scale_range=[0.75, 1.25]",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.max_val_images=4",
+    "model.name=unet",
+    "model.kwargs={padding: same, base_channels: 4, depth: 2}",
+    "train.optimizer=adamw",
+    "train.lr=0.01",
+    "train.epochs=2",
+    "output.progress=false",
+    "output.report=false",
     "output.log_every_steps=1",
 ]
 
@@ -47,8 +56,18 @@ def test_train_writes_every_output(tmp_path):
     result = train(cfg)
     out = tmp_path / "run"
     assert not result["interrupted"] and result["step"] == 2 * 4 and result["epoch"] == 2
-    for name in ("config.yaml", "last.pt", "best.safetensors", "metrics.jsonl", "metrics.json", "report.html",
-                 "curves.png", "confusion.png", "iou.png", "samples.png"):
+    for name in (
+        "config.yaml",
+        "last.pt",
+        "best.safetensors",
+        "metrics.jsonl",
+        "metrics.json",
+        "report.html",
+        "curves.png",
+        "confusion.png",
+        "iou.png",
+        "samples.png",
+    ):
         assert (out / name).is_file(), name
     log = _log(out)
     assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 9))
@@ -56,23 +75,34 @@ def test_train_writes_every_output(tmp_path):
     model, meta = load_weights(out / "best.safetensors")
     assert meta.model_name == "unet" and meta.model_kwargs == {"padding": "same", "base_channels": 4, "depth": 2}
     assert meta.classes[0] == "background" and len(meta.classes) == 3 and len(meta.palette) == 3
-    assert meta.mean == (0.485, 0.456, 0.406) and meta.extra["val_miou"] == max(r["miou"] for r in log
-                                                                                 if r["kind"] == "val")
+    assert meta.mean == (0.485, 0.456, 0.406) and meta.extra["val_miou"] == max(
+        r["miou"] for r in log if r["kind"] == "val"
+    )
     final = json.loads((out / "metrics.json").read_text())
     assert final["scores"]["miou"] == pytest.approx(meta.extra["val_miou"])  # metrics.json scores the best weights
     assert set(final["scores"]["per_class_iou"]) == set(meta.classes)
     ckpt = torch.load(out / "last.pt", weights_only=True)  # plain tensors and containers only
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2
-    assert "<img src=\"samples.png\"" in (out / "report.html").read_text()
+    assert '<img src="samples.png"' in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize("model", ["unet", "fcn8s"])
 def test_resume_mid_epoch_is_bit_exact(tmp_path, model):
-    extra = ["train.deterministic=true", "train.grad_accum=2", "data.batch_size=2", "train.schedule=poly",
-             "train.warmup_steps=2", "data.flip=true"]
+    extra = [
+        "train.deterministic=true",
+        "train.grad_accum=2",
+        "data.batch_size=2",
+        "train.schedule=poly",
+        "train.warmup_steps=2",
+        "data.flip=true",
+    ]
     if model == "fcn8s":  # dropout in fc6/fc7: the RNG state must be restored too
-        extra += ["model.name=fcn8s", "model.kwargs={width_div: 16, fc_channels: 32}", "train.optimizer=sgd",
-                  "train.lr=0.001"]
+        extra += [
+            "model.name=fcn8s",
+            "model.kwargs={width_div: 16, fc_channels: 32}",
+            "train.optimizer=sgd",
+            "train.lr=0.001",
+        ]
     whole = train(_cfg(tmp_path, *extra, out="whole"))
     first = train(_cfg(tmp_path, *extra, out="split"), stop_at_step=3)  # 4 steps per epoch: stops mid-epoch 1
     assert first["interrupted"] and first["step"] == 3
@@ -91,8 +121,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, model):
 
 def test_resume_at_an_epoch_boundary_and_periodic_checkpoints(tmp_path):
     whole = train(_cfg(tmp_path, "train.deterministic=true", out="whole"))
-    train(_cfg(tmp_path, "train.deterministic=true", "output.checkpoint_every_steps=2", out="split"),
-          stop_at_step=4)
+    train(_cfg(tmp_path, "train.deterministic=true", "output.checkpoint_every_steps=2", out="split"), stop_at_step=4)
     train(_cfg(tmp_path, "train.deterministic=true", out="split"), resume=True)
     a = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "split" / "last.pt")["model"]
@@ -167,13 +196,22 @@ def test_user_errors_before_training(tmp_path):
         train(_cfg(tmp_path, "data.batch_size=32"), overwrite=True)
 
 
-@pytest.mark.parametrize(("schedule", "expected"), [
-    # 8 steps; lr(step) for the optimiser steps 0..7
-    (["train.schedule=poly", "train.poly_power=0.9"], [0.01 * (1 - s / 8) ** 0.9 for s in range(8)]),
-    (["train.schedule=poly", "train.warmup_steps=2"], [0.005, 0.01] + [0.01 * (1 - s / 8) ** 0.9 for s in range(2, 8)]),
-    (["train.schedule=step", "train.step_every=3", "train.step_gamma=0.5"], [0.01] * 3 + [0.005] * 3 + [0.0025] * 2),
-    (["train.schedule=constant"], [0.01] * 8),
-])
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # 8 steps; lr(step) for the optimiser steps 0..7
+        (["train.schedule=poly", "train.poly_power=0.9"], [0.01 * (1 - s / 8) ** 0.9 for s in range(8)]),
+        (
+            ["train.schedule=poly", "train.warmup_steps=2"],
+            [0.005, 0.01] + [0.01 * (1 - s / 8) ** 0.9 for s in range(2, 8)],
+        ),
+        (
+            ["train.schedule=step", "train.step_every=3", "train.step_gamma=0.5"],
+            [0.01] * 3 + [0.005] * 3 + [0.0025] * 2,
+        ),
+        (["train.schedule=constant"], [0.01] * 8),
+    ],
+)
 def test_learning_rate_schedules(tmp_path, schedule, expected):
     train(_cfg(tmp_path, *schedule, "eval.every_epochs=0", "data.max_val_images=1"))
     lrs = [r["lr"] for r in _log(tmp_path / "run") if r["kind"] == "train"]
@@ -199,9 +237,14 @@ def test_median_frequency_weights_are_used(tmp_path, capsys, monkeypatch):
 
 
 def test_fcn_stages_train_in_turn(tmp_path):
-    stages = ["model.name=fcn8s", "model.stages=[fcn32s, fcn16s, fcn8s]",
-              "model.kwargs={width_div: 16, fc_channels: 32}", "train.epochs=1", "train.optimizer=sgd",
-              "train.lr=0.001"]
+    stages = [
+        "model.name=fcn8s",
+        "model.stages=[fcn32s, fcn16s, fcn8s]",
+        "model.kwargs={width_div: 16, fc_channels: 32}",
+        "train.epochs=1",
+        "train.optimizer=sgd",
+        "train.lr=0.001",
+    ]
     result = train(_cfg(tmp_path, *stages))
     out = tmp_path / "run"
     for stage in ("fcn32s", "fcn16s", "fcn8s"):
@@ -225,9 +268,17 @@ def test_fcn16s_stage_starts_from_fcn32s(tmp_path, monkeypatch):
         return real(**kwargs)
 
     monkeypatch.setitem(__import__("pixelwise.models", fromlist=["MODELS"]).MODELS, "fcn16s", spy)
-    train(_cfg(tmp_path, "model.name=fcn16s", "model.stages=[fcn32s, fcn16s]",
-               "model.kwargs={width_div: 16, fc_channels: 32}", "train.epochs=1", "train.optimizer=sgd",
-               "train.lr=0.001"))
+    train(
+        _cfg(
+            tmp_path,
+            "model.name=fcn16s",
+            "model.stages=[fcn32s, fcn16s]",
+            "model.kwargs={width_div: 16, fc_channels: 32}",
+            "train.epochs=1",
+            "train.optimizer=sgd",
+            "train.lr=0.001",
+        )
+    )
     first, _ = load_weights(tmp_path / "run" / "fcn32s" / "best.safetensors")
     init = captured["init_from"]
     assert type(init).__name__ == "FCN" and init.stride == 32
@@ -237,16 +288,40 @@ def test_fcn16s_stage_starts_from_fcn32s(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (DATA / "camvid").is_dir(), reason="needs ../shared/data/camvid")
 def test_camvid_short_slice(tmp_path):
-    cfg = load_config("camvid/segnet_basic", [
-        f"data.root={DATA / 'camvid'}", f"output.dir={tmp_path / 'camvid'}", "data.max_train_images=4",
-        "data.max_val_images=2", "data.batch_size=2", "data.crop_size=[96, 128]", "data.scale_range=[0.3, 0.3]",
-        "data.workers=0", "train.epochs=1", "model.kwargs={encoder_channels: 8, decoder_channels: 8}",
-        "output.progress=false", "output.report=false", "train.lr=0.01"])
+    cfg = load_config(
+        "camvid/segnet_basic",
+        [
+            f"data.root={DATA / 'camvid'}",
+            f"output.dir={tmp_path / 'camvid'}",
+            "data.max_train_images=4",
+            "data.max_val_images=2",
+            "data.batch_size=2",
+            "data.crop_size=[96, 128]",
+            "data.scale_range=[0.3, 0.3]",
+            "data.workers=0",
+            "train.epochs=1",
+            "model.kwargs={encoder_channels: 8, decoder_channels: 8}",
+            "output.progress=false",
+            "output.report=false",
+            "train.lr=0.01",
+        ],
+    )
     result = train(cfg)
     assert result["step"] == 2
     final = json.loads((tmp_path / "camvid" / "metrics.json").read_text())
-    assert list(final["scores"]["per_class_iou"]) == ["Sky", "Building", "Pole", "Road", "Pavement", "Tree",
-                                                   "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
+    assert list(final["scores"]["per_class_iou"]) == [
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    ]
     assert final["scores"]["num_pixels"] > 0.8 * 2 * 360 * 480  # two full-size val images, Unlabelled ignored
 
 
@@ -276,14 +351,22 @@ def test_report_tables_and_figures(tmp_path):
 
     from pixelwise.report import write_report
 
-    history = [{"kind": "train", "epoch": 1, "step": s, "loss": 1 / s, "lr": 0.1, "images_per_s": 5.0}
-               for s in range(1, 5)] + [{"kind": "val", "epoch": 1, "step": 4, "miou": 0.5}]
+    history = [
+        {"kind": "train", "epoch": 1, "step": s, "loss": 1 / s, "lr": 0.1, "images_per_s": 5.0} for s in range(1, 5)
+    ] + [{"kind": "val", "epoch": 1, "step": 4, "miou": 0.5}]
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     mask = np.zeros((8, 8), dtype=np.int64)
     mask[0, 0] = 255
-    path = write_report(tmp_path, history=history, confusion=np.array([[3, 1], [0, 4]]), classes=["a", "b"],
-                        palette=[(0, 0, 0), (255, 0, 0)], samples=[(image, mask, mask)], summary={"runs": 1},
-                        title="t <1>")
+    path = write_report(
+        tmp_path,
+        history=history,
+        confusion=np.array([[3, 1], [0, 4]]),
+        classes=["a", "b"],
+        palette=[(0, 0, 0), (255, 0, 0)],
+        samples=[(image, mask, mask)],
+        summary={"runs": 1},
+        title="t <1>",
+    )
     page = path.read_text()
     # IoU a = 3 / (3 + 1 + 0) = 0.75, b = 4 / (4 + 0 + 1) = 0.8
     assert "<th>a</th><td>0.7500</td>" in page and "<th>b</th><td>0.8000</td>" in page
@@ -301,8 +384,9 @@ def test_train_cli(tmp_path, capsys):
         key, value = item.split("=", 1)
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
-    config.write_text("".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items())
-                              for s, fields in sections.items()))
+    config.write_text(
+        "".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()) for s, fields in sections.items())
+    )
     out = tmp_path / "cli"
     assert main(["train", str(config), "--set", f"output.dir={out}", "--set", "train.epochs=1"]) == 0
     assert "done: 4 steps, val mIoU" in capsys.readouterr().out
@@ -310,8 +394,19 @@ def test_train_cli(tmp_path, capsys):
     assert main(["train", str(config), "--set", "train.epoch=1"]) == 2
     assert "unknown key train.epoch; did you mean train.epochs?" in capsys.readouterr().err
     # a built-in config run where its data.root (a clone's ../shared/data) is not: one line naming the fix
-    assert main(["train", "camvid/segnet_basic", "--set", f"data.root={tmp_path / 'nowhere'}",
-                 "--set", f"output.dir={tmp_path / 'c'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "camvid/segnet_basic",
+                "--set",
+                f"data.root={tmp_path / 'nowhere'}",
+                "--set",
+                f"output.dir={tmp_path / 'c'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data.root=" in err and "nowhere': no such folder" in err
     assert "--set data.root=PATH" in err
@@ -330,8 +425,9 @@ def test_final_validation_with_the_dense_crf(tmp_path):
     assert with_crf["scores"]["per_class_acc"] != without["scores"]["per_class_acc"]
 
 
-@pytest.mark.parametrize("mode", [["eval.mode=slide", "eval.window=[32, 32]"],
-                                  ["eval.mode=multiscale", "eval.scales=[1.0]"]])
+@pytest.mark.parametrize(
+    "mode", [["eval.mode=slide", "eval.window=[32, 32]"], ["eval.mode=multiscale", "eval.scales=[1.0]"]]
+)
 def test_eval_modes_reduce_to_whole_image(tmp_path, mode):
     # one window covering the image, or the single scale 1: the same scores as whole-image inference
     train(_cfg(tmp_path, "train.epochs=1", out="whole"))
@@ -348,15 +444,26 @@ def test_multiscale_eval_runs(tmp_path):
 
 def test_lr_multipliers_reach_the_optimiser_groups(tmp_path):
     """DeepLab's solver: the classifier at 10x, biases at 2x (so the classifier's bias at 20x), biases undecayed."""
-    cfg = _cfg(tmp_path, "train.optimizer=sgd", "train.lr=0.01", "train.head_lr_mult=10", "train.bias_lr_mult=2",
-               "train.weight_decay=0.001", "train.epochs=1")
+    cfg = _cfg(
+        tmp_path,
+        "train.optimizer=sgd",
+        "train.lr=0.01",
+        "train.head_lr_mult=10",
+        "train.bias_lr_mult=2",
+        "train.weight_decay=0.001",
+        "train.epochs=1",
+    )
     model = get_model("segnet_basic", num_classes=3, encoder_channels=8, decoder_channels=8)
     optimizer = build_optimizer(cfg, model)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
-    expected = {"head.weight": (0.1, 0.001), "head.bias": (0.2, 0.0),
-                "encoder.convs.0.0.weight": (0.01, 0.001), "encoder.convs.0.1.bias": (0.02, 0.0),
-                "encoder.convs.0.1.weight": (0.01, 0.0)}
+    expected = {
+        "head.weight": (0.1, 0.001),
+        "head.bias": (0.2, 0.0),
+        "encoder.convs.0.0.weight": (0.01, 0.001),
+        "encoder.convs.0.1.bias": (0.02, 0.0),
+        "encoder.convs.0.1.weight": (0.01, 0.0),
+    }
     for name, (lr, wd) in expected.items():
         g = group_of[id(names[name])]
         assert (g["lr"], g["weight_decay"]) == pytest.approx((lr, wd)), name
@@ -399,8 +506,14 @@ def test_decoded_cache_changes_nothing_but_speed(tmp_path):
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
             Image.fromarray(rng.integers(0, 12, (24, 32), dtype=np.uint8)).save(root / f"{split}annot" / f"{i}.png")
-    common = [*TINY[1:], "data.dataset=camvid", f"data.root={root}", "data.crop_size=[16, 16]",
-              "train.epochs=1", "train.deterministic=true"]
+    common = [
+        *TINY[1:],
+        "data.dataset=camvid",
+        f"data.root={root}",
+        "data.crop_size=[16, 16]",
+        "train.epochs=1",
+        "train.deterministic=true",
+    ]
     losses = {}
     for cache in (0, 64):
         cfg = load_config(None, [*common, f"data.cache_mb={cache}", f"output.dir={tmp_path / str(cache)}"])
@@ -418,8 +531,10 @@ def test_optimizer_state_of_an_fcn8s_checkpoint_before_the_anatomy_follows_its_p
     cfg = _cfg(tmp_path, "train.optimizer=sgd", "train.bias_lr_mult=2")
     model = get_model("fcn8s", num_classes=3, width_div=16, fc_channels=32)
     to_old = {"encoder.fc.": "fc.", "head.": "", "decoder.": ""}  # the old names of today's prefixes
-    old_name = {id(p): next((old + n[len(new):] for new, old in to_old.items() if n.startswith(new)), n)
-                for n, p in model.named_parameters()}
+    old_name = {
+        id(p): next((old + n[len(new) :] for new, old in to_old.items() if n.startswith(new)), n)
+        for n, p in model.named_parameters()
+    }
     old_order = [p for _, p in model.named_parameters()]
     names = [old_name[id(p)] for p in old_order]
     upscore2 = old_order.pop(names.index("upscore2.up.weight"))

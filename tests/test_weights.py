@@ -31,8 +31,16 @@ def test_weights_round_trip(tmp_path):
     kwargs = {"base_channels": 4, "depth": 2, "padding": "same"}
     model = get_model("unet", num_classes=3, **kwargs).eval()
     path = tmp_path / "w.safetensors"
-    save_weights(path, model, model_name="unet", model_kwargs=kwargs, classes=["a", "b", "c"],
-                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), extra={"crop": [32, 32]})
+    save_weights(
+        path,
+        model,
+        model_name="unet",
+        model_kwargs=kwargs,
+        classes=["a", "b", "c"],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        extra={"crop": [32, 32]},
+    )
     meta = read_weights_meta(path)
     assert meta.model_name == "unet" and meta.model_kwargs == kwargs and meta.classes == ["a", "b", "c"]
     assert meta.palette == default_palette(3) and meta.mean == (0.5, 0.5, 0.5) and meta.extra == {"crop": [32, 32]}
@@ -127,8 +135,14 @@ def _with_meta(tmp_path, change) -> "os.PathLike":
     from pixelwise.models import get_model
 
     good = tmp_path / "good.safetensors"
-    save_weights(good, get_model("unet", num_classes=3, **UNET), model_name="unet", model_kwargs=UNET,
-                 classes=["a", "b", "c"], extra={"crop_size": [32, 32]})
+    save_weights(
+        good,
+        get_model("unet", num_classes=3, **UNET),
+        model_name="unet",
+        model_kwargs=UNET,
+        classes=["a", "b", "c"],
+        extra={"crop_size": [32, 32]},
+    )
     with safe_open(str(good), "pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta = json.loads(header["meta"])
@@ -142,29 +156,33 @@ def _set(key, value):
     def change(meta):
         target, _, leaf = key.rpartition(".")
         (meta[target] if target else meta)[leaf] = value
+
     return change
 
 
-@pytest.mark.parametrize(("key", "value", "words"), [
-    ("model_kwargs.num_classes", 3, "may not set it"),
-    ("model_kwargs.base_channels", "4", "an integer"),
-    ("model_kwargs.depth", 10**9, "an integer in 0..65536"),
-    ("model_kwargs.colour", 1, "no option 'colour'; it takes"),
-    ("model_kwargs.norm_layer", "BatchNorm2d", "not storable"),
-    ("model_name", "unet3d", "choose one of"),
-    ("classes", [], "1 to 65536 class names"),
-    ("palette", [[0, 0, 0], [1, 1, 1]], "one [r, g, b] colour (0..255) per class, 3 in all"),
-    ("palette", [[0, 0, 0], [1, 1, 1], [300, 0, 0]], "per class"),
-    ("ignore_index", 1, "not a class index (0..2)"),
-    ("ignore_index", "255", "an integer"),
-    ("mean", [0.5, 0.5], "3 finite numbers"),
-    ("std", [0.2, 0.0, 0.2], "all above 0"),
-    ("std", [0.2, float("nan"), 0.2], "finite"),
-    ("extra.crop_size", [100000, 100000], "two integers in 1..65536"),
-    ("extra.crop_size", "big", "[height, width]"),
-    ("extra", [], "a JSON object"),
-    ("surprise", 1, "no such field"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("model_kwargs.num_classes", 3, "may not set it"),
+        ("model_kwargs.base_channels", "4", "an integer"),
+        ("model_kwargs.depth", 10**9, "an integer in 0..65536"),
+        ("model_kwargs.colour", 1, "no option 'colour'; it takes"),
+        ("model_kwargs.norm_layer", "BatchNorm2d", "not storable"),
+        ("model_name", "unet3d", "choose one of"),
+        ("classes", [], "1 to 65536 class names"),
+        ("palette", [[0, 0, 0], [1, 1, 1]], "one [r, g, b] colour (0..255) per class, 3 in all"),
+        ("palette", [[0, 0, 0], [1, 1, 1], [300, 0, 0]], "per class"),
+        ("ignore_index", 1, "not a class index (0..2)"),
+        ("ignore_index", "255", "an integer"),
+        ("mean", [0.5, 0.5], "3 finite numbers"),
+        ("std", [0.2, 0.0, 0.2], "all above 0"),
+        ("std", [0.2, float("nan"), 0.2], "finite"),
+        ("extra.crop_size", [100000, 100000], "two integers in 1..65536"),
+        ("extra.crop_size", "big", "[height, width]"),
+        ("extra", [], "a JSON object"),
+        ("surprise", 1, "no such field"),
+    ],
+)
 def test_metadata_is_checked_against_a_schema_before_use(tmp_path, key, value, words):
     """Each of these was a traceback in predict or serve (TypeError, IndexError, ...), or was accepted and made
     every request of the service a 500."""

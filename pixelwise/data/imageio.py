@@ -39,8 +39,7 @@ MAX_PIXELS = 89_478_485
 # the accepted formats: the only Pillow decoders ever tried, for files and uploads alike
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 FORMAT_NAMES = "PNG, JPEG, BMP, GIF, TIFF, WebP or PPM/PGM"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-                    ".pnm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
 PIL_FORMATS = FORMATS  # the name earlier releases exported
 
 # modes Pillow converts to RGB without guessing: grey, palette, colour (+alpha, dropped), CMYK, YCbCr
@@ -84,8 +83,15 @@ def sniff_format(prefix: bytes) -> str | None:
     return None
 
 
-def open_image(source: str | Path | bytes, *, name: str | None = None, what: str = "image",
-               max_pixels: int | None = None, verify: bool = False, hint: str = _SKIP_HINT) -> Image.Image:
+def open_image(
+    source: str | Path | bytes,
+    *,
+    name: str | None = None,
+    what: str = "image",
+    max_pixels: int | None = None,
+    verify: bool = False,
+    hint: str = _SKIP_HINT,
+) -> Image.Image:
     """Open and fully decode a file path or the bytes of an upload, upright (EXIF orientation applied).
 
     Only `FORMATS` are tried; the pixel count is checked against `max_pixels` (default `MAX_PIXELS`)
@@ -106,20 +112,27 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, what: str
                 im = Image.open(f, formats=FORMATS)
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageTooLarge(name, f"{w}x{h} pixels exceeds the limit of {max_pixels} "
-                                              "(decompression-bomb guard)", "downscale or tile the image first")
+                    raise ImageTooLarge(
+                        name,
+                        f"{w}x{h} pixels exceeds the limit of {max_pixels} (decompression-bomb guard)",
+                        "downscale or tile the image first",
+                    )
                 im.load()
                 if verify and im.format == "PNG":  # Pillow skips the CRCs of pixel data: check the map whole
                     f.seek(0)
                     with Image.open(f, formats=["PNG"]) as check:
                         check.verify()  # a flipped bit is an error here, not a silently wrong class
         except Image.DecompressionBombError:
-            raise ImageTooLarge(name, f"the header declares more than {max_pixels} pixels (decompression-bomb "
-                                      "guard)", "downscale or tile the image first") from None
+            raise ImageTooLarge(
+                name,
+                f"the header declares more than {max_pixels} pixels (decompression-bomb guard)",
+                "downscale or tile the image first",
+            ) from None
         except _DECODE_ERRORS as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CorruptImage(name, f"cannot read this {what}: the {kind} data is corrupt or truncated "
-                                     f"({msg[:160]})", hint) from None
+            raise CorruptImage(
+                name, f"cannot read this {what}: the {kind} data is corrupt or truncated ({msg[:160]})", hint
+            ) from None
         return _upright(im)
 
 
@@ -135,8 +148,9 @@ def _stream(source: str | Path | bytes, what: str) -> Iterator[BinaryIO]:
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below; the with-block is the caller's)
     except OSError as e:
-        raise CorruptImage(str(path), f"cannot open this {what} ({e.strerror or e})",
-                           "check the file's permissions") from None
+        raise CorruptImage(
+            str(path), f"cannot open this {what} ({e.strerror or e})", "check the file's permissions"
+        ) from None
     with f:
         yield f
 
@@ -160,13 +174,17 @@ def to_rgb(im: Image.Image, name: str) -> np.ndarray:
         a = np.asarray(im).astype(np.int64)
         im = Image.fromarray(np.clip(a >> 8 if a.max() > 255 else a, 0, 255).astype(np.uint8), mode="L")
     if im.mode not in _RGB_CONVERTIBLE:
-        raise ImageFormatError(name, f"image mode {im.mode!r} ({len(im.getbands())} channels) is not supported",
-                               "save it as an 8-bit RGB or grey PNG/JPEG")
+        raise ImageFormatError(
+            name,
+            f"image mode {im.mode!r} ({len(im.getbands())} channels) is not supported",
+            "save it as an 8-bit RGB or grey PNG/JPEG",
+        )
     return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy needs one
 
 
-def decode_image(data: bytes, *, name: str = "uploaded image", max_pixels: int | None = None,
-                 hint: str = "send an intact image file") -> np.ndarray:
+def decode_image(
+    data: bytes, *, name: str = "uploaded image", max_pixels: int | None = None, hint: str = "send an intact image file"
+) -> np.ndarray:
     """Decode image bytes (an upload) exactly as `read_image` reads a file. Shape: returns (H, W, 3) uint8."""
     return to_rgb(open_image(data, name=name, max_pixels=max_pixels, hint=hint), name)
 
@@ -201,14 +219,21 @@ def read_mask(path: str | Path) -> np.ndarray:
             return a[..., 0].astype(np.int64)
         if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
             return a[..., 0].astype(np.int64)
-        raise UserError(f"{path}: label map is a colour {im.mode} image with {a.shape[-1]} channels; "
-                        "class-index masks must have one channel ('L' or 'P' PNG) — or use the folder "
-                        "data set with a palette to map colours to classes")
+        raise UserError(
+            f"{path}: label map is a colour {im.mode} image with {a.shape[-1]} channels; "
+            "class-index masks must have one channel ('L' or 'P' PNG) — or use the folder "
+            "data set with a palette to map colours to classes"
+        )
     raise UserError(f"{path}: label map mode {im.mode!r} is not supported; save it as an 8-bit 'L' or 'P' PNG")
 
 
-def read_color_mask(path: str | Path, palette: list[tuple[int, int, int]], *,
-                    ignore_index: int = 255, ignore_color: tuple[int, int, int] | None = None) -> np.ndarray:
+def read_color_mask(
+    path: str | Path,
+    palette: list[tuple[int, int, int]],
+    *,
+    ignore_index: int = 255,
+    ignore_color: tuple[int, int, int] | None = None,
+) -> np.ndarray:
     """Read an RGB colour mask and map each colour to its index in `palette`.
 
     A colour in no palette entry (and not `ignore_color`) is a UserError naming the file and colour.
@@ -238,13 +263,16 @@ def read_color_mask(path: str | Path, palette: list[tuple[int, int, int]], *,
     if not known.all():
         y, x = np.argwhere(~known)[0]
         c = tuple(int(v) for v in rgb[y, x])
-        raise UserError(f"{path}: colour {c} at pixel (row {y}, col {x}) is not in the palette; "
-                        "add it to the palette (or pass it as the ignore colour) or fix the mask")
+        raise UserError(
+            f"{path}: colour {c} at pixel (row {y}, col {x}) is not in the palette; "
+            "add it to the palette (or pass it as the ignore colour) or fix the mask"
+        )
     return values_arr[pos]
 
 
-def check_labels(mask: np.ndarray, *, num_classes: int, ignore_index: int, path: str | Path,
-                 raw: np.ndarray | None = None) -> None:
+def check_labels(
+    mask: np.ndarray, *, num_classes: int, ignore_index: int, path: str | Path, raw: np.ndarray | None = None
+) -> None:
     """Refuse label values outside 0..K-1 that are not the ignore index, naming the file and value.
 
     `raw` is the mask as stored in the file, reported instead when a lookup table produced `mask`.
@@ -252,8 +280,10 @@ def check_labels(mask: np.ndarray, *, num_classes: int, ignore_index: int, path:
     bad = (mask < 0) | ((mask >= num_classes) & (mask != ignore_index))
     if bad.any():
         value = int((raw if raw is not None else mask)[bad][0])
-        raise UserError(f"{path}: label value {value} is outside 0..{num_classes - 1} and is not the ignore "
-                        f"index {ignore_index}; fix the mask or choose the matching data set")
+        raise UserError(
+            f"{path}: label value {value} is outside 0..{num_classes - 1} and is not the ignore "
+            f"index {ignore_index}; fix the mask or choose the matching data set"
+        )
 
 
 def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str | Path, mask_path: str | Path) -> None:
@@ -261,8 +291,13 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str | Path,
     if image.shape[:2] != mask.shape[:2]:
         ih, iw = image.shape[:2]
         mh, mw = mask.shape[:2]
-        hint = (" (sizes transposed: images are turned upright by their EXIF orientation, so a label map "
-                "drawn on the stored pixels must carry the same EXIF tag or be rotated)"
-                if (ih, iw) == (mw, mh) and ih != iw else "")
-        raise UserError(f"{image_path} is {iw}x{ih} but its label map {mask_path} is {mw}x{mh}{hint}; "
-                        "they must have the same size — fix or remove the pair")
+        hint = (
+            " (sizes transposed: images are turned upright by their EXIF orientation, so a label map "
+            "drawn on the stored pixels must carry the same EXIF tag or be rotated)"
+            if (ih, iw) == (mw, mh) and ih != iw
+            else ""
+        )
+        raise UserError(
+            f"{image_path} is {iw}x{ih} but its label map {mask_path} is {mw}x{mh}{hint}; "
+            "they must have the same size — fix or remove the pair"
+        )

@@ -71,8 +71,7 @@ def class_stats(dataset, *, indices: Iterable[int] | None = None, num_classes: i
         images += here
         ignored += int(mask.size - valid.sum())
         n += 1
-    return ClassStats(pixels=pixels, present_pixels=present_pixels, images=images, num_images=n,
-                      ignored_pixels=ignored)
+    return ClassStats(pixels=pixels, present_pixels=present_pixels, images=images, num_images=n, ignored_pixels=ignored)
 
 
 def median_frequency_weights(dataset, *, indices: Iterable[int] | None = None) -> torch.Tensor:

@@ -19,8 +19,7 @@ from torch.utils.data import Dataset
 
 from pixelwise.data.transforms import eval_transforms, to_tv_tensors
 
-_HUE_NAMES = ["red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "magenta",
-              "pink"]
+_HUE_NAMES = ["red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "magenta", "pink"]
 _TEXTURES = ["flat", "striped", "checkered", "dotted"]
 _SHAPES = ("circle", "ellipse", "rectangle", "triangle")
 
@@ -42,8 +41,16 @@ class SyntheticShapes(Dataset):
 
     ignore_index = 255
 
-    def __init__(self, *, num_images: int, size: tuple[int, int] = (128, 128), num_classes: int = 5,
-                 seed: int = 0, transforms=None, shapes_per_image: tuple[int, int] = (3, 6)) -> None:
+    def __init__(
+        self,
+        *,
+        num_images: int,
+        size: tuple[int, int] = (128, 128),
+        num_classes: int = 5,
+        seed: int = 0,
+        transforms=None,
+        shapes_per_image: tuple[int, int] = (3, 6),
+    ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images={num_images} must be at least 1")
         if not 2 <= num_classes <= 25:
@@ -61,8 +68,9 @@ class SyntheticShapes(Dataset):
         self._hue_jitter = 0.12 / n_fg  # per-object hue change: a quarter of the gap to the next class
         self._textures = [c % len(_TEXTURES) for c in range(n_fg)]
         self.classes = ["background"] + self._names()
-        self.palette = [(0, 0, 0)] + [tuple(round(255 * v) for v in colorsys.hsv_to_rgb(h, 0.8, 0.9))
-                                      for h in self._hues]
+        self.palette = [(0, 0, 0)] + [
+            tuple(round(255 * v) for v in colorsys.hsv_to_rgb(h, 0.8, 0.9)) for h in self._hues
+        ]
 
     @property
     def num_classes(self) -> int:
@@ -104,8 +112,9 @@ class SyntheticShapes(Dataset):
     def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         """Grey-brown smooth random field, faintly tinted. Shape: (H, W, 3) float32."""
         coarse = rng.random((h // 16 + 2, w // 16 + 2)).astype(np.float32)
-        field = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None, None], size=(h, w),
-                                                mode="bicubic", align_corners=False)[0, 0].numpy()  # (H, W)
+        field = torch.nn.functional.interpolate(
+            torch.from_numpy(coarse)[None, None], size=(h, w), mode="bicubic", align_corners=False
+        )[0, 0].numpy()  # (H, W)
         level = rng.uniform(0.35, 0.6)
         tint = rng.uniform(-0.04, 0.04, size=3).astype(np.float32)
         return np.clip(level + 0.25 * (field - 0.5), 0, 1)[..., None] + tint  # (H, W, 3)
@@ -130,10 +139,10 @@ class SyntheticShapes(Dataset):
             return (np.abs(u) <= r) & (np.abs(v) <= b)
         angles = theta + np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]) + rng.uniform(-0.3, 0.3, size=3)
         px, py = cx + 1.2 * r * np.cos(angles), cy + 1.2 * r * np.sin(angles)
-        signs = [(xx - px[k]) * (py[(k + 1) % 3] - py[k]) - (yy - py[k]) * (px[(k + 1) % 3] - px[k])
-                 for k in range(3)]
-        return ((signs[0] >= 0) & (signs[1] >= 0) & (signs[2] >= 0)) | ((signs[0] <= 0) & (signs[1] <= 0)
-                                                                        & (signs[2] <= 0))
+        signs = [(xx - px[k]) * (py[(k + 1) % 3] - py[k]) - (yy - py[k]) * (px[(k + 1) % 3] - px[k]) for k in range(3)]
+        return ((signs[0] >= 0) & (signs[1] >= 0) & (signs[2] >= 0)) | (
+            (signs[0] <= 0) & (signs[1] <= 0) & (signs[2] <= 0)
+        )
 
     def _paint(self, rng: np.random.Generator, fg: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         """Colour and texture of foreground class `fg` (0-based), varied per object. Shape: (H, W, 3)."""

@@ -127,8 +127,11 @@ def train_transforms(
     if flip:
         steps.append(v2.RandomHorizontalFlip(0.5))
     if color_jitter > 0:
-        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
-                                    hue=min(0.5, color_jitter / 4)))
+        steps.append(
+            v2.ColorJitter(
+                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=min(0.5, color_jitter / 4)
+            )
+        )
     if elastic:
         # torchvision's smoothed random field (Simard et al. 2003), standing in for the paper's 3x3 grid
         steps.append(v2.ElasticTransform(alpha=50.0, sigma=5.0, fill=fill))

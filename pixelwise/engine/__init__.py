@@ -15,5 +15,15 @@ from pixelwise.engine.evaluation import (
 )
 from pixelwise.engine.state import CHECKPOINT_VERSION, TrainState
 
-__all__ = ["CHECKPOINT_VERSION", "EvalResult", "InferenceSpec", "TrainState", "evaluate", "format_table",
-           "metrics_record", "read_metrics", "segment", "weights_source"]
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "EvalResult",
+    "InferenceSpec",
+    "TrainState",
+    "evaluate",
+    "format_table",
+    "metrics_record",
+    "read_metrics",
+    "segment",
+    "weights_source",
+]

@@ -61,14 +61,26 @@ class InferenceSpec:
 
     def describe(self) -> dict[str, Any]:
         """JSON form for metrics.json and reports."""
-        return {"mode": self.mode, "window": list(self.window) if self.window else None,
-                "stride": list(self.stride) if self.stride else None,
-                "scales": list(self.scales) if self.mode == "multiscale" else None, "flip": self.flip,
-                "crf": self.crf.to_dict() if self.crf else None, "precision": precision_name(self.dtype)}
+        return {
+            "mode": self.mode,
+            "window": list(self.window) if self.window else None,
+            "stride": list(self.stride) if self.stride else None,
+            "scales": list(self.scales) if self.mode == "multiscale" else None,
+            "flip": self.flip,
+            "crf": self.crf.to_dict() if self.crf else None,
+            "precision": precision_name(self.dtype),
+        }
 
 
-def segment(model: nn.Module, images: torch.Tensor, spec: InferenceSpec, *, mean: Sequence[float],
-            std: Sequence[float], num_classes: int | None = None) -> torch.Tensor:
+def segment(
+    model: nn.Module,
+    images: torch.Tensor,
+    spec: InferenceSpec,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """Class scores of uint8 images: logits, or CRF-refined probabilities when `spec.crf` is set.
 
     Shape:
@@ -76,8 +88,16 @@ def segment(model: nn.Module, images: torch.Tensor, spec: InferenceSpec, *, mean
     """
     x = normalize(images, mean, std)  # (B, 3, H, W) float32
     with torch.no_grad(), autocast(images.device, spec.dtype):
-        logits = predict_logits(model, x, mode=spec.mode, window=spec.window, stride=spec.stride,
-                                scales=spec.scales, flip=spec.flip, num_classes=num_classes)
+        logits = predict_logits(
+            model,
+            x,
+            mode=spec.mode,
+            window=spec.window,
+            stride=spec.stride,
+            scales=spec.scales,
+            flip=spec.flip,
+            num_classes=num_classes,
+        )
     logits = logits.float()  # (B, K, H, W)
     if spec.crf is None:
         return logits
@@ -98,10 +118,24 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, spec: InferenceSpec, *, mean: Sequence[float],
-             std: Sequence[float], num_classes: int, ignore_index: int, batch_size: int = 1, workers: int = 0,
-             boundary_f1: bool = True, skip_bad: bool = False, keep_samples: int = 0, shard: bool = False,
-             progress: bool = False, extra_metrics: Sequence[Any] = ()) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    spec: InferenceSpec,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    ignore_index: int,
+    batch_size: int = 1,
+    workers: int = 0,
+    boundary_f1: bool = True,
+    skip_bad: bool = False,
+    keep_samples: int = 0,
+    shard: bool = False,
+    progress: bool = False,
+    extra_metrics: Sequence[Any] = (),
+) -> EvalResult:
     """Score `model` on `dataset` of (uint8 (3, H, W) image, (H, W) mask) pairs.
 
     Args:
@@ -212,8 +246,12 @@ def _keep(samples: list, limit: int, images: torch.Tensor, masks: torch.Tensor, 
 
 # ---- metrics.json: one layout for every command ------------------------------------------------------
 
-_PER_CLASS = {"per_class_iou": "per_class_iou", "per_class_acc": "per_class_acc", "dice": "per_class_dice",
-              "per_class_boundary_f1": "per_class_boundary_f1"}  # EvalResult.scores key -> metrics.json key
+_PER_CLASS = {
+    "per_class_iou": "per_class_iou",
+    "per_class_acc": "per_class_acc",
+    "dice": "per_class_dice",
+    "per_class_boundary_f1": "per_class_boundary_f1",
+}  # EvalResult.scores key -> metrics.json key
 
 
 def metrics_record(result: EvalResult, classes: Sequence[str], spec: InferenceSpec, **source: Any) -> dict[str, Any]:
@@ -225,15 +263,25 @@ def metrics_record(result: EvalResult, classes: Sequence[str], spec: InferenceSp
             scores[_PER_CLASS[key]] = dict(zip(classes, (_finite(v) for v in value), strict=True))
         else:
             scores[key] = _finite(value)
-    return {"version": METRICS_VERSION, **source, "classes": list(classes), "num_images": result.num_images,
-            "skipped": [f for f, _ in result.bad], "inference": spec.describe(), "scores": scores}
+    return {
+        "version": METRICS_VERSION,
+        **source,
+        "classes": list(classes),
+        "num_images": result.num_images,
+        "skipped": [f for f, _ in result.bad],
+        "inference": spec.describe(),
+        "scores": scores,
+    }
 
 
 def weights_source(path: Path, meta: Any) -> dict[str, Any]:
     """What metrics.json says about the weights scored: file, model, and when in training they were saved."""
     extra = meta.extra
-    return {"model": meta.model_name, "weights": str(path),
-            "trained": {k: extra.get(k) for k in ("epoch", "step", "precision")}}
+    return {
+        "model": meta.model_name,
+        "weights": str(path),
+        "trained": {k: extra.get(k) for k in ("epoch", "step", "precision")},
+    }
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -252,8 +300,11 @@ def read_metrics(path: Path) -> dict[str, Any]:
         rest = {k: v for k, v in record.items() if k != "val"}
         return {"version": METRICS_VERSION, **rest, "classes": classes, "scores": val}
     classes = record.get("classes", [])
-    scores = {_PER_CLASS.get(k, k): dict(zip(classes, v, strict=False)) if k in _PER_CLASS else v
-              for k, v in record.items() if k in _PER_CLASS or k in _SUMMARY_KEYS}
+    scores = {
+        _PER_CLASS.get(k, k): dict(zip(classes, v, strict=False)) if k in _PER_CLASS else v
+        for k, v in record.items()
+        if k in _PER_CLASS or k in _SUMMARY_KEYS
+    }
     rest = {k: v for k, v in record.items() if k not in _PER_CLASS and k not in _SUMMARY_KEYS}
     return {"version": METRICS_VERSION, **rest, "scores": scores}
 
@@ -278,10 +329,14 @@ def format_table(scores: dict[str, Any]) -> str:
     lines = [f"{'class':<{width}}    IoU    Acc   Dice     BF"]
     bf = scores.get("per_class_boundary_f1", {})
     for name in classes:
-        lines.append(f"{name:<{width}} {pct(scores['per_class_iou'][name])} {pct(scores['per_class_acc'][name])} "
-                     f"{pct(scores['per_class_dice'][name])} {pct(bf.get(name))}")
+        lines.append(
+            f"{name:<{width}} {pct(scores['per_class_iou'][name])} {pct(scores['per_class_acc'][name])} "
+            f"{pct(scores['per_class_dice'][name])} {pct(bf.get(name))}"
+        )
     lines.append("-" * len(lines[0]))
-    lines.append(f"{'mean':<{width}} {pct(scores['miou'])} {pct(scores['mean_acc'])} "
-                 f"{pct(scores['mean_dice'])} {pct(scores.get('boundary_f1'))}")
+    lines.append(
+        f"{'mean':<{width}} {pct(scores['miou'])} {pct(scores['mean_acc'])} "
+        f"{pct(scores['mean_dice'])} {pct(scores.get('boundary_f1'))}"
+    )
     lines.append(f"pixel accuracy {pct(scores['pixel_acc'])}   frequency-weighted IoU {pct(scores['fwiou'])}")
     return "\n".join(lines)

@@ -86,8 +86,9 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: finishing the current step, then writing a checkpoint (send again to abort)",
-              flush=True)
+        print(
+            f"\n{self.signal}: finishing the current step, then writing a checkpoint (send again to abort)", flush=True
+        )
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -112,8 +113,12 @@ def seed_everything(seed: int, deterministic: bool) -> Any:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, for ops without one
@@ -137,8 +142,10 @@ def check_writable(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"output.dir={out}: cannot write there ({e.strerror or e}); "
-                        "choose another folder with --set output.dir=PATH") from None
+        raise UserError(
+            f"output.dir={out}: cannot write there ({e.strerror or e}); "
+            "choose another folder with --set output.dir=PATH"
+        ) from None
 
 
 def truncate_log(path: Path, *, step: int, epoch: int) -> None:
@@ -152,8 +159,11 @@ def truncate_log(path: Path, *, step: int, epoch: int) -> None:
             records.append(json.loads(line))
         except ValueError:  # a line torn by a crash or power cut mid-write was never a step of the run
             continue
-    lines = [json.dumps(r) for r in records
-             if (r["kind"] == "train" and r["step"] <= step) or (r["kind"] == "val" and r["epoch"] <= epoch)]
+    lines = [
+        json.dumps(r)
+        for r in records
+        if (r["kind"] == "train" and r["step"] <= step) or (r["kind"] == "val" and r["epoch"] <= epoch)
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -165,24 +175,41 @@ def build_datasets(cfg: Config) -> dict[str, Any]:
 
     dc = cfg.data
     if dc.dataset != "synthetic" and not Path(dc.root).is_dir():  # e.g. a built-in config run outside a clone
-        raise UserError(f"data.root={dc.root!r}: no such folder; give the {dc.dataset} data set's folder "
-                        "with --set data.root=PATH")
+        raise UserError(
+            f"data.root={dc.root!r}: no such folder; give the {dc.dataset} data set's folder with --set data.root=PATH"
+        )
     scale_range = None if dc.scale_range == [1.0, 1.0] else tuple(dc.scale_range)
-    train_tf = train_transforms(crop_size=tuple(dc.crop_size), scale_range=scale_range, flip=dc.flip,
-                                rotation=dc.rotation, color_jitter=dc.color_jitter, elastic=dc.elastic,
-                                mean=tuple(dc.mean), std=tuple(dc.std))
+    train_tf = train_transforms(
+        crop_size=tuple(dc.crop_size),
+        scale_range=scale_range,
+        flip=dc.flip,
+        rotation=dc.rotation,
+        color_jitter=dc.color_jitter,
+        elastic=dc.elastic,
+        mean=tuple(dc.mean),
+        std=tuple(dc.std),
+    )
     with translated({"name": "data.dataset", "kwargs": "data.kwargs"}):
         train_set = build_dataset(dc.dataset, dc.root, dc.train_split, transforms=train_tf, **dc.kwargs)
-        val_set = (build_dataset(dc.dataset, dc.root, dc.val_split, transforms=raw_transforms(), **dc.kwargs)
-                   if dc.val_split else None)
-    info = {"classes": list(train_set.classes), "palette": [tuple(c) for c in train_set.palette],
-            "ignore_index": int(train_set.ignore_index), "num_classes": int(train_set.num_classes)}
+        val_set = (
+            build_dataset(dc.dataset, dc.root, dc.val_split, transforms=raw_transforms(), **dc.kwargs)
+            if dc.val_split
+            else None
+        )
+    info = {
+        "classes": list(train_set.classes),
+        "palette": [tuple(c) for c in train_set.palette],
+        "ignore_index": int(train_set.ignore_index),
+        "num_classes": int(train_set.num_classes),
+    }
     train_used = range(min(dc.max_train_images or len(train_set), len(train_set)))
     if dc.cache_mb > 0 and hasattr(train_set, "cache_decoded"):  # before the loaders fork: shared, decoded once
         cached = train_set.cache_decoded(dc.cache_mb * 2**20, indices=train_used)
         if cached < len(train_used):
-            print(f"data.cache_mb={dc.cache_mb}: {cached} of {len(train_used)} training images fit in memory; "
-                  "the rest are decoded every epoch")
+            print(
+                f"data.cache_mb={dc.cache_mb}: {cached} of {len(train_used)} training images fit in memory; "
+                "the rest are decoded every epoch"
+            )
     if dc.max_train_images:
         train_set = Subset(train_set, train_used)
     if val_set is not None and dc.max_val_images:
@@ -230,8 +257,9 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         mult = part_mult.get(id(p), 1.0) * (tc.bias_lr_mult if is_bias else 1.0)
         decays = p.ndim > 1 or (is_bias and tc.bias_weight_decay)
         groups.setdefault((mult, tc.weight_decay if decays else 0.0), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": wd, "lr_mult": mult, "lr": tc.lr * mult}
-                    for (mult, wd), ps in groups.items()]
+    param_groups = [
+        {"params": ps, "weight_decay": wd, "lr_mult": mult, "lr": tc.lr * mult} for (mult, wd), ps in groups.items()
+    ]
     return OPTIMIZERS[tc.optimizer](param_groups, tc)
 
 
@@ -244,8 +272,10 @@ def freeze_encoder(cfg: Config, model: nn.Module) -> None:
         return
     encoder = getattr(model, "encoder", None)
     if not isinstance(encoder, nn.Module):
-        raise UserError(f"train.freeze_encoder=true: the model ({type(model).__name__}) has no encoder to freeze; "
-                        "set train.freeze_encoder=false")
+        raise UserError(
+            f"train.freeze_encoder=true: the model ({type(model).__name__}) has no encoder to freeze; "
+            "set train.freeze_encoder=false"
+        )
     encoder.requires_grad_(False)
 
 

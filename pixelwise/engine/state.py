@@ -21,8 +21,20 @@ from pixelwise.fileio import atomic_path
 
 # 2: no "scheduler" entry (the learning rate is a function of the step), "elapsed_s" always present
 CHECKPOINT_VERSION = 2
-_REQUIRED = ("model_name", "config", "model", "optimizer", "scaler", "epoch", "step", "step_in_epoch", "perm",
-             "best_miou", "rng", "elapsed_s")
+_REQUIRED = (
+    "model_name",
+    "config",
+    "model",
+    "optimizer",
+    "scaler",
+    "epoch",
+    "step",
+    "step_in_epoch",
+    "perm",
+    "best_miou",
+    "rng",
+    "elapsed_s",
+)
 
 
 @dataclass
@@ -37,21 +49,48 @@ class TrainState:
     elapsed_s: float = 0.0  # wall seconds of the run before this process started (resumed runs add up)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch, "perm": self.perm,
-                "best_miou": self.best_miou, "elapsed_s": self.elapsed_s}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "perm": self.perm,
+            "best_miou": self.best_miou,
+            "elapsed_s": self.elapsed_s,
+        }
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
-        return cls(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), step_in_epoch=int(ckpt["step_in_epoch"]),
-                   perm=ckpt["perm"], best_miou=ckpt["best_miou"], elapsed_s=float(ckpt["elapsed_s"]))
+        return cls(
+            epoch=int(ckpt["epoch"]),
+            step=int(ckpt["step"]),
+            step_in_epoch=int(ckpt["step_in_epoch"]),
+            perm=ckpt["perm"],
+            best_miou=ckpt["best_miou"],
+            elapsed_s=float(ckpt["elapsed_s"]),
+        )
 
 
-def save_checkpoint(path: Path, *, state: TrainState, model_name: str, config: dict[str, Any], model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    state: TrainState,
+    model_name: str,
+    config: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> None:
     """Write `last.pt` atomically: a crash mid-write leaves the previous checkpoint intact."""
-    ckpt = {"version": CHECKPOINT_VERSION, "model_name": model_name, "config": config,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            **state.to_dict(), "rng": rng_state()}
+    ckpt = {
+        "version": CHECKPOINT_VERSION,
+        "model_name": model_name,
+        "config": config,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        **state.to_dict(),
+        "rng": rng_state(),
+    }
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -62,13 +101,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not a pixelwise checkpoint (a {type(ckpt).__name__}); resume from another "
-                        "one or start again")
+        raise UserError(
+            f"{path}: not a pixelwise checkpoint (a {type(ckpt).__name__}); resume from another one or start again"
+        )
     ckpt = migrate_checkpoint(ckpt)
     missing = [k for k in _REQUIRED if k not in ckpt]
     if ckpt.get("version") != CHECKPOINT_VERSION or missing:
-        raise UserError(f"{path}: not a pixelwise checkpoint of version {CHECKPOINT_VERSION} (version "
-                        f"{ckpt.get('version')!r}, missing {', '.join(missing) or 'nothing'}); start again")
+        raise UserError(
+            f"{path}: not a pixelwise checkpoint of version {CHECKPOINT_VERSION} (version "
+            f"{ckpt.get('version')!r}, missing {', '.join(missing) or 'nothing'}); start again"
+        )
     if not all(isinstance(ckpt[k], int) and not isinstance(ckpt[k], bool) for k in ("epoch", "step", "step_in_epoch")):
         raise UserError(f"{path}: epoch/step entries are not integers; the checkpoint is damaged, start again")
     return ckpt
@@ -84,8 +126,9 @@ def migrate_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
-def align_optimizer_state(saved: dict[str, Any], saved_keys: list[str], model: nn.Module,
-                          optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def align_optimizer_state(
+    saved: dict[str, Any], saved_keys: list[str], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """`saved` (an optimiser's state dict) with each group's parameters listed in `model`'s current order.
 
     An optimiser lists its parameters by position. A checkpoint written before the model's modules were
@@ -117,8 +160,12 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
     }
 

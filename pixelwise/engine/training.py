@@ -61,12 +61,19 @@ from pixelwise.losses import build_loss
 from pixelwise.precision import precision_name
 
 # config keys of the library arguments that validation takes from them
-EVAL_KEYS = {"mode": "eval.mode", "window": "eval.window", "stride": "eval.stride", "scales": "eval.scales",
-             "iterations": "crf.iterations", "preset": "crf.preset"}
+EVAL_KEYS = {
+    "mode": "eval.mode",
+    "window": "eval.window",
+    "stride": "eval.stride",
+    "scales": "eval.scales",
+    "iterations": "crf.iterations",
+    "preset": "crf.preset",
+}
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
-          stop_at_step: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_at_step: int | None = None
+) -> dict[str, Any]:
     """Train as `cfg` says; with `model.stages`, train each stage in turn, each initialised from the last.
 
     Args:
@@ -88,8 +95,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     for stage in cfg.model.stages:
         stage_dir = out / stage
         if not (resume and _finished(stage_dir, needs_metrics=bool(cfg.data.val_split))):
-            result = train_model(cfg, stage_dir, stage, init_from=previous, overwrite=overwrite,
-                                 resume=resume and (stage_dir / "last.pt").exists(), stop_at_step=stop_at_step)
+            result = train_model(
+                cfg,
+                stage_dir,
+                stage,
+                init_from=previous,
+                overwrite=overwrite,
+                resume=resume and (stage_dir / "last.pt").exists(),
+                stop_at_step=stop_at_step,
+            )
             if result["interrupted"]:
                 return result
         previous = stage_dir / "best.safetensors"
@@ -147,13 +161,27 @@ class Run:
     def checkpoint(self) -> None:
         if is_main():
             state = TrainState(**{**self.state.to_dict(), "elapsed_s": self.elapsed()})
-            save_checkpoint(self.out / "last.pt", state=state, model_name=self.model_name,
-                            config=config_to_dict(self.cfg), model=self.model, optimizer=self.optimizer,
-                            scaler=self.scaler)
+            save_checkpoint(
+                self.out / "last.pt",
+                state=state,
+                model_name=self.model_name,
+                config=config_to_dict(self.cfg),
+                model=self.model,
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+            )
 
 
-def train_model(cfg: Config, out: Path, model_name: str, *, init_from: Path | None = None, resume: bool = False,
-                overwrite: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
+def train_model(
+    cfg: Config,
+    out: Path,
+    model_name: str,
+    *,
+    init_from: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
     """Train one model into `out`: build, (restore,) train epoch by epoch, finish."""
     _check_start(out, resume=resume, overwrite=overwrite)
     restore_determinism = seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -181,11 +209,15 @@ def _check_start(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to start over an earlier run's checkpoint, or to resume without one."""
     ckpt_path = out / "last.pt"
     if not resume and ckpt_path.exists() and not overwrite:
-        raise UserError(f"output.dir={out} holds a checkpoint of an earlier run; continue it with --resume "
-                        "or choose another folder with --set output.dir=...")
+        raise UserError(
+            f"output.dir={out} holds a checkpoint of an earlier run; continue it with --resume "
+            "or choose another folder with --set output.dir=..."
+        )
     if resume and not ckpt_path.exists():
-        raise UserError(f"--resume: no checkpoint {ckpt_path}; start without --resume or point output.dir "
-                        "at the folder of the run to continue")
+        raise UserError(
+            f"--resume: no checkpoint {ckpt_path}; start without --resume or point output.dir "
+            "at the folder of the run to continue"
+        )
     check_writable(out)
     if is_main():
         remove_stale_temporaries(out)  # half-written files of an earlier run that was killed mid-write
@@ -206,16 +238,31 @@ def build_run(cfg: Config, out: Path, model_name: str, *, init_from: Path | None
     data = build_datasets(cfg)
     steps_per_epoch = len(data["train"]) // (cfg.data.batch_size * tc.grad_accum * distributed.world_size())
     if steps_per_epoch == 0:
-        raise UserError(f"data: {len(data['train'])} training images are fewer than one step of "
-                        f"data.batch_size={cfg.data.batch_size} x train.grad_accum={tc.grad_accum} x "
-                        f"{distributed.world_size()} process(es); lower them")
+        raise UserError(
+            f"data: {len(data['train'])} training images are fewer than one step of "
+            f"data.batch_size={cfg.data.batch_size} x train.grad_accum={tc.grad_accum} x "
+            f"{distributed.world_size()} process(es); lower them"
+        )
     model, train_model_, model_kwargs = _build_model(cfg, model_name, data["num_classes"], device, init_from)
     weights = class_weights(cfg, data["train"], data["num_classes"])
     loss_fn = build_loss(cfg.loss, class_weights=weights, ignore_index=data["ignore_index"]).to(device)
-    return Run(cfg=cfg, out=out, model_name=model_name, device=device, amp_dtype=amp_dtype, data=data,
-               model=model, train_model=train_model_, model_kwargs=model_kwargs, loss_fn=loss_fn,
-               optimizer=build_optimizer(cfg, model), steps_per_epoch=steps_per_epoch, spec=spec,
-               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), state=TrainState())
+    return Run(
+        cfg=cfg,
+        out=out,
+        model_name=model_name,
+        device=device,
+        amp_dtype=amp_dtype,
+        data=data,
+        model=model,
+        train_model=train_model_,
+        model_kwargs=model_kwargs,
+        loss_fn=loss_fn,
+        optimizer=build_optimizer(cfg, model),
+        steps_per_epoch=steps_per_epoch,
+        spec=spec,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        state=TrainState(),
+    )
 
 
 def _eval_spec(cfg: Config, amp_dtype: torch.dtype | None) -> InferenceSpec:
@@ -226,12 +273,19 @@ def _eval_spec(cfg: Config, amp_dtype: torch.dtype | None) -> InferenceSpec:
         from pixelwise.crf import CRFParams
 
         CRFParams.preset(cfg.crf.preset, iterations=cfg.crf.iterations)
-    return InferenceSpec(mode=ec.mode, window=window, stride=tuple(ec.stride) if ec.stride else None,
-                         scales=tuple(ec.scales), flip=ec.flip, dtype=amp_dtype)
+    return InferenceSpec(
+        mode=ec.mode,
+        window=window,
+        stride=tuple(ec.stride) if ec.stride else None,
+        scales=tuple(ec.scales),
+        flip=ec.flip,
+        dtype=amp_dtype,
+    )
 
 
-def _build_model(cfg: Config, model_name: str, num_classes: int, device: torch.device,
-                 init_from: Path | None) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+def _build_model(
+    cfg: Config, model_name: str, num_classes: int, device: torch.device, init_from: Path | None
+) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The model (channels_last if asked, SyncBatchNorm under DDP if asked), what the loop calls
     (DistributedDataParallel under DDP) and the builder arguments to record in the weights."""
     from pixelwise.models import get_model
@@ -249,13 +303,18 @@ def _build_model(cfg: Config, model_name: str, num_classes: int, device: torch.d
     world = distributed.world_size()
     if cfg.train.sync_bn and world > 1:
         if device.type != "cuda":
-            raise UserError("train.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
-                            "set train.sync_bn=false for CPU runs")
+            raise UserError(
+                "train.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
+                "set train.sync_bn=false for CPU runs"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     freeze_encoder(cfg, model)  # before DDP, which only reduces the gradients of parameters that require them
     # DDP: the wrapper averages gradients over processes; `model` (its module) is saved and evaluated
-    wrapped = model if world == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = (
+        model
+        if world == 1
+        else nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    )
     return model, wrapped, model_kwargs
 
 
@@ -264,20 +323,26 @@ def restore(run: Run) -> None:
     path = run.out / "last.pt"
     ckpt = read_checkpoint(path)
     if ckpt["model_name"] != run.model_name:
-        raise UserError(f"{path}: a checkpoint of model {ckpt['model_name']!r}, not {run.model_name!r}; "
-                        "resume with its own config")
+        raise UserError(
+            f"{path}: a checkpoint of model {ckpt['model_name']!r}, not {run.model_name!r}; resume with its own config"
+        )
     try:
         run.model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit this config's model ({str(e)[:200]}); "
-                        "resume with the config the run started with") from None
+        raise UserError(
+            f"{path}: the weights do not fit this config's model ({str(e)[:200]}); "
+            "resume with the config the run started with"
+        ) from None
     mults = [group["lr_mult"] for group in run.optimizer.param_groups]
     try:
-        run.optimizer.load_state_dict(align_optimizer_state(ckpt["optimizer"], list(ckpt["model"]), run.model,
-                                                            run.optimizer))
+        run.optimizer.load_state_dict(
+            align_optimizer_state(ckpt["optimizer"], list(ckpt["model"]), run.model, run.optimizer)
+        )
     except ValueError as e:  # other parameter groups: the lr/decay multipliers changed since
-        raise UserError(f"{path}: the optimiser state does not fit this config ({e}); resume with "
-                        "the train.* settings the run started with") from None
+        raise UserError(
+            f"{path}: the optimiser state does not fit this config ({e}); resume with "
+            "the train.* settings the run started with"
+        ) from None
     for group, mult in zip(run.optimizer.param_groups, mults, strict=True):
         group["lr_mult"] = mult  # the config's rate factors (checkpoints before them had none)
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -293,8 +358,10 @@ def _warn_changed_batch(run: Run, saved: dict[str, Any]) -> None:
     before = (saved.get("data", {}).get("batch_size"), saved.get("train", {}).get("grad_accum"))
     now = (run.cfg.data.batch_size, run.cfg.train.grad_accum)
     if before != now:
-        print(f"warning: the run started with data.batch_size={before[0]}, train.grad_accum={before[1]}; "
-              f"resuming with {now[0]}, {now[1]} continues it, but not as the unsplit run would have")
+        print(
+            f"warning: the run started with data.batch_size={before[0]}, train.grad_accum={before[1]}; "
+            f"resuming with {now[0]}, {now[1]} continues it, but not as the unsplit run would have"
+        )
 
 
 def _announce(run: Run) -> None:
@@ -302,9 +369,12 @@ def _announce(run: Run) -> None:
     if is_main():
         tc = run.cfg.train
         n_val = len(run.data["val"]) if run.data["val"] is not None else 0
-        print(f"train {run.model_name} on {run.device} ({run.precision}): {len(run.data['train'])} training and "
-              f"{n_val} validation images, {run.steps_per_epoch} steps per epoch, {tc.epochs} epochs "
-              f"-> {run.out}", flush=True)
+        print(
+            f"train {run.model_name} on {run.device} ({run.precision}): {len(run.data['train'])} training and "
+            f"{n_val} validation images, {run.steps_per_epoch} steps per epoch, {tc.epochs} epochs "
+            f"-> {run.out}",
+            flush=True,
+        )
 
 
 def epoch_loader(run: Run) -> DataLoader:
@@ -314,15 +384,26 @@ def epoch_loader(run: Run) -> DataLoader:
     if state.perm is None or state.step_in_epoch == 0:  # a fresh epoch: its order comes from (seed, epoch)
         g = torch.Generator().manual_seed(tc.seed * 100_003 + state.epoch)
         state.perm = torch.randperm(len(run.data["train"]), generator=g)[:n_per_epoch]
-    todo = state.perm[state.step_in_epoch * run.samples_per_step:].tolist()
+    todo = state.perm[state.step_in_epoch * run.samples_per_step :].tolist()
     samples = SeededSamples(run.data["train"], todo, seed=(tc.seed * 100_003 + state.epoch) * 1_000_003)
     world = distributed.world_size()
     # DDP: process r takes todo[r::world], so a step sees the same images as one process would
-    sampler = (DistributedSampler(samples, num_replicas=world, rank=distributed.rank(), shuffle=False,
-                                  drop_last=True) if world > 1 else None)
-    return DataLoader(samples, sampler=sampler, batch_size=dc.batch_size, shuffle=False, drop_last=True,
-                      num_workers=dc.workers, pin_memory=run.device.type == "cuda", worker_init_fn=ignore_sigint,
-                      generator=torch.Generator().manual_seed(tc.seed))  # keeps the global RNG untouched
+    sampler = (
+        DistributedSampler(samples, num_replicas=world, rank=distributed.rank(), shuffle=False, drop_last=True)
+        if world > 1
+        else None
+    )
+    return DataLoader(
+        samples,
+        sampler=sampler,
+        batch_size=dc.batch_size,
+        shuffle=False,
+        drop_last=True,
+        num_workers=dc.workers,
+        pin_memory=run.device.type == "cuda",
+        worker_init_fn=ignore_sigint,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )  # keeps the global RNG untouched
 
 
 def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) -> bool:
@@ -332,8 +413,14 @@ def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) ->
     tc, state = run.cfg.train, run.state
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     run.train_model.train()
-    bar = tqdm(total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}",
-               disable=not (run.cfg.output.progress and is_main()), leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+        disable=not (run.cfg.output.progress and is_main()),
+        leave=False,
+        dynamic_ncols=True,
+    )
     t_log, images_since, loss_sum, micro = time.perf_counter(), 0, 0.0, 0
     with bar:
         for images, targets in epoch_loader(run):
@@ -349,8 +436,17 @@ def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) ->
             if state.step % run.cfg.output.log_every_steps == 0 or state.step_in_epoch == run.steps_per_epoch:
                 now = time.perf_counter()
                 speed, t_log, images_since = images_since / max(now - t_log, 1e-9), now, 0
-                run.log({"kind": "train", "epoch": state.epoch + 1, "step": state.step, "loss": step_loss, "lr": lr,
-                         "images_per_s": speed, "precision": run.precision})
+                run.log(
+                    {
+                        "kind": "train",
+                        "epoch": state.epoch + 1,
+                        "step": state.step,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "images_per_s": speed,
+                        "precision": run.precision,
+                    }
+                )
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
             if distributed.any_true(bool(stop.signal) or state.step == stop_at_step, run.device):  # DDP: all stop
                 return False
@@ -363,8 +459,9 @@ def backward(run: Run, images: torch.Tensor, targets: torch.Tensor, micro: int) 
     """Forward and backward of one micro-batch; returns its loss (NaN or infinity stops the run)."""
     tc = run.cfg.train
     accumulating = distributed.world_size() > 1 and micro + 1 < tc.grad_accum  # DDP: all-reduce on the last
-    autocast = (torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else contextlib.nullcontext()
+    )
     with run.train_model.no_sync() if accumulating else contextlib.nullcontext(), autocast:
         outputs = run.train_model(images)  # (B, K, H, W), or (main, aux) for models built with aux=True
     if isinstance(outputs, tuple):
@@ -379,8 +476,9 @@ def backward(run: Run, images: torch.Tensor, targets: torch.Tensor, micro: int) 
         first = state.step_in_epoch * run.samples_per_step + micro * images.shape[0]
         raise UserError(
             f"loss is {value} at step {state.step + 1} (epoch {state.epoch + 1}, batch of data set indices "
-            f"{state.perm[first:first + images.shape[0]].tolist()}); training stopped and {run.out / 'last.pt'} "
-            "still holds the last good state: lower train.lr, set train.grad_clip or check those images")
+            f"{state.perm[first : first + images.shape[0]].tolist()}); training stopped and {run.out / 'last.pt'} "
+            "still holds the last good state: lower train.lr, set train.grad_clip or check those images"
+        )
     run.scaler.scale(loss / tc.grad_accum).backward()
     return value
 
@@ -406,8 +504,10 @@ def _interrupted(run: Run, stop: StopRequest, stop_at_step: int | None) -> dict[
     """Checkpoint where the loop stopped and report it."""
     run.checkpoint()
     why = f"{stop.signal} received" if stop.signal else f"stop_at_step={stop_at_step} reached"
-    print(f"{why}: wrote {run.out / 'last.pt'} at epoch {run.state.epoch + 1}, step {run.state.step}; "
-          "continue with --resume")
+    print(
+        f"{why}: wrote {run.out / 'last.pt'} at epoch {run.state.epoch + 1}, step {run.state.step}; "
+        "continue with --resume"
+    )
     distributed.barrier()  # DDP: rank 0's checkpoint is on disk before any rank moves on
     return _result(run, interrupted=True)
 
@@ -430,13 +530,31 @@ def end_epoch(run: Run) -> None:
 def validate(run: Run) -> float:
     """Score the model on the validation split (all processes share it under DDP); log and return mIoU."""
     data = run.data
-    result = evaluate(run.model, data["val"], run.spec, mean=run.cfg.data.mean, std=run.cfg.data.std,
-                      num_classes=data["num_classes"], ignore_index=data["ignore_index"],
-                      batch_size=run.cfg.eval.batch_size, workers=run.cfg.data.workers, boundary_f1=False,
-                      shard=True, progress=run.cfg.output.progress and is_main())
+    result = evaluate(
+        run.model,
+        data["val"],
+        run.spec,
+        mean=run.cfg.data.mean,
+        std=run.cfg.data.std,
+        num_classes=data["num_classes"],
+        ignore_index=data["ignore_index"],
+        batch_size=run.cfg.eval.batch_size,
+        workers=run.cfg.data.workers,
+        boundary_f1=False,
+        shard=True,
+        progress=run.cfg.output.progress and is_main(),
+    )
     s = result.scores
-    run.log({"kind": "val", "epoch": run.state.epoch, "step": run.state.step, "miou": s["miou"],
-             "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]})
+    run.log(
+        {
+            "kind": "val",
+            "epoch": run.state.epoch,
+            "step": run.state.step,
+            "miou": s["miou"],
+            "pixel_acc": s["pixel_acc"],
+            "mean_acc": s["mean_acc"],
+        }
+    )
     if is_main():
         print(f"epoch {run.state.epoch}: val mIoU {s['miou']:.4f} (pixel acc {s['pixel_acc']:.4f})")
     return float(s["miou"])
@@ -449,15 +567,29 @@ def save_best(run: Run, miou: float | None) -> None:
     if not is_main():
         return
     dc, data = run.cfg.data, run.data
-    extra = {"epoch": run.state.epoch, "step": run.state.step, "val_miou": miou, "crop_size": dc.crop_size,
-             "precision": run.precision}
+    extra = {
+        "epoch": run.state.epoch,
+        "step": run.state.step,
+        "val_miou": miou,
+        "crop_size": dc.crop_size,
+        "precision": run.precision,
+    }
     if run.cfg.crf.enabled:  # the CRF the model is evaluated with: predict/evaluate/serve default to it
         from pixelwise.crf import CRFParams
 
         extra["crf"] = CRFParams.preset(run.cfg.crf.preset, iterations=run.cfg.crf.iterations).to_dict()
-    save_weights(run.out / "best.safetensors", run.model, model_name=run.model_name, model_kwargs=run.model_kwargs,
-                 classes=data["classes"], palette=data["palette"], mean=tuple(dc.mean), std=tuple(dc.std),
-                 ignore_index=data["ignore_index"], extra=extra)
+    save_weights(
+        run.out / "best.safetensors",
+        run.model,
+        model_name=run.model_name,
+        model_kwargs=run.model_kwargs,
+        classes=data["classes"],
+        palette=data["palette"],
+        mean=tuple(dc.mean),
+        std=tuple(dc.std),
+        ignore_index=data["ignore_index"],
+        extra=extra,
+    )
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -481,12 +613,28 @@ def finish(run: Run) -> dict[str, Any]:
         spec = replace(spec, crf=CRFParams.from_dict(meta.extra["crf"]))
     keep = run.cfg.output.report_images if run.cfg.output.report else 0
     data = run.data
-    result = evaluate(run.model, data["val"], spec, mean=meta.mean, std=meta.std, num_classes=data["num_classes"],
-                      ignore_index=data["ignore_index"], batch_size=run.cfg.eval.batch_size,
-                      workers=run.cfg.data.workers, keep_samples=keep, progress=run.cfg.output.progress)
+    result = evaluate(
+        run.model,
+        data["val"],
+        spec,
+        mean=meta.mean,
+        std=meta.std,
+        num_classes=data["num_classes"],
+        ignore_index=data["ignore_index"],
+        batch_size=run.cfg.eval.batch_size,
+        workers=run.cfg.data.workers,
+        keep_samples=keep,
+        progress=run.cfg.output.progress,
+    )
     # the weights beside metrics.json, named relative to it: a run's files do not depend on its folder
-    record = metrics_record(result, data["classes"], spec, **weights_source(Path(best.name), meta),
-                            dataset=run.cfg.data.dataset, split=run.cfg.data.val_split)
+    record = metrics_record(
+        result,
+        data["classes"],
+        spec,
+        **weights_source(Path(best.name), meta),
+        dataset=run.cfg.data.dataset,
+        split=run.cfg.data.val_split,
+    )
     atomic_write_text(run.out / "metrics.json", json.dumps(record, indent=2) + "\n")
     if run.cfg.output.report:
         _write_report(run, result, record)
@@ -498,19 +646,40 @@ def _write_report(run: Run, result: Any, record: dict[str, Any]) -> None:
 
     data, s = run.data, record["scores"]
     history = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line]
-    write_report(run.out, history=history, confusion=result.confusion.numpy(), classes=data["classes"],
-                 palette=data["palette"], samples=result.samples, ignore_index=data["ignore_index"],
-                 title=f"{run.model_name} on {run.cfg.data.dataset}",
-                 summary={"model": run.model_name, "data set": run.cfg.data.dataset, "epochs": run.state.epoch,
-                          "steps": run.state.step, "val mIoU": s["miou"], "pixel accuracy": s["pixel_acc"],
-                          "mean accuracy": s["mean_acc"], "boundary F1": s.get("boundary_f1"),
-                          "CRF": record["inference"]["crf"] is not None, "precision": run.precision})
+    write_report(
+        run.out,
+        history=history,
+        confusion=result.confusion.numpy(),
+        classes=data["classes"],
+        palette=data["palette"],
+        samples=result.samples,
+        ignore_index=data["ignore_index"],
+        title=f"{run.model_name} on {run.cfg.data.dataset}",
+        summary={
+            "model": run.model_name,
+            "data set": run.cfg.data.dataset,
+            "epochs": run.state.epoch,
+            "steps": run.state.step,
+            "val mIoU": s["miou"],
+            "pixel accuracy": s["pixel_acc"],
+            "mean accuracy": s["mean_acc"],
+            "boundary F1": s.get("boundary_f1"),
+            "CRF": record["inference"]["crf"] is not None,
+            "precision": run.precision,
+        },
+    )
 
 
 def _result(run: Run, *, interrupted: bool = False) -> dict[str, Any]:
     s = run.state
-    return {"interrupted": interrupted, "step": s.step, "epoch": s.epoch, "best_miou": s.best_miou,
-            "metrics": None, "out_dir": str(run.out)}
+    return {
+        "interrupted": interrupted,
+        "step": s.step,
+        "epoch": s.epoch,
+        "best_miou": s.best_miou,
+        "metrics": None,
+        "out_dir": str(run.out),
+    }
 
 
 def _finished(out: Path, needs_metrics: bool) -> bool:

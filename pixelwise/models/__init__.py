@@ -96,8 +96,11 @@ def _check_kwargs(name: str, kwargs: dict) -> None:
         return
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ArgumentError("kwargs", {unknown[0]: kwargs[unknown[0]]},
-                            f"model {name!r} takes no argument {unknown[0]!r}; it takes {', '.join(params)}")
+        raise ArgumentError(
+            "kwargs",
+            {unknown[0]: kwargs[unknown[0]]},
+            f"model {name!r} takes no argument {unknown[0]!r}; it takes {', '.join(params)}",
+        )
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise ArgumentError("kwargs", kwargs, f"model {name!r} needs {', '.join(missing)}")
@@ -113,8 +116,9 @@ def _pretrained_model(name: str, tag: str, kwargs: dict) -> nn.Module:
     built = {"num_classes": meta.num_classes, **meta.model_kwargs}
     clash = {k: v for k, v in kwargs.items() if built.get(k, v) != v or k not in built}
     if clash:
-        raise UserError(f"model {name!r} with weights={tag!r} is built as {built}; drop {sorted(clash)} "
-                        "or build without weights")
+        raise UserError(
+            f"model {name!r} with weights={tag!r} is built as {built}; drop {sorted(clash)} or build without weights"
+        )
     return model
 
 

@@ -261,12 +261,22 @@ def _build(
         raise UserError("pass weights_backbone or init_from, not both: init_from already carries the VGG-16 weights")
     original = geometry == "original"
     # 'same': no 100-pixel padding, and fc6 keeps pool5's size
-    encoder = FCNEncoder(conv1_padding=100 if original else 1, fc_padding=0 if original else 3,
-                         width_div=width_div, fc_channels=fc_channels, weights=weights_backbone)
+    encoder = FCNEncoder(
+        conv1_padding=100 if original else 1,
+        fc_padding=0 if original else 3,
+        width_div=width_div,
+        fc_channels=fc_channels,
+        weights=weights_backbone,
+    )
     c = encoder.out_channels
     head = FCNScores(in_channels=(c[2], c[3], c[5]), num_classes=num_classes, stride=stride, skip_scales=skip_scales)
-    decoder = FCNDecoder(num_classes=num_classes, stride=stride, geometry=geometry, upsample=upsample,
-                         learnable_upsample=learnable_upsample)
+    decoder = FCNDecoder(
+        num_classes=num_classes,
+        stride=stride,
+        geometry=geometry,
+        upsample=upsample,
+        learnable_upsample=learnable_upsample,
+    )
     model = FCN(encoder=encoder, head=head, decoder=decoder)
     if init_from is not None:
         _init_from_coarser(model, init_from)

@@ -335,8 +335,11 @@ class FCNBasic(LoadsOldKeys, nn.Module):
     """
 
     # The score layers were the decoder's `reduce_*`, the NoDimReduction classifier `classifier`.
-    OLD_KEYS = {"decoder.reduce_input.": "head.reduce_input.", "decoder.reduce_skips.": "head.reduce_skips.",
-                "classifier.": "head."}
+    OLD_KEYS = {
+        "decoder.reduce_input.": "head.reduce_input.",
+        "decoder.reduce_skips.": "head.reduce_skips.",
+        "classifier.": "head.",
+    }
 
     def __init__(self, *, encoder: SegNetBasicEncoder, decoder: FCNBasicDecoder, head: nn.Module) -> None:
         super().__init__()

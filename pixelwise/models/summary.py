@@ -9,12 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # Parameter counts the papers report, in millions, with the class count they were reported for.
 PAPER_PARAMS_M = {
-    "fcn8s": (134.0, 21),          # Long et al. 2015, Table 1 (FCN-VGG16, PASCAL VOC)
-    "segnet": (29.4, 11),          # Badrinarayanan et al. 2017, Table 6 (CamVid)
-    "segnet_basic": (1.425, 11),   # Badrinarayanan et al. 2017, Table 1
-    "fcn_basic": (0.65, 11),       # Badrinarayanan et al. 2017, Table 1
-    "unet": (31.0, 2),             # the usual count for the 572x572 U-Net; Ronneberger et al. 2015 give none
-    "deeplab_v1": (20.5, 21),      # Chen et al. 2015, DeepLab-LargeFOV, Table 2
+    "fcn8s": (134.0, 21),  # Long et al. 2015, Table 1 (FCN-VGG16, PASCAL VOC)
+    "segnet": (29.4, 11),  # Badrinarayanan et al. 2017, Table 6 (CamVid)
+    "segnet_basic": (1.425, 11),  # Badrinarayanan et al. 2017, Table 1
+    "fcn_basic": (0.65, 11),  # Badrinarayanan et al. 2017, Table 1
+    "unet": (31.0, 2),  # the usual count for the 572x572 U-Net; Ronneberger et al. 2015 give none
+    "deeplab_v1": (20.5, 21),  # Chen et al. 2015, DeepLab-LargeFOV, Table 2
 }
 
 

@@ -104,8 +104,9 @@ class UNetDecoder(nn.Module):
         levels = range(len(widths) - 1, 0, -1)  # deepest first
         self.same = conv_padding > 0
         self.ups = nn.ModuleList([make_upsample(upsample, widths[i], widths[i - 1], 2) for i in levels])
-        self.blocks = nn.ModuleList([DoubleConv(2 * widths[i - 1], widths[i - 1], conv_padding, norm_layer)
-                                     for i in levels])
+        self.blocks = nn.ModuleList(
+            [DoubleConv(2 * widths[i - 1], widths[i - 1], conv_padding, norm_layer) for i in levels]
+        )
 
     def forward(self, feats: Features) -> torch.Tensor:
         x = feats[-1]  # the bottom level is not a skip

@@ -18,8 +18,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise UserError(f"--host {host!r}: cannot resolve it ({e.strerror}); use an address such as 127.0.0.1") \
-            from None
+        raise UserError(
+            f"--host {host!r}: cannot resolve it ({e.strerror}); use an address such as 127.0.0.1"
+        ) from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # allow restarts over TIME_WAIT, not a live port
@@ -28,8 +29,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"--port {port}: address {host}:{port} is already in use; stop the other server "
-                            "or choose another port with --port") from None
+            raise UserError(
+                f"--port {port}: address {host}:{port} is already in use; stop the other server "
+                "or choose another port with --port"
+            ) from None
         if e.errno == errno.EACCES:
             raise UserError(f"--port {port}: permission denied on {host}:{port}; use a port above 1023") from None
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
@@ -46,8 +49,15 @@ def server_config(app) -> uvicorn.Config:
     from pixelwise.serve.protocol import protocol_class
 
     limits = app.state.limits
-    return uvicorn.Config(app, http=protocol_class(limits), ws="none", log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    return uvicorn.Config(
+        app,
+        http=protocol_class(limits),
+        ws="none",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -68,13 +78,18 @@ def serve_command(args: argparse.Namespace) -> int:
     model, meta = load_weights(args.weights, device=device)
     channels = int(meta.model_kwargs.get("in_channels", 3))
     if channels != 3:
-        raise UserError(f"{args.weights}: the model takes {channels}-channel input but the service feeds RGB "
-                        "images; serve weights of a 3-channel model")
+        raise UserError(
+            f"{args.weights}: the model takes {channels}-channel input but the service feeds RGB "
+            "images; serve weights of a 3-channel model"
+        )
     sock = bind_socket(args.host, args.port)  # before uvicorn, so a busy port is one clear line
     app = create_app(model, meta, device=device, dtype=dtype)
     host, port = sock.getsockname()[:2]
-    print(f"pixelwise serve: {meta.model_name} ({meta.num_classes} classes) on http://{host}:{port}/ "
-          f"(device {device}, {precision_name(dtype)}); Ctrl+C to stop", flush=True)
+    print(
+        f"pixelwise serve: {meta.model_name} ({meta.num_classes} classes) on http://{host}:{port}/ "
+        f"(device {device}, {precision_name(dtype)}); Ctrl+C to stop",
+        flush=True,
+    )
     config = server_config(app)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

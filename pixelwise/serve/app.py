@@ -96,8 +96,11 @@ class RequestLimits:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = (413, f"request body is larger than the limit of {self.max_bytes} bytes; "
-                          "send a smaller image (downscale or recompress it)")
+        too_large = (
+            413,
+            f"request body is larger than the limit of {self.max_bytes} bytes; "
+            "send a smaller image (downscale or recompress it)",
+        )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _error_response(*too_large)(scope, receive, send)
@@ -131,8 +134,11 @@ class RequestLimits:
         except (_BodyTooLarge, _BodyTooSlow) as e:
             if started:
                 raise
-            status, message = too_large if isinstance(e, _BodyTooLarge) else (
-                408, f"the request body was not complete within {self.timeout:g} s; send it faster or smaller")
+            status, message = (
+                too_large
+                if isinstance(e, _BodyTooLarge)
+                else (408, f"the request body was not complete within {self.timeout:g} s; send it faster or smaller")
+            )
             await _error_response(status, message, {"Connection": "close"})(scope, receive, send)
 
 
@@ -148,8 +154,9 @@ def decode_upload(data: bytes, *, max_pixels: int) -> np.ndarray:
         returns (H, W, 3) uint8, EXIF orientation applied (as browsers show the image).
     """
     try:
-        return decode_image(data, name="uploaded image", max_pixels=max_pixels,
-                            hint=f"send an intact {FORMAT_NAMES} file")
+        return decode_image(
+            data, name="uploaded image", max_pixels=max_pixels, hint=f"send an intact {FORMAT_NAMES} file"
+        )
     except ImageTooLarge as e:
         raise ApiError(413, f"{e.reason}; downscale it") from None
     except ImageFormatError as e:
@@ -176,9 +183,16 @@ def class_fractions(pred: np.ndarray, num_classes: int) -> list[float]:
 class Segmenter:
     """Runs the model on one decoded image at a time (called from the single worker thread)."""
 
-    def __init__(self, model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, crf: CRFParams | None = None,
-                 max_whole_pixels: int = MAX_WHOLE_PIXELS):
+    def __init__(
+        self,
+        model: nn.Module,
+        meta: WeightsMeta,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        crf: CRFParams | None = None,
+        max_whole_pixels: int = MAX_WHOLE_PIXELS,
+    ):
         """`crf`: the CRF of `?crf=1`; default the one recorded in the weights, else DeepLab's (VGG)."""
         from pixelwise.engine import InferenceSpec
 
@@ -196,15 +210,29 @@ class Segmenter:
         """RGB uint8 ``(H, W, 3)`` -> class indices ``(H, W)``: whole-image inference up to `max_whole_pixels`,
         above it by sliding window in chunks (`pixelwise.segment`), so memory is bounded by the window."""
         try:
-            return segment_image(self.model, image, self.refined if crf else self.plain, mean=self.meta.mean,
-                                 std=self.meta.std, num_classes=self.meta.num_classes, default_win=self.window,
-                                 max_whole_pixels=self.max_whole_pixels, name="uploaded image")
+            return segment_image(
+                self.model,
+                image,
+                self.refined if crf else self.plain,
+                mean=self.meta.mean,
+                std=self.meta.std,
+                num_classes=self.meta.num_classes,
+                default_win=self.window,
+                max_whole_pixels=self.max_whole_pixels,
+                name="uploaded image",
+            )
         except NeedsWholeImage as e:
             raise ApiError(413, str(e)) from None
 
 
-def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, limits: ServeLimits | None = None) -> FastAPI:
+def create_app(
+    model: nn.Module,
+    meta: WeightsMeta,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    limits: ServeLimits | None = None,
+) -> FastAPI:
     """The service for one model and its weights metadata (see the module docstring for the API);
     `dtype` is the autocast dtype of inference (None = fp32)."""
     limits = limits or ServeLimits()
@@ -218,8 +246,9 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
         yield
         worker.shutdown(wait=True, cancel_futures=True)
 
-    app = FastAPI(title="pixelwise", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/v1/openapi.json")
+    app = FastAPI(
+        title="pixelwise", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json"
+    )
     app.add_middleware(RequestLimits, max_bytes=limits.max_upload_bytes, timeout=limits.body_timeout)
     app.state.limits = limits
     app.state.meta = meta
@@ -228,8 +257,10 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-               "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+        csp = (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+        )
         return HTMLResponse(page, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
 
     @app.get("/healthz")
@@ -249,8 +280,11 @@ def create_app(model: nn.Module, meta: WeightsMeta, *, device: str | torch.devic
             raise ApiError(400, f"alpha={alpha} is outside 0..1; give the overlay opacity, e.g. alpha=0.5")
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
-            raise ApiError(415, f"Content-Type {content_type or '(none)'!r} is not supported; send "
-                                "multipart/form-data with the image in the field 'image'")
+            raise ApiError(
+                415,
+                f"Content-Type {content_type or '(none)'!r} is not supported; send "
+                "multipart/form-data with the image in the field 'image'",
+            )
         if admitted >= limits.max_queue:
             raise ApiError(503, f"busy: {admitted} requests are queued (limit {limits.max_queue}); retry shortly")
         admitted += 1
@@ -299,8 +333,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _unexpected_error(request: Request, exc: Exception):
         # starlette logs the traceback after this answer; the client gets the one shape, without internals
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return _error_response(500, f"internal error ({type(exc).__name__}) while answering {request.method} "
-                                    f"{request.url.path}; the server log has the details")
+        return _error_response(
+            500,
+            f"internal error ({type(exc).__name__}) while answering {request.method} "
+            f"{request.url.path}; the server log has the details",
+        )
 
 
 def _model_info(meta: WeightsMeta, segmenter: Segmenter, limits: ServeLimits) -> dict:
@@ -316,14 +353,17 @@ def _model_info(meta: WeightsMeta, segmenter: Segmenter, limits: ServeLimits) ->
         "device": str(segmenter.device),
         "precision": precision_name(segmenter.plain.dtype),
         "crf": segmenter.refined.crf.to_dict(),
-        "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-                   "max_queue": limits.max_queue, "max_whole_pixels": limits.max_whole_pixels,
-                   "window": list(segmenter.window)},
+        "limits": {
+            "max_upload_bytes": limits.max_upload_bytes,
+            "max_pixels": limits.max_pixels,
+            "max_queue": limits.max_queue,
+            "max_whole_pixels": limits.max_whole_pixels,
+            "window": list(segmenter.window),
+        },
     }
 
 
-def _answer(segmenter: Segmenter, data: bytes, format: str, crf: bool, alpha: float,
-            limits: ServeLimits) -> Response:
+def _answer(segmenter: Segmenter, data: bytes, format: str, crf: bool, alpha: float, limits: ServeLimits) -> Response:
     """Decode, segment and encode one upload (runs in the worker thread, off the event loop)."""
     meta = segmenter.meta
     image = decode_upload(data, max_pixels=limits.max_pixels)
@@ -331,11 +371,18 @@ def _answer(segmenter: Segmenter, data: bytes, format: str, crf: bool, alpha: fl
     fractions = class_fractions(pred, meta.num_classes)
     h, w = pred.shape
     if format == "json":
-        return JSONResponse({
-            "width": w, "height": h, "model": meta.model_name, "crf": crf,
-            "classes": [{"index": i, "name": name, "color": list(meta.palette[i]), "fraction": fractions[i]}
-                        for i, name in enumerate(meta.classes)],
-        })
+        return JSONResponse(
+            {
+                "width": w,
+                "height": h,
+                "model": meta.model_name,
+                "crf": crf,
+                "classes": [
+                    {"index": i, "name": name, "color": list(meta.palette[i]), "fraction": fractions[i]}
+                    for i, name in enumerate(meta.classes)
+                ],
+            }
+        )
     headers = {"X-Class-Fractions": ",".join(f"{f:.6g}" for f in fractions), "Cache-Control": "no-store"}
     if format == "overlay":
         body = encode_png(overlay(image, pred, meta.palette, alpha=alpha, ignore_index=meta.ignore_index))

@@ -64,8 +64,11 @@ class ServeProtocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP/1.1, as JSON."""
         body = error_body(f"malformed HTTP request ({msg.rstrip('.')}); send a valid HTTP/1.1 request")
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
         self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
         self.transport.write(self.conn.send(h11.Data(data=body)))
         self.transport.write(self.conn.send(h11.EndOfMessage()))
@@ -91,8 +94,11 @@ class ServeProtocol(H11Protocol):
             return
         partial_head = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
         if partial_head:
-            self._reply_and_close(408, f"the request head was not complete within {self.limits.header_timeout:g} s; "
-                                       "send the whole request without pausing")
+            self._reply_and_close(
+                408,
+                f"the request head was not complete within {self.limits.header_timeout:g} s; "
+                "send the whole request without pausing",
+            )
         else:  # an idle connection, or a body the app answered without reading: nobody is waiting for a reply
             self.transport.close()
 
@@ -110,8 +116,10 @@ class ServeProtocol(H11Protocol):
     def _reply_and_close(self, status: int, message: str) -> None:
         """Write a JSON error as raw HTTP/1.1 (h11 cannot answer a request it has not parsed) and close."""
         body = error_body(message)
-        head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
         self.transport.write(head + body)
         self.transport.close()
 
