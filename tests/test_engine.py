@@ -244,3 +244,15 @@ def test_evaluate_isbi2012_prints_the_challenge_scores(tmp_path, capsys):
     assert "ISBI 2012 challenge: V_Rand" in capsys.readouterr().out
     c = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scores"]["isbi_challenge"]
     assert all(0 <= c[k] <= 1 for k in ("v_rand", "v_info", "pixel_error"))
+
+
+def test_multiscale_runs_each_scale_whole_unless_a_window_is_asked_for():
+    from pixelwise.cli import inference_spec
+
+    parser = build_parser()
+    base = ["evaluate", "--weights", "w", "--data", "d", "--dataset", "camvid"]
+    crop = {"crop_size": [240, 320]}
+    assert inference_spec(parser.parse_args([*base, "--mode", "multiscale"]), crop, None).window is None
+    asked = parser.parse_args([*base, "--mode", "multiscale", "--window", "64", "64"])
+    assert inference_spec(asked, crop, None).window == (64, 64)
+    assert inference_spec(parser.parse_args([*base, "--mode", "slide"]), crop, None).window == (240, 320)
