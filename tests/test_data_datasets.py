@@ -149,7 +149,7 @@ def test_build_dataset_errors():
     with pytest.raises(ArgumentError, match="takes no option 'sbd_root'"):
         build_dataset("ade20k", ".", "val", sbd_root="x")
     # a data set without options once ended its message at "it takes"
-    with pytest.raises(UserError, match=r"'camvid' takes no option 'num_classes'; it takes no options at all$"):
+    with pytest.raises(ArgumentError, match=r"'camvid' takes no option 'num_classes'; it takes no options at all$"):
         build_dataset("camvid", ".", "val", num_classes=3)
 
 
