@@ -209,6 +209,8 @@ def _checked_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         raise _Invalid("model_kwargs", kwargs, "a JSON object of builder keywords")
     params = inspect.signature(MODELS[name]).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params = {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     for key, value in kwargs.items():
         where = f"model_kwargs.{key}"
         if key in _NOT_STORED:
@@ -218,10 +220,13 @@ def _checked_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
                 "a weights file may not set it (the class count comes from `classes`, and "
                 "a file holds its own tensors and may not point at other files)",
             )
-        if key not in params:
+        if key in params:
+            kind = str(params[key].annotation)
+        elif open_ended:  # a builder taking **kwargs (e.g. a wrapper): the value's own type, still bounded
+            kind = {bool: "bool", int: "int", float: "float", str: "str", list: "tuple[int, ...]"}.get(type(value), "")
+        else:
             allowed = ", ".join(k for k in params if k not in _NOT_STORED)
             raise _Invalid(where, value, f"model {name!r} has no option {key!r}; it takes {allowed}")
-        kind = str(params[key].annotation)
         ok = {
             "int": _is_int(value) and 0 <= value <= _MAX_INT,
             "bool": isinstance(value, bool),
