@@ -166,6 +166,9 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+MAX_SIDE = 16384  # a training crop larger than this is a typo: one 16384^2 batch of 8 is already ~25 GB as float32
+
+
 def choices() -> dict[str, tuple[str, ...]]:
     """Fields whose value must be one of a few names, each list taken from the library's own registry
     (read when a config is checked, so importing the config module stays light)."""
@@ -384,6 +387,11 @@ def _check_values(cfg: Config, source: str) -> None:
         len(cfg.data.crop_size) == 2 and min(cfg.data.crop_size) > 0,
         f"data.crop_size={cfg.data.crop_size} must be two positive sizes [H, W]",
     )
+    need(
+        max(cfg.data.crop_size, default=0) <= MAX_SIDE,
+        f"data.crop_size={cfg.data.crop_size} is larger than {MAX_SIDE} pixels a side; give the training crop",
+    )
+    need(cfg.output.dir.strip() != "", "output.dir is empty; give the run's folder, e.g. runs/my_run")
     need(
         len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
         f"data.scale_range={cfg.data.scale_range} must be [low, high] with 0 < low <= high",

@@ -19,8 +19,13 @@ from pixelwise.fileio import atomic_write_text
 
 
 def write_bad_files(out: Path, bad: list[tuple[str, str]]) -> None:
-    """`bad_files.txt` (file<TAB>reason per line) and `bad_files.json` in `out`, atomically."""
-    atomic_write_text(out / "bad_files.txt", "".join(f"{f}\t{msg}\n" for f, msg in bad))
+    """`bad_files.txt` (file<TAB>reason per line; a tab, newline or backslash inside a name or reason is
+    written as \\t, \\n, \\\\) and `bad_files.json` in `out`, atomically."""
+
+    def escaped(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+    atomic_write_text(out / "bad_files.txt", "".join(f"{escaped(f)}\t{escaped(msg)}\n" for f, msg in bad))
     atomic_write_text(out / "bad_files.json", json.dumps([{"file": f, "error": m} for f, m in bad], indent=2))
 
 
@@ -69,8 +74,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             extra_metrics=extra,
         )
     if result.num_images == 0:
+        write_bad_files(out, result.bad)  # the message points at it
+        first = f", first {result.bad[0][0]}" if result.bad else ""
         raise UserError(
-            f"no sample of {args.dataset}/{args.split} could be read ({len(result.bad)} bad, listed "
+            f"no sample of {args.dataset}/{args.split} could be read ({len(result.bad)} bad{first}; all listed "
             f"in {out / 'bad_files.txt'}); fix or replace those files"
         )
     record = metrics_record(

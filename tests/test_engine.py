@@ -256,3 +256,41 @@ def test_multiscale_runs_each_scale_whole_unless_a_window_is_asked_for():
     asked = parser.parse_args([*base, "--mode", "multiscale", "--window", "64", "64"])
     assert inference_spec(asked, crop, None).window == (64, 64)
     assert inference_spec(parser.parse_args([*base, "--mode", "slide"]), crop, None).window == (240, 320)
+
+
+def test_bad_file_reports_escape_names_and_a_run_of_only_bad_files_lists_them(tmp_path, capsys):
+    from pixelwise.evaluate import write_bad_files
+
+    write_bad_files(tmp_path, [("a\nb.png", "bad\tbytes"), ("c.png", "truncated")])
+    lines = (tmp_path / "bad_files.txt").read_text().splitlines()
+    assert lines == ["a\\nb.png\tbad\\tbytes", "c.png\ttruncated"]  # one record per line, whatever the name
+    data = _camvid(tmp_path / "camvid", n=2)
+    for f in (data / "val").iterdir():
+        f.write_bytes(b"not an image")
+    weights = tmp_path / "w.safetensors"
+    from pixelwise.models import get_model
+    from pixelwise.weights import save_weights
+
+    kwargs = {"padding": "same", "base_channels": 4, "depth": 2}
+    save_weights(
+        weights,
+        get_model("unet", num_classes=11, **kwargs),
+        model_name="unet",
+        model_kwargs=kwargs,
+        classes=[f"c{i}" for i in range(11)],
+    )
+    out = tmp_path / "ev"
+    args = ["evaluate", "--weights", str(weights), "--data", str(data), "--dataset", "camvid", "--skip-bad"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "f0.png" in err and str(out / "bad_files.txt") in err
+    assert len((out / "bad_files.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [("output.dir=''", "output.dir is empty"), ("data.crop_size=[100000, 100000]", "larger than 16384")],
+)
+def test_config_refuses_an_empty_output_dir_and_an_absurd_crop(override, words):
+    with pytest.raises(UserError, match=words):
+        load_config(None, [override])
