@@ -131,10 +131,9 @@ def _window(args: argparse.Namespace, extra: dict) -> tuple[int, int] | None:
         return (int(args.window[0]), int(args.window[1]))
     if args.mode != "slide":
         return None
-    crop = extra.get("crop_size")
-    if isinstance(crop, list | tuple) and len(crop) == 2:
-        return (int(crop[0]), int(crop[1]))
-    return (512, 512)
+    from pixelwise.segment import default_window
+
+    return default_window(extra)
 
 
 def _add_precision_option(p: argparse.ArgumentParser) -> None:

@@ -93,12 +93,25 @@ def save_weights(
 def read_weights_meta(path: str | Path) -> WeightsMeta:
     """Read only the metadata of a pixelwise `.safetensors` file (or of built-in weights by name: their
     entry's chosen CRF, if any, is added to `extra["crf"]`)."""
+    from pixelwise.pretrained import resolve
+
+    return _with_builtin_crf(_read_meta(resolve(path)), path)
+
+
+def _with_builtin_crf(meta: WeightsMeta, path_or_name: str | Path) -> WeightsMeta:
+    """`meta` with the CRF chosen for built-in weights when `path_or_name` names them (not a file)."""
+    from pixelwise.pretrained import find
+
+    entry = None if Path(path_or_name).is_file() else find(str(path_or_name))
+    if entry is not None and entry.crf:
+        meta.extra.setdefault("crf", dict(entry.crf))
+    return meta
+
+
+def _read_meta(path: Path) -> WeightsMeta:
+    """The schema-checked metadata in the header of the `.safetensors` file `path`."""
     from safetensors import safe_open
 
-    from pixelwise.pretrained import find, resolve
-
-    entry = None if Path(path).is_file() else find(str(path))
-    path = resolve(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -116,10 +129,7 @@ def read_weights_meta(path: str | Path) -> WeightsMeta:
         raw = json.loads(header["meta"])
     except ValueError as e:
         raise UserError(f"{path}: damaged pixelwise metadata ({_short(e)})") from None
-    meta = check_meta(raw, path)
-    if entry is not None and entry.crf:  # built-in weights: the CRF chosen for them
-        meta.extra.setdefault("crf", dict(entry.crf))
-    return meta
+    return check_meta(raw, path)
 
 
 # builder keywords a weights file may not carry: the class count comes from `classes`, and a file holds its
@@ -297,8 +307,9 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from pixelwise.models import get_model
     from pixelwise.pretrained import resolve
 
-    meta = read_weights_meta(path)  # schema-checked (nothing reaches a builder unchecked); a built-in's CRF added
-    path = resolve(path)  # a built-in name becomes its file, sha256 checked
+    file = resolve(path)  # a built-in name becomes its file, sha256 checked (once)
+    meta = _with_builtin_crf(_read_meta(file), path)  # schema-checked: nothing reaches a builder unchecked
+    path = file
     _check_shapes(path, meta)  # before the model is built for real: a file cannot make it build big
     model = get_model(meta.model_name, num_classes=meta.num_classes, **meta.model_kwargs)
     try:
