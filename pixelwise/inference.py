@@ -95,7 +95,7 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _starts(length: int, window: int, stride: int) -> list[int]:
+def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Window offsets covering 0..length: every `stride`, plus one flush with the end."""
     if length <= window:
         return [0]
@@ -115,7 +115,7 @@ def _slide(
     wh, ww = window
     x = F.pad(x, (0, max(ww - w, 0), 0, max(wh - h, 0)))  # (B, C, max(H, wh), max(W, ww))
     hp, wp = x.shape[-2:]
-    boxes = [(y0, x0) for y0 in _starts(hp, wh, stride[0]) for x0 in _starts(wp, ww, stride[1])]
+    boxes = [(y0, x0) for y0 in window_starts(hp, wh, stride[0]) for x0 in window_starts(wp, ww, stride[1])]
     total = None
     count = torch.zeros(1, 1, hp, wp, device=x.device)
     for chunk in _batched(boxes, max(1, batch_size // b)):

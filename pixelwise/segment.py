@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from pixelwise.engine.evaluation import InferenceSpec
 from pixelwise.errors import UserError
+from pixelwise.inference import window_starts
 
 # a Cityscapes frame (2048 x 1024) or a 1080p photo is still inferred whole, as it was trained
 MAX_WHOLE_PIXELS = 2048 * 1024
@@ -115,26 +116,20 @@ def _scores(
     dtype: torch.dtype | None,
     **kwargs,
 ) -> torch.Tensor:
-    """`predict_logits` on an (h, w, 3) uint8 array, as float32 logits (1, K, h, w)."""
-    from pixelwise.inference import normalize, predict_logits
-    from pixelwise.precision import autocast
+    """`engine.segment` on an (h, w, 3) uint8 array, one window per forward pass: float32 logits (1, K, h, w).
+
+    `kwargs`: mode, window, stride (the spec's) and num_classes."""
+    from pixelwise.engine import segment
 
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, 3, h, w) uint8
-    with autocast(device, dtype):
-        logits = predict_logits(model, normalize(x, mean, std), batch_size=1, **kwargs)
-    return logits.float()
+    num_classes = kwargs.pop("num_classes", None)
+    spec = InferenceSpec(**kwargs, dtype=dtype)
+    return segment(model, x, spec, mean=mean, std=std, num_classes=num_classes, batch_size=1)
 
 
 def _labels(logits: torch.Tensor, num_classes: int) -> np.ndarray:
     """argmax over classes, in the smallest integer type that holds them. (B, K, h, w) -> (B, h, w)."""
     return logits.argmax(1).cpu().numpy().astype(np.uint8 if num_classes <= 256 else np.int32)
-
-
-def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """`predict_logits`' window offsets along one axis: every `stride`, plus one flush with the end."""
-    if length <= window:
-        return [0]
-    return list(range(0, length - window, stride)) + [length - window]
 
 
 def covering_span(length: int, window: int, stride: int, out0: int, out1: int) -> tuple[int, int]:

@@ -80,8 +80,10 @@ def segment(
     mean: Sequence[float],
     std: Sequence[float],
     num_classes: int | None = None,
+    batch_size: int = 4,
 ) -> torch.Tensor:
     """Class scores of uint8 images: logits, or CRF-refined probabilities when `spec.crf` is set.
+    `batch_size`: windows per forward pass in slide mode (times the image batch), bounding memory.
 
     Shape:
         (B, 3, H, W) uint8 on the model's device -> (B, K, H, W) float32.
@@ -97,6 +99,7 @@ def segment(
             scales=spec.scales,
             flip=spec.flip,
             num_classes=num_classes,
+            batch_size=batch_size,
         )
     logits = logits.float()  # (B, K, H, W)
     if spec.crf is None:
