@@ -9,7 +9,9 @@ fraction of pixels predicted "membrane" (1.0 = the collapse), and the fraction o
 The settings: the paper's optimiser as the config had it (SGD, lr 0.01, momentum 0.99 on a loss that is
 a per-pixel mean), the same with smaller learning rates, and AdamW.
 
-Writes ``benchmarks/results/unet_optimizer_probe.json``; run folders go under ``--runs``.
+Writes ``benchmarks/results/unet_optimizer_probe.json`` after each setting (settings measured earlier
+with the same step count are kept); run folders go under ``--runs``, and a setting whose folder already
+holds a run of that many steps is scored again without training.
 
     python benchmarks/unet_optimizer_probe.py --steps 120            # ~20 min on 2 CPU cores
 """
@@ -18,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-from common import ROOT, machine_info, progress, write_results
+from common import RESULTS_DIR, ROOT, machine_info, progress, write_results
 
 from pixelwise.config import load_config
 from pixelwise.data import build_dataset
@@ -36,11 +37,6 @@ SETTINGS = {
     "adamw_lr1e-4": ["train.optimizer=adamw", "train.lr=0.0001"],
     "adamw_lr1e-3": ["train.optimizer=adamw", "train.lr=0.001"],
 }
-
-
-def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [rec["loss"] for rec in map(json.loads, lines) if rec.get("kind") == "train"]
 
 
 @torch.no_grad()
@@ -90,11 +86,13 @@ def probe(name: str, overrides: list[str], steps: int, runs: Path) -> dict:
     ]
     cfg = load_config("reproduce/isbi2012_unet", [*base, *overrides])
     cfg.data.root = str((ROOT / cfg.data.root).resolve())
-    t0 = time.perf_counter()
-    train(cfg, overwrite=True, stop_at_step=steps)
-    wall = time.perf_counter() - t0
+    last = run_dir / "last.pt"
+    if not (last.is_file() and load_checkpoint(last)["step"] == steps):  # a finished probe run is reused
+        train(cfg, overwrite=True, stop_at_step=steps)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    wall = records[-1]["elapsed_s"]
     model = _load_run_model(run_dir, True)
-    curve = losses(run_dir)
+    curve = [r["loss"] for r in records if r["kind"] == "train"]
     out = {
         "setting": name,
         "overrides": overrides,
@@ -120,11 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=Path.home() / "runs" / "unet_probe")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    results = [probe(name, SETTINGS[name], args.steps, args.runs) for name in args.settings]
-    write_results(
-        "unet_optimizer_probe",
-        {"benchmark": "unet_optimizer_probe", "steps": args.steps, "results": results, "machine": machine_info("cpu")},
-    )
+    done = RESULTS_DIR / "unet_optimizer_probe.json"
+    kept = json.loads(done.read_text())["results"] if done.is_file() else []  # settings measured before
+    results = [r for r in kept if r["setting"] not in args.settings and r["steps"] == args.steps]
+    for name in args.settings:
+        results.append(probe(name, SETTINGS[name], args.steps, args.runs))
+        results.sort(key=lambda r: list(SETTINGS).index(r["setting"]))
+        write_results(
+            "unet_optimizer_probe",
+            {
+                "benchmark": "unet_optimizer_probe",
+                "steps": args.steps,
+                "results": results,
+                "machine": machine_info("cpu"),
+            },
+        )
     return 0
 
 

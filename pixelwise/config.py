@@ -40,6 +40,9 @@ class ModelConfig:
     # FCN staged training (Long et al. 2015, §4.2): e.g. [fcn32s, fcn16s, fcn8s], each stage trained for
     # train.epochs and initialised from the previous stage's best weights; empty = train `name` once
     stages: list[str] = field(default_factory=list)
+    # fine-tune (mmseg's load_from): start from these weights (.safetensors, a built-in name or a run's
+    # last.pt), every tensor that fits by name and shape; empty = the builder's own initialisation
+    init_weights: str = ""
 
 
 def _imagenet(which: str) -> list[float]:
@@ -78,6 +81,9 @@ class TrainConfig:
     """Optimisation: optimiser, schedule, precision, reproducibility."""
 
     epochs: int = 50  # passes over the training set (per stage when model.stages is set)
+    # wall-clock budget in minutes (resumed runs add up): the epoch in which it runs out is the last one,
+    # validated and finished as usual; 0 = train.epochs alone decide
+    max_minutes: float = 0.0
     optimizer: str = "sgd"  # sgd (+momentum) as FCN/SegNet/DeepLab; adamw for quick from-scratch runs
     lr: float = 0.01  # DeepLab's base rate with the poly schedule
     momentum: float = 0.9  # SGD momentum of every paper here
@@ -403,6 +409,7 @@ def _check_values(cfg: Config, source: str) -> None:
     need(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1")
     need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be 0 or more")
     need(cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be at least 1")
+    need(cfg.train.max_minutes >= 0, f"train.max_minutes={cfg.train.max_minutes} must be 0 (no limit) or more")
     need(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be positive")
     need(cfg.train.grad_accum >= 1, f"train.grad_accum={cfg.train.grad_accum} must be at least 1")
     need(cfg.train.step_every >= 1, f"train.step_every={cfg.train.step_every} must be at least 1")

@@ -203,7 +203,7 @@ def _checked_stats(raw: dict, key: str, channels: int) -> tuple[float, ...]:
     if not (
         isinstance(value, list)
         and len(value) == channels
-        and all(_finite(v) for v in value)
+        and all(_is_finite_number(v) for v in value)
         and (key == "mean" or min(value) > 0)
     ):
         raise _Invalid(
@@ -240,7 +240,7 @@ def _checked_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
         ok = {
             "int": _is_int(value) and 0 <= value <= _MAX_INT,
             "bool": isinstance(value, bool),
-            "float": _finite(value),
+            "float": _is_finite_number(value),
             "str": isinstance(value, str) and len(value) <= 64,
             "tuple[int, ...]": isinstance(value, list)
             and 0 < len(value) <= 64
@@ -282,7 +282,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _finite(v: Any) -> bool:
+def _is_finite_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -321,6 +321,38 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except RuntimeError as e:
         raise UserError(f"{path}: tensors do not fit model {meta.model_name!r} ({_short(e)})") from None
     return model.to(device).eval(), meta
+
+
+def load_matching(model: nn.Module, source: str | Path) -> tuple[list[str], list[str]]:
+    """Fine-tuning's start (mmseg's `load_from`): copy into `model` every tensor of `source` whose name
+    and shape match, leaving the rest at the model's own initialisation (e.g. a head for other classes).
+    At least half of the model's tensors must fit: anything less is another model's file.
+
+    Args:
+        source: pixelwise weights (`.safetensors` or a built-in name) or a training checkpoint (`last.pt`).
+
+    Returns:
+        (names loaded, names of `model` kept at their initialisation).
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix != ".safetensors":
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise UserError(f"{path}: neither pixelwise weights (.safetensors) nor a training checkpoint with 'model'")
+        state = ckpt["model"]
+    else:
+        state = load_weights(source)[0].state_dict()
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
+    if len(fits) < len(own) / 2:  # a few tensors of another model fitting by chance is no start
+        raise ArgumentError(
+            "source",
+            str(source),
+            f"only {len(fits)} of the {len(own)} tensors of this {type(model).__name__} fit by name and shape; "
+            "give weights of the same model (any number of classes)",
+        )
+    model.load_state_dict(fits, strict=False)
+    return sorted(fits), sorted(k for k in own if k not in fits)
 
 
 def _check_shapes(path: Path, meta: WeightsMeta) -> None:

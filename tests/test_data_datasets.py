@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_camvid
 from PIL import Image
 
 from pixelwise.data import (
@@ -210,15 +211,8 @@ def test_synthetic_same_with_loader_workers():
     assert not torch.equal(train[0][1], ds[0][1])  # splits draw from different seeds
 
 
-def _tiny_camvid(root: Path, n: int = 5, h: int = 12, w: int = 16) -> Path:
-    for i in range(n):
-        _img(root / "train" / f"f{i}.png", h, w)
-        _mask(root / "trainannot" / f"f{i}.png", RNG.integers(0, 12, (h, w)))
-    return root
-
-
 def test_cache_decoded_keeps_samples_within_the_bound(tmp_path, monkeypatch):
-    ds = CamVid(_tiny_camvid(tmp_path), "train")
+    ds = CamVid(write_camvid(tmp_path, splits={"train": 5}, size=(12, 16)), "train")
     expected = [ds[i] for i in range(len(ds))]
     per_sample = 12 * 16 * 3 + 12 * 16  # uint8 image + mask narrowed to uint8
     assert ds.cache_decoded(3 * per_sample) == 3  # stops when the next sample would not fit

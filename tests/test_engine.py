@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_camvid
 
 from pixelwise.cli import INFERENCE_FLAGS, build_parser, main
 from pixelwise.config import choices, load_config
@@ -42,16 +41,8 @@ TINY_CAMVID = [
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _camvid(root, n=4, h=20, w=28):
-    """A CamVid-layout folder: random images, labels 0..11 (11 = Unlabelled, ignored)."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / f"f{i}.png")
-            Image.fromarray(rng.integers(0, 12, (h, w), dtype=np.uint8)).save(root / f"{split}annot" / f"f{i}.png")
-    return root
+def _camvid(root, n=4):
+    return write_camvid(root, splits={"train": n, "val": n})
 
 
 def test_train_and_evaluate_write_one_layout_with_the_same_numbers(tmp_path, capsys):

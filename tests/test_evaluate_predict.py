@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import write_camvid
 from PIL import Image
 
 from pixelwise.cli import main
@@ -30,14 +31,7 @@ def weights(tmp_path_factory):
 
 
 def _camvid(root, n=3, h=20, w=28):
-    rng = np.random.default_rng(0)
-    for split in ("val",):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / f"f{i}.png")
-            Image.fromarray(rng.integers(0, 12, (h, w), dtype=np.uint8)).save(root / f"{split}annot" / f"f{i}.png")
-    return root
+    return write_camvid(root, splits={"val": n}, size=(h, w))
 
 
 def _run(capsys, *argv):

@@ -17,7 +17,7 @@ from pixelwise.engine.parts import build_optimizer
 from pixelwise.errors import UserError
 from pixelwise.models import get_model
 from pixelwise.train import train
-from pixelwise.weights import load_checkpoint, load_weights
+from pixelwise.weights import load_checkpoint, load_matching, load_weights
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -580,3 +580,40 @@ def test_freeze_encoder_trains_only_the_decoder_and_head(tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert all(torch.equal(v, seen["encoder"][k]) for k, v in model.encoder.state_dict().items())
     assert not all(torch.equal(v, seen["head"][k]) for k, v in model.head.state_dict().items())
+
+
+def test_init_weights_fine_tunes_from_a_run_of_another_class_count(tmp_path, capsys):
+    """model.init_weights (mmseg's load_from): every tensor that fits comes from the file, the head of a
+    different class count keeps the builder's init; a file of another model is one line naming the key."""
+    first = tmp_path / "three"
+    train(load_config(None, [*TINY, "train.epochs=1", f"output.dir={first}"]))
+    theirs = load_weights(first / "best.safetensors")[0].state_dict()
+    fresh = get_model("unet", num_classes=5, padding="same", base_channels=4, depth=2)
+    loaded, kept = load_matching(fresh, first / "best.safetensors")
+    assert kept == ["head.bias", "head.weight"] and len(loaded) == len(theirs) - 2
+    assert all(torch.equal(theirs[k], v) for k, v in fresh.state_dict().items() if k in loaded)
+
+    five = [*TINY, "train.epochs=1", "data.kwargs={size: [32, 32], num_images: 16, num_classes: 5}"]
+    init = f"model.init_weights={first / 'best.safetensors'}"
+    cfg = load_config(None, [*five, init, "train.freeze_encoder=true", f"output.dir={tmp_path / 'five'}"])
+    train(cfg)
+    assert "kept the builder's init for 2: head.bias, head.weight" in capsys.readouterr().out
+    ours = load_weights(tmp_path / "five" / "best.safetensors")[0].state_dict()
+    encoder = [k for k in ours if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(theirs[k], ours[k]) for k in encoder)  # frozen: still the file's
+    assert ours["head.weight"].shape[0] == 5
+    other = [*TINY, "model.name=segnet_basic", "model.kwargs={}", init, f"output.dir={tmp_path / 'other'}"]
+    with pytest.raises(UserError, match=r"^model\.init_weights=.*: only 1 of the 50 tensors of this SegNet fit"):
+        train(load_config(None, other))
+
+
+def test_max_minutes_ends_the_run_after_the_epoch_in_which_it_runs_out(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "train.epochs=5", "train.max_minutes=0.00001", "eval.every_epochs=3")
+    result = train(cfg)
+    assert not result["interrupted"] and result["epoch"] == 1 and result["step"] == 4
+    assert "train.max_minutes=1e-05 reached in epoch 1 (step 4)" in capsys.readouterr().out
+    log = _log(tmp_path / "run")
+    assert [r["epoch"] for r in log if r["kind"] == "val"] == [1]  # the last epoch is validated, as epochs' last
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "best.safetensors").is_file()
+    with pytest.raises(UserError, match=r"train\.max_minutes=-1\.0 must be 0 \(no limit\) or more"):
+        _cfg(tmp_path, "train.max_minutes=-1")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_camvid
 from PIL import Image
 
 import pixelwise
@@ -167,19 +168,8 @@ def test_demo_and_configs_from_the_wheel(bin_dir, work):
     )
 
 
-def _tiny_camvid(root: Path) -> None:
-    """CamVid's layout: SPLIT/*.png images and SPLITannot/*.png label maps (0..10, 11 = Unlabelled), 96x128."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("val", 1)):
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
-            Image.fromarray(rng.integers(0, 12, (96, 128), dtype=np.uint8)).save(root / f"{split}annot" / f"{i}.png")
-
-
 def test_train_a_builtin_config_and_predict_with_the_builtin_weights(bin_dir, work):
-    _tiny_camvid(work / "camvid")
+    write_camvid(work / "camvid", splits={"train": 4, "val": 1}, size=(96, 128))
     sets = [
         "data.root=camvid",
         "output.dir=run",

@@ -139,6 +139,7 @@ class Run:
     spec: InferenceSpec  # validation; the final one adds the CRF when crf.enabled
     state: TrainState
     started: float = 0.0  # perf_counter when this process started training
+    time_is_up: bool = False  # train.max_minutes ran out: the epoch just ended was the last
 
     @property
     def precision(self) -> str:
@@ -196,7 +197,7 @@ def train_model(
         stop = StopRequest()
         run.started = time.perf_counter()
         with stop.installed():
-            while run.state.epoch < cfg.train.epochs:
+            while run.state.epoch < cfg.train.epochs and not run.time_is_up:
                 if not train_epoch(run, stop, stop_at_step):
                     return _interrupted(run, stop, stop_at_step)
                 end_epoch(run)
@@ -298,6 +299,8 @@ def _build_model(
         build_kwargs["init_from"] = load_weights(init_from)[0]
     with translated({"name": "model.name", "kwargs": "model.kwargs"}):
         model = get_model(model_name, num_classes=num_classes, **build_kwargs).to(device)
+    if cfg.model.init_weights and init_from is None:  # a later stage starts from the previous one instead
+        _init_weights(model, cfg.model.init_weights)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     world = distributed.world_size()
@@ -316,6 +319,17 @@ def _build_model(
         else nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     )
     return model, wrapped, model_kwargs
+
+
+def _init_weights(model: nn.Module, source: str) -> None:
+    """model.init_weights: load what fits and say what kept the builder's initialisation."""
+    from pixelwise.weights import load_matching
+
+    with translated({"source": "model.init_weights"}):
+        loaded, kept = load_matching(model, source)
+    if is_main():
+        rest = f"; kept the builder's init for {len(kept)}: {', '.join(kept[:4])}" if kept else ""
+        print(f"model.init_weights: {len(loaded)} tensors from {source}{rest}{', ...' if len(kept) > 4 else ''}")
 
 
 def restore(run: Run) -> None:
@@ -517,7 +531,12 @@ def end_epoch(run: Run) -> None:
     state, every = run.state, run.cfg.eval.every_epochs
     state.epoch += 1
     state.step_in_epoch = 0
-    if run.data["val"] is not None and every and (state.epoch % every == 0 or state.epoch == run.cfg.train.epochs):
+    budget = run.cfg.train.max_minutes * 60
+    run.time_is_up = distributed.any_true(bool(budget) and run.elapsed() >= budget, run.device)  # DDP: all agree
+    if run.time_is_up and state.epoch < run.cfg.train.epochs and is_main():
+        print(f"train.max_minutes={run.cfg.train.max_minutes:g} reached in epoch {state.epoch} (step {state.step})")
+    last = state.epoch == run.cfg.train.epochs or run.time_is_up
+    if run.data["val"] is not None and every and (state.epoch % every == 0 or last):
         miou = validate(run)
         if state.best_miou is None or miou > state.best_miou:
             state.best_miou = miou
@@ -613,6 +632,8 @@ def finish(run: Run) -> dict[str, Any]:
         spec = replace(spec, crf=CRFParams.from_dict(meta.extra["crf"]))
     keep = run.cfg.output.report_images if run.cfg.output.report else 0
     data = run.data
+    crf = " with the dense CRF" if spec.crf is not None else ""
+    print(f"final validation: scoring the best weights {best} on {len(data['val'])} images{crf} -> metrics.json")
     result = evaluate(
         run.model,
         data["val"],

@@ -225,6 +225,31 @@ class Segmenter:
             raise ApiError(413, str(e)) from None
 
 
+# the page's scripts and styles are inline; it talks to this service only
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _check_request(request: Request, format: str, alpha: float) -> None:
+    """ApiError 400/415 for a /v1/segment request whose query or Content-Type cannot be answered."""
+    if format not in FORMATS:
+        raise ApiError(400, f"format={format!r} is not supported; use png, json or overlay")
+    if not 0.0 <= alpha <= 1.0:
+        raise ApiError(400, f"alpha={alpha} is outside 0..1; give the overlay opacity, e.g. alpha=0.5")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(
+            415,
+            f"Content-Type {content_type or '(none)'!r} is not supported; send "
+            "multipart/form-data with the image in the field 'image'",
+        )
+
+
 def create_app(
     model: nn.Module,
     meta: WeightsMeta,
@@ -257,11 +282,7 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        csp = (
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
-        )
-        return HTMLResponse(page, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -274,17 +295,7 @@ def create_app(
     @app.post("/v1/segment")
     async def segment(request: Request, format: str = "png", crf: bool = False, alpha: float = 0.5) -> Response:
         nonlocal admitted
-        if format not in FORMATS:
-            raise ApiError(400, f"format={format!r} is not supported; use png, json or overlay")
-        if not 0.0 <= alpha <= 1.0:
-            raise ApiError(400, f"alpha={alpha} is outside 0..1; give the overlay opacity, e.g. alpha=0.5")
-        content_type = request.headers.get("content-type", "")
-        if not content_type.lower().startswith("multipart/form-data"):
-            raise ApiError(
-                415,
-                f"Content-Type {content_type or '(none)'!r} is not supported; send "
-                "multipart/form-data with the image in the field 'image'",
-            )
+        _check_request(request, format, alpha)
         if admitted >= limits.max_queue:
             raise ApiError(503, f"busy: {admitted} requests are queued (limit {limits.max_queue}); retry shortly")
         admitted += 1
