@@ -453,7 +453,8 @@ def table(results: list[dict], fast: bool) -> str:
     return format_table(headers, rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by gpu_check.py, which validates its planned runs against it)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -510,8 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.333 on CPU: this 2-core "
         "AVX-512 machine in fp32)",
     )
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quick = args.quick
     args.size = args.size or ([176, 240] if quick else [360, 480])
     args.batch_sizes = args.batch_sizes or ([1] if quick else [1, 8])
