@@ -120,7 +120,8 @@ def with_cpu_time(fn: Callable[[], object], sink: list[float]) -> Callable[[], o
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by gpu_check.py, which validates its planned runs against it)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -136,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="images of the batch case (default 16; 4 --quick)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table of one dense_crf call")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     presets = args.presets or (["pydensecrf"] if args.quick else ["pydensecrf", "deeplab_vgg"])
     batch = args.batch or (4 if args.quick else 16)
     reps = args.reps or (3 if args.quick else 7)

@@ -12,8 +12,10 @@ in one process, alternating A B A B after warm-up, with the same thread count:
 The ratio is ours/peer of images/s (> 1: ours is faster), the median over rounds of the
 back-to-back time ratio (robust to load changes on a shared machine; the ratio of the medians is
 kept in the JSON too). Where the two architectures differ
-(smp has no plain-conv U-Net encoder; smp's DeepLabV3+ uses depthwise-separable convs) the
-table also gives GFLOPs per image and the FLOP-throughput ratio. ``--mfu`` (default on CUDA)
+(smp has no plain-conv U-Net encoder; smp's default DeepLabV3+ decoder is depthwise-separable where the
+paper's ResNet decoder, our default, is not) the table also gives GFLOPs per image and the
+FLOP-throughput ratio; ``deeplabv3plus_resnet50_separable`` races equal layouts (ours with
+``separable=True`` against smp's default decoder: equal parameter shapes and FLOPs). ``--mfu`` (default on CUDA)
 measures DeepLabv3-ResNet-101, 512x512, batch 16 (bf16 on CUDA, fp32 on CPU) against the
 device's peak (``--peak-tflops``).
 
@@ -136,6 +138,21 @@ def _smp_deeplabv3plus() -> nn.Module:
     )
 
 
+def _smp_deeplabv3plus_separable() -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    # smp's default decoder (separable ASPP, a separable 3x3 after it, one separable 3x3 fusing conv) at
+    # output stride 16 with the paper's rates for it, 6/12/18 (smp's default 12/24/36 belongs to stride 8):
+    # the layout of ours with separable=True, equal parameter shapes and FLOPs (tests/test_deeplab.py)
+    return smp.DeepLabV3Plus(
+        encoder_name="resnet50",
+        encoder_weights=None,
+        encoder_output_stride=16,
+        decoder_atrous_rates=(6, 12, 18),
+        classes=NUM_CLASSES,
+    )
+
+
 PAIRS: dict[str, Pair] = {
     "fcn_resnet50": Pair(
         "fcn_resnet50",
@@ -176,6 +193,16 @@ PAIRS: dict[str, Pair] = {
         "smp's decoder has one depthwise-separable 3x3 conv (+ a separable 3x3 after ASPP) where ours "
         "has the paper's two full 3x3 convs at stride 4: fewer FLOPs for smp; compare the FLOP-throughput "
         "ratio too",
+    ),
+    "deeplabv3plus_resnet50_separable": Pair(
+        "deeplabv3plus_resnet50_separable",
+        lambda: get_model("deeplabv3plus_resnet50", num_classes=NUM_CLASSES, separable=True),
+        _smp_deeplabv3plus_separable,
+        "smp DeepLabV3Plus(resnet50, OS16, rates 6/12/18, separable decoder: smp's default)",
+        16,
+        False,
+        "the same layout: separable ASPP, a separable 3x3 after it, one separable 3x3 at stride 4; equal "
+        "parameter shapes and FLOPs, different random init",
     ),
 }
 
@@ -426,7 +453,8 @@ def table(results: list[dict], fast: bool) -> str:
     return format_table(headers, rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by gpu_check.py, which validates its planned runs against it)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -483,8 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.333 on CPU: this 2-core "
         "AVX-512 machine in fp32)",
     )
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quick = args.quick
     args.size = args.size or ([176, 240] if quick else [360, 480])
     args.batch_sizes = args.batch_sizes or ([1] if quick else [1, 8])

@@ -10,6 +10,16 @@ import torch
 from PIL import Image
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where no CUDA device is; benchmarks/gpu_check.sh runs them on a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU by benchmarks/gpu_check.sh)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def one_thread():
     """Run single-threaded: tiny tensors gain nothing from threads, and on a busy 2-core machine every

@@ -7,7 +7,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from pixelwise.errors import UserError
-from pixelwise.layers import ASPP, ASPPv2, aspp_rates, atrous_conv3x3
+from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, SeparableConv2d, aspp_rates, atrous_conv3x3
 
 
 def test_aspp_rates():
@@ -28,6 +28,34 @@ def test_atrous_conv_samples_with_holes():
     expected = torch.zeros(9, 9)
     expected[2:7:2, 2:7:2] = 1.0  # the impulse reaches outputs at offsets {-2, 0, 2}^2
     torch.testing.assert_close(y, expected)
+
+
+def test_separable_conv_equals_the_full_conv_of_its_factors():
+    torch.manual_seed(0)
+    conv = SeparableConv2d(3, 5, 3, padding=2, dilation=2)
+    depthwise, pointwise = conv.depthwise.weight, conv.pointwise.weight  # (3, 1, 3, 3), (5, 3, 1, 1)
+    assert sum(p.numel() for p in conv.parameters()) == 3 * 9 + 3 * 5 + 5  # no depthwise bias
+    full = nn.Conv2d(3, 5, 3, padding=2, dilation=2)
+    with torch.no_grad():
+        full.weight.copy_(pointwise[:, :, 0, 0, None, None] * depthwise[None, :, 0])  # W[o,i] = P[o,i] * D[i]
+        full.bias.copy_(conv.pointwise.bias)
+        x = torch.randn(2, 3, 11, 13)
+        torch.testing.assert_close(conv(x), full(x), atol=1e-5, rtol=1e-5)
+    assert conv(x).shape == (2, 5, 11, 13)
+
+
+def test_separable_conv_stands_where_a_conv_type_is_passed():
+    block = ConvNormAct(4, 6, conv_layer=SeparableConv2d)  # bias only where no norm follows
+    assert isinstance(block[0], SeparableConv2d) and block[0].pointwise.bias is None
+    assert sum(p.numel() for p in block.parameters()) == 4 * 9 + 4 * 6 + 2 * 6
+    aspp = ASPP(8, (1, 2, 3), out_channels=4, conv_layer=SeparableConv2d)
+    for branch, rate in zip(aspp.convs[1:4], (1, 2, 3), strict=True):
+        assert branch[0].depthwise.dilation == (rate, rate) and branch[0].depthwise.groups == 8
+    # 1x1 and pooling branches 2 * (8*4 + 8), three separable branches 3 * (8*9 + 8*4 + 8), projection 5*4*4 + 8
+    assert sum(p.numel() for p in aspp.parameters()) == 2 * 40 + 3 * 112 + 88
+    assert aspp.eval()(torch.randn(1, 8, 7, 9)).shape == (1, 4, 7, 9)
+    with pytest.raises(UserError, match="dilation"):
+        atrous_conv3x3(4, 4, dilation=0, conv_layer=SeparableConv2d)
 
 
 def _randomise_bn(module: nn.Module) -> None:

@@ -345,7 +345,7 @@ def test_module_equals_function():
     assert torch.allclose(with_compat(probs, image), dense_crf(probs, image, **SMALL), atol=1e-5)  # Potts
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     probs, image = random_probs(2, 5, 40, 50, 10), smooth_image(2, 40, 50, 10)
     cpu = dense_crf(probs, image, **crf_kwargs("deeplab_vgg"))

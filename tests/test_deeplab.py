@@ -11,8 +11,10 @@ from torchvision.models import segmentation as tv_seg
 from torchvision.models._utils import IntermediateLayerGetter
 
 from pixelwise.errors import UserError
+from pixelwise.layers import SeparableConv2d
 from pixelwise.models.deeplab import (
     DeepLabV3,
+    DeepLabV3Plus,
     deeplab_v1,
     deeplab_v2,
     deeplabv3_resnet50,
@@ -128,10 +130,79 @@ def test_deeplabv3plus_shapes_and_wiring(output_stride: int, size: tuple[int, in
 
 
 def test_deeplabv3plus_param_counts() -> None:
+    # the default, the paper's ResNet decoder: these counts predate the separable option
     # ResNet-50 without fc 23,508,032 + ASPP 15,535,104 + decoder (12,384 + 700,928 + 590,336 + 5,397)
-    assert _n_params(deeplabv3plus_resnet50(num_classes=21)) == 40_352_181
+    model = deeplabv3plus_resnet50(num_classes=21)
+    assert _n_params(model) == 40_352_181
+    assert all(m.groups == 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # no depthwise conv
     # ResNet-101 without fc: 42,500,160 (19 more bottlenecks in layer3)
     assert _n_params(deeplabv3plus_resnet101(num_classes=21)) == 40_352_181 - 23_508_032 + 42_500_160
+
+
+# ASPP with separable atrous branches: 1x1 and pooling branches 2 * (2048*256 + 512), three branches
+# 3 * (2048*9 + 2048*256 + 512), projection 1280*256 + 512
+SEPARABLE_ASPP = 2 * 524_800 + 3 * 543_232 + 328_192  # 3,007,488
+# separable 3x3 after ASPP 256*9 + 256*256 + 512, reduction 256*48 + 96, one separable 3x3 fusing
+# 304*9 + 304*256 + 512, head 256*21 + 21
+SEPARABLE_DECODER_AND_HEAD = 68_352 + 12_384 + 81_072 + 5_397
+
+
+def test_deeplabv3plus_separable_param_counts() -> None:
+    separable = deeplabv3plus_resnet50(num_classes=21, separable=True)
+    assert _n_params(separable) == 23_508_032 + SEPARABLE_ASPP + SEPARABLE_DECODER_AND_HEAD == 26_682_725
+    assert _n_params(deeplabv3plus_resnet101(num_classes=21, separable=True)) == (
+        42_500_160 + SEPARABLE_ASPP + SEPARABLE_DECODER_AND_HEAD
+    )
+    separables = [m for m in separable.modules() if isinstance(m, SeparableConv2d)]
+    assert [m.depthwise.dilation[0] for m in separables] == [6, 12, 18, 1, 1]  # 3 ASPP branches, 2 in the decoder
+    assert sum(isinstance(m, SeparableConv2d) for m in separable.encoder.modules()) == 0
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_deeplabv3plus_separable_has_smps_layout(depth: int) -> None:
+    """Same parameter count, the same parameter and buffer shapes and the same FLOPs as smp's DeepLabV3Plus."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from pixelwise.models.summary import flops_of
+
+    builder = deeplabv3plus_resnet50 if depth == 50 else deeplabv3plus_resnet101
+    with torch.device("meta"):  # shapes and FLOPs only: no memory, no time
+        ours = builder(num_classes=11, separable=True).eval()
+        peer = smp.DeepLabV3Plus(
+            encoder_name=f"resnet{depth}",
+            encoder_weights=None,
+            encoder_output_stride=16,
+            decoder_atrous_rates=(6, 12, 18),
+            classes=11,
+        ).eval()
+        x = torch.zeros(1, 3, 64, 96)  # smp needs multiples of 16
+    assert _n_params(ours) == _n_params(peer)
+
+    def shapes(tensors) -> list[tuple[int, ...]]:
+        return sorted(tuple(t.shape) for t in tensors)
+
+    assert shapes(ours.parameters()) == shapes(peer.parameters())
+    assert shapes(ours.buffers()) == shapes(peer.buffers())
+    with torch.no_grad():
+        assert flops_of(lambda: ours(x)) == flops_of(lambda: peer(x))
+
+
+def test_deeplabv3plus_separable_shapes_and_backward() -> None:
+    torch.manual_seed(0)
+    model = deeplabv3plus_resnet50(num_classes=5, separable=True)
+    assert isinstance(model, DeepLabV3Plus)
+    seen = {}
+    model.decoder.fuse.register_forward_pre_hook(lambda m, args: seen.update(fuse=args[0].shape))
+    x = torch.randn(2, 3, 63, 95)  # not a multiple of 16: the decoder upsamples to the stride-4 size
+    out = model.train()(x)
+    assert out.shape == (2, 5, 63, 95)
+    assert seen["fuse"] == (2, 256 + 48, 16, 24)
+    out.square().mean().backward()
+    for m in model.decoder.modules():
+        if isinstance(m, SeparableConv2d):
+            assert m.depthwise.weight.grad.abs().sum() > 0 and m.pointwise.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        y = model.eval()(x[:1])
+    assert y.shape == (1, 5, 63, 95) and torch.isfinite(y).all()
 
 
 # ---------------------------------------------------------------------------------------------- v2

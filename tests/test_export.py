@@ -100,6 +100,16 @@ def test_onnx_matches_pytorch_at_two_sizes(name, tmp_path):
             assert diff <= 1e-4 * max(1.0, scale), (name, shape, diff, scale)
 
 
+def test_onnx_separable_deeplabv3plus_matches_pytorch(tmp_path):
+    # the option's depthwise (grouped, dilated) convs, in a full-size ResNet-50 (about 2 s)
+    torch.manual_seed(0)
+    model = get_model("deeplabv3plus_resnet50", num_classes=3, separable=True).eval()
+    path = tmp_path / "separable.onnx"
+    assert export_onnx(model, path, size=EXPORT_SIZE, check=False).dynamic_dims == ("batch", "height", "width")
+    for shape, (diff, scale) in zip(TEST_SIZES, ort_vs_torch(model, path, TEST_SIZES), strict=True):
+        assert diff <= 1e-4 * max(1.0, scale), (shape, diff, scale)
+
+
 @pytest.mark.parametrize(
     ("name", "dims"), [("segnet", ("batch", "height", "width")), ("fcn8s", ("batch",)), ("unet", ("batch",))]
 )

@@ -15,6 +15,7 @@ from pixelwise.config import load_config
 from pixelwise.crf import CRF_PRESETS
 from pixelwise.engine.parts import build_optimizer
 from pixelwise.errors import UserError
+from pixelwise.layers import SeparableConv2d
 from pixelwise.models import get_model
 from pixelwise.train import train
 from pixelwise.weights import load_checkpoint, load_matching, load_weights
@@ -617,3 +618,22 @@ def test_max_minutes_ends_the_run_after_the_epoch_in_which_it_runs_out(tmp_path,
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "best.safetensors").is_file()
     with pytest.raises(UserError, match=r"train\.max_minutes=-1\.0 must be 0 \(no limit\) or more"):
         _cfg(tmp_path, "train.max_minutes=-1")
+
+
+def test_separable_deeplabv3plus_trains_and_its_weights_rebuild_it(tmp_path):
+    # the builder option travels config -> model -> best.safetensors metadata -> the rebuilt model
+    cfg = _cfg(
+        tmp_path,
+        "model.name=deeplabv3plus_resnet50",
+        "model.kwargs={separable: true}",
+        "data.kwargs={size: [32, 32], num_images: 4, num_classes: 3}",
+        "data.max_val_images=2",
+        "train.epochs=1",
+        "output.log_every_steps=1",
+    )
+    result = train(cfg)
+    assert not result["interrupted"] and result["step"] == 1
+    model, meta = load_weights(tmp_path / "run" / "best.safetensors")
+    assert meta.model_name == "deeplabv3plus_resnet50" and meta.model_kwargs == {"separable": True}
+    assert sum(isinstance(m, SeparableConv2d) for m in model.modules()) == 5  # 3 in ASPP, 2 in the decoder
+    assert math.isfinite(_log(tmp_path / "run")[0]["loss"])

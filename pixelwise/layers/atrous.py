@@ -23,15 +23,23 @@ _ASPP_RATES: dict[int, tuple[int, int, int]] = {
 }
 
 
-def atrous_conv3x3(in_channels: int, out_channels: int, dilation: int, bias: bool = True) -> nn.Conv2d:
+def atrous_conv3x3(
+    in_channels: int,
+    out_channels: int,
+    dilation: int,
+    bias: bool = True,
+    conv_layer: type[nn.Module] = nn.Conv2d,
+) -> nn.Module:
     """A 3x3 convolution with holes: dilation ``d`` and padding ``d`` keep the spatial size.
+
+    ``conv_layer`` is ``nn.Conv2d`` or, for an atrous separable convolution, ``SeparableConv2d``.
 
     Shape:
         (B, in_channels, H, W) -> (B, out_channels, H, W).
     """
     if dilation < 1:
         raise UserError(f"atrous rate (dilation)={dilation} must be a positive integer such as 2, 6 or 12")
-    return nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=bias)
+    return conv_layer(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=bias)
 
 
 def aspp_rates(output_stride: int) -> tuple[int, int, int]:
@@ -100,15 +108,22 @@ class ASPPv2(nn.Module):
 class ASPPConv(nn.Sequential):
     """One atrous branch of DeepLab v3's ASPP: 3x3 dilated conv (no bias) -> norm -> ReLU.
 
+    ``conv_layer=SeparableConv2d`` makes it an atrous separable branch (DeepLab v3+, Sec. 3.2).
+
     Shape:
         (B, in_channels, H, W) -> (B, out_channels, H, W).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, dilation: int, norm_layer: type[nn.Module] = nn.BatchNorm2d
+        self,
+        in_channels: int,
+        out_channels: int,
+        dilation: int,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        conv_layer: type[nn.Module] = nn.Conv2d,
     ) -> None:
         super().__init__(
-            atrous_conv3x3(in_channels, out_channels, dilation, bias=False),
+            atrous_conv3x3(in_channels, out_channels, dilation, bias=False, conv_layer=conv_layer),
             norm_layer(out_channels),
             nn.ReLU(),
         )
@@ -167,6 +182,8 @@ class ASPP(nn.Module):
         out_channels: width of every branch and of the output.
         norm_layer: normalisation layer type, called as ``norm_layer(channels)``.
         dropout: dropout probability after the projection.
+        conv_layer: type of the three 3x3 atrous convs: ``nn.Conv2d`` (v3), or ``SeparableConv2d``
+            for the separable ASPP of DeepLab v3+ (Sec. 3.2); the 1x1 and pooling branches stay plain.
 
     Shape:
         (B, in_channels, H, W) -> (B, out_channels, H, W).
@@ -179,12 +196,13 @@ class ASPP(nn.Module):
         out_channels: int = 256,
         norm_layer: type[nn.Module] = nn.BatchNorm2d,
         dropout: float = 0.5,
+        conv_layer: type[nn.Module] = nn.Conv2d,
     ) -> None:
         super().__init__()
         modules: list[nn.Module] = [
             nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm_layer(out_channels), nn.ReLU())
         ]
-        modules += [ASPPConv(in_channels, out_channels, rate, norm_layer) for rate in atrous_rates]
+        modules += [ASPPConv(in_channels, out_channels, rate, norm_layer, conv_layer) for rate in atrous_rates]
         modules.append(ASPPPooling(in_channels, out_channels, norm_layer))
         self.convs = nn.ModuleList(modules)
         self.project = nn.Sequential(

@@ -1,7 +1,8 @@
-"""Generic blocks: conv + norm + activation, and centre cropping for skip connections."""
+"""Generic blocks: conv + norm + activation, depthwise-separable conv, and centre cropping for skip connections."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,8 @@ class ConvNormAct(nn.Sequential):
         norm_layer: normalisation type called as ``norm_layer(out_channels)``, or None for none.
         activation: activation type called without arguments, or None for none.
         bias: conv bias; None means "only when there is no norm layer" (a norm's shift makes it redundant).
+        conv_layer: the convolution type, called with ``nn.Conv2d``'s arguments: ``nn.Conv2d``, or
+            ``SeparableConv2d`` for DeepLab v3+'s separable layers.
 
     Shape:
         (B, in_channels, H, W) -> (B, out_channels, H', W') with H' = H for 'same' padding and
@@ -40,13 +43,14 @@ class ConvNormAct(nn.Sequential):
         norm_layer: type[nn.Module] | None = nn.BatchNorm2d,
         activation: type[nn.Module] | None = nn.ReLU,
         bias: bool | None = None,
+        conv_layer: type[nn.Module] = nn.Conv2d,
     ) -> None:
         if padding is None:
             padding = dilation * (kernel_size - 1) // 2
         if bias is None:
             bias = norm_layer is None
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, bias=bias)
+            conv_layer(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, bias=bias)
         ]
         if norm_layer is not None:
             layers.append(norm_layer(out_channels))
@@ -54,6 +58,49 @@ class ConvNormAct(nn.Sequential):
             # ReLU in place, as torchvision's blocks: no extra full-size tensor per block (~4% of U-Net's CPU time)
             layers.append(activation(inplace=True) if activation is nn.ReLU else activation())
         super().__init__(*layers)
+        self.out_channels = out_channels
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise-separable convolution: a per-channel k x k conv, then a 1x1 conv mixing the channels.
+
+    Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017; atrous when
+    ``dilation > 1`` (Chen et al., ECCV 2018, Sec. 3.1, "atrous separable convolution"). It takes
+    ``nn.Conv2d``'s arguments, so it can stand where a conv type is passed (``ConvNormAct``'s
+    ``conv_layer``). The depthwise conv has no bias (the pointwise conv's, or the norm after it, covers
+    it) and no norm or activation between the two, as segmentation-models-pytorch's ``SeparableConv2d``:
+    k*k*C_in + C_in*C_out weights instead of k*k*C_in*C_out.
+
+    Shape:
+        (B, in_channels, H, W) -> (B, out_channels, H', W'), H' as for ``nn.Conv2d`` with the same arguments.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            OrderedDict(
+                depthwise=nn.Conv2d(
+                    in_channels,
+                    in_channels,
+                    kernel_size,
+                    stride,
+                    padding,
+                    dilation=dilation,
+                    groups=in_channels,
+                    bias=False,
+                ),
+                pointwise=nn.Conv2d(in_channels, out_channels, 1, bias=bias),
+            )
+        )
+        self.in_channels = in_channels
         self.out_channels = out_channels
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pixelwise.encoders.resnet import ResNetEncoder
 from pixelwise.encoders.vgg import VGGEncoder, vgg16_classifier
-from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, aspp_rates, atrous_conv3x3
+from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, SeparableConv2d, aspp_rates, atrous_conv3x3
 from pixelwise.models.anatomy import LoadsOldKeys
 from pixelwise.models.fcn_resnet import FCNHead, SimpleSegmentationModel
 
@@ -254,33 +254,34 @@ def deeplabv3_resnet101(
 
 
 # -------------------------------------------------------------------------------------------- v3+
+LOW_LEVEL_CHANNELS = 48  # v3+, Sec. 4.1 (Table 1): the stride-4 features reduced to 48 channels
+
+
 class DeepLabV3PlusDecoder(nn.Module):
     """ASPP on the deepest features, then the DeepLab v3+ decoder (Chen et al., ECCV 2018, Sec. 3.1).
 
     The stride-4 low-level features are reduced by a 1x1 conv to 48 channels (so they do not
     outweigh the 256 ASPP channels), concatenated with the ASPP output upsampled to their size and
-    refined by two 3x3 convs with 256 channels; the model's head classifies them. The paper counts
-    ASPP in its encoder (DeepLabv3 as encoder); here the encoder is the ImageNet ResNet (what
-    ``train.freeze_encoder`` freezes) and ASPP opens the decoder.
+    refined by ``fuse``; the model's head classifies them. The paper counts ASPP in its encoder
+    (DeepLabv3 as encoder); here the encoder is the ImageNet ResNet (what ``train.freeze_encoder``
+    freezes) and ASPP opens the decoder.
 
     Args:
-        aspp: the v3 ASPP (256 output channels).
+        aspp: the v3 ASPP, or any module from the deepest features to 256 channels (the separable
+            layout: a separable ASPP and a separable 3x3 conv).
         low_channels: channels of the stride-4 features (layer1: 256).
-        aspp_channels: channels of the ASPP output.
+        fuse: the refining convs, from 256 + 48 to 256 channels (the paper: two 3x3 convs with 256).
 
     Shape:
         the encoder's ``Features`` (layer4 (B, 2048, H/os, W/os), layer1 (B, low_channels, H/4, W/4))
         -> (B, 256, H/4, W/4).
     """
 
-    def __init__(self, aspp: ASPP, low_channels: int, aspp_channels: int = 256) -> None:
+    def __init__(self, aspp: nn.Module, low_channels: int, fuse: nn.Module) -> None:
         super().__init__()
         self.aspp = aspp
-        self.reduce = ConvNormAct(low_channels, 48, kernel_size=1)
-        self.fuse = nn.Sequential(
-            ConvNormAct(aspp_channels + 48, 256, kernel_size=3),
-            ConvNormAct(256, 256, kernel_size=3),
-        )
+        self.reduce = ConvNormAct(low_channels, LOW_LEVEL_CHANNELS, kernel_size=1)
+        self.fuse = fuse
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.aspp(feats[-1])  # (B, 256, H/os, W/os)
@@ -322,14 +323,27 @@ def _deeplabv3plus(
     num_classes: int,
     output_stride: int,
     multigrid: bool,
+    separable: bool,
     weights_backbone: str | os.PathLike | None,
 ) -> DeepLabV3Plus:
     encoder = ResNetEncoder(
         depth=depth, output_stride=output_stride, multigrid=MULTIGRID if multigrid else None, weights=weights_backbone
     )
+    rates = aspp_rates(output_stride)
+    fused = 256 + LOW_LEVEL_CHANNELS  # the upsampled ASPP output and the reduced stride-4 features
     # Dropout 0.1 after the ASPP projection: keep_prob=0.9 in the authors' TensorFlow code (model.py).
-    aspp = ASPP(2048, aspp_rates(output_stride), dropout=0.1)
-    decoder = DeepLabV3PlusDecoder(aspp, encoder.out_channels[1])
+    if separable:
+        # segmentation-models-pytorch's DeepLabV3Plus layout: separable atrous branches, a separable 3x3
+        # conv at stride os after ASPP, one separable 3x3 conv at stride 4
+        aspp = nn.Sequential(
+            ASPP(2048, rates, dropout=0.1, conv_layer=SeparableConv2d),
+            ConvNormAct(256, 256, conv_layer=SeparableConv2d),
+        )
+        fuse = nn.Sequential(ConvNormAct(fused, 256, conv_layer=SeparableConv2d))
+    else:
+        aspp = ASPP(2048, rates, dropout=0.1)
+        fuse = nn.Sequential(ConvNormAct(fused, 256), ConvNormAct(256, 256))  # the paper's Table 2 choice
+    decoder = DeepLabV3PlusDecoder(aspp, encoder.out_channels[1], fuse)
     return DeepLabV3Plus(encoder, decoder, nn.Conv2d(256, num_classes, 1))
 
 
@@ -338,17 +352,23 @@ def deeplabv3plus_resnet50(
     num_classes: int,
     output_stride: int = 16,
     multigrid: bool = False,
+    separable: bool = False,
     weights_backbone: str | os.PathLike | None = None,
 ) -> DeepLabV3Plus:
-    """DeepLab v3+ with a ResNet-50 encoder.
+    """DeepLab v3+ with a ResNet-50 encoder (40.4 M parameters with 21 classes; separable: 26.7 M).
 
     Args:
         num_classes: number of classes K.
         output_stride: 16 (the paper's training default; ASPP rates 6, 12, 18) or 8 (12, 24, 36).
         multigrid: layer4 unit rates (1, 2, 4) times its dilation (DeepLabv3's Multi-Grid).
+        separable: depthwise-separable 3x3 convs in ASPP and decoder (the paper's setting for Xception,
+            Sec. 3.2) in the layout of segmentation-models-pytorch's ``DeepLabV3Plus``: separable atrous
+            branches, a separable 3x3 conv after ASPP (at stride os), one separable 3x3 conv fusing at
+            stride 4, no norm between depthwise and pointwise (the authors' TensorFlow code has BN + ReLU
+            there and both refining convs at stride 4). False: the paper's ResNet decoder, full 3x3 convs.
         weights_backbone: path of torchvision's ImageNet ``resnet50`` ``.pth`` file, or None.
     """
-    return _deeplabv3plus(50, num_classes, output_stride, multigrid, weights_backbone)
+    return _deeplabv3plus(50, num_classes, output_stride, multigrid, separable, weights_backbone)
 
 
 def deeplabv3plus_resnet101(
@@ -356,6 +376,7 @@ def deeplabv3plus_resnet101(
     num_classes: int,
     output_stride: int = 16,
     multigrid: bool = False,
+    separable: bool = False,
     weights_backbone: str | os.PathLike | None = None,
 ) -> DeepLabV3Plus:
     """DeepLab v3+ with a ResNet-101 encoder (the paper's ResNet-101 model, Table 3).
@@ -364,6 +385,7 @@ def deeplabv3plus_resnet101(
         num_classes: number of classes K.
         output_stride: 16 (the paper's training default; ASPP rates 6, 12, 18) or 8 (12, 24, 36).
         multigrid: layer4 unit rates (1, 2, 4) times its dilation (DeepLabv3's Multi-Grid).
+        separable: depthwise-separable ASPP and decoder in smp's layout, as ``deeplabv3plus_resnet50``.
         weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
     """
-    return _deeplabv3plus(101, num_classes, output_stride, multigrid, weights_backbone)
+    return _deeplabv3plus(101, num_classes, output_stride, multigrid, separable, weights_backbone)
