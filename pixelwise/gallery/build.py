@@ -234,7 +234,7 @@ def write_markdown(out: Path, drawn: Sequence[Drawn], command: str, quick: bool)
         "",
         "Every figure below is drawn by `pixelwise gallery` from pixelwise's own layers, models and metrics, on",
         "real CamVid and ISBI 2012 images and the built-in trained model, so it cannot drift from the code.",
-        "Written by (from the repository root; the CPU figures take about two minutes on 2 cores):",
+        "Written by this command, from the repository root (about a minute on 2 busy CPU cores, no GPU needed):",
         "",
         f"    {command}",
         "",

@@ -78,7 +78,9 @@ def draw_decoders(decoders: Sequence[Decoder], samples: Sequence[Sample], path: 
     k = meta.num_classes
     h, w = samples[0].mask.shape
     cols = 2 + 2 * len(decoders)
-    fig, axes = plt.subplots(len(samples), cols, figsize=(2.6 * cols, len(samples) * 2.6 * h / w + 0.8), squeeze=False)
+    fig, axes = plt.subplots(
+        len(samples), cols, figsize=(2.9 * cols, len(samples) * (2.9 * h / w + 0.6) + 0.4), squeeze=False
+    )
     for sample, row in zip(samples, axes, strict=True):
         show(row[0], sample.image, f"{sample.name}\n{w}x{h}")
         show_labels(row[1], sample.mask, meta.palette, "ground truth")
@@ -86,7 +88,7 @@ def draw_decoders(decoders: Sequence[Decoder], samples: Sequence[Sample], path: 
             pred = scores(d.model, sample.image, d.meta).argmax(1)[0].numpy()  # (H, W)
             miou, bf = image_scores(pred, sample.mask, k)
             show_labels(row[2 + 2 * i], pred, meta.palette, f"{d.label}\nmIoU {100 * miou:.1f}, BF {100 * bf:.1f}")
-            show(row[3 + 2 * i], match_picture(sample.image, pred, sample.mask, k), f"{d.label}: boundaries")
+            show(row[3 + 2 * i], match_picture(sample.image, pred, sample.mask, k), f"{d.label}:\nits boundary matches")
     class_legend(fig, meta.classes, meta.palette, y=below(axes, GAP))
     fig.legend(
         handles=[

@@ -81,7 +81,7 @@ def _draw_tiles(ax: Any, grid: TileGrid, size: tuple[int, int]) -> None:
     c = grid.context
     for n, (y, x) in enumerate(grid.boxes()):
         colour = colours[n % len(colours)]
-        ax.add_patch(Rectangle((x - 0.5, y - 0.5), grid.tile_in, grid.tile_in, fill=False, ec=colour, ls="--", lw=1.2))
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), grid.tile_in, grid.tile_in, fill=False, ec=colour, ls="--", lw=2))
         ax.add_patch(
             Rectangle((x + c - 0.5, y + c - 0.5), grid.tile_out, grid.tile_out, fc=colour, alpha=0.22, ec=colour)
         )

@@ -101,7 +101,7 @@ def draw_training(results: Path, palette: Sequence[Sequence[int]], path: Path) -
     fig.tight_layout()
     save_png(fig, path)
     caption = (
-        f"From `{results.name}/`: the run's log (`{RUN_LOG}`; the run was stopped at step 491 and resumed, see "
+        f"From `{results}`: the run's log (`{RUN_LOG}`; the run was stopped at step 491 and resumed, see "
         f"benchmarks/RESULTS.md), the shipped weights' `pixelwise evaluate` (`{FINAL}`, CamVid val, 101 whole "
         f"images, bf16) and the paper's row (`{PAPER}`: {paper['paper_row']}, on {paper['paper_split']}). "
         "The run logged validation mIoU / G / C every 3 epochs, not per class: per-class IoU and boundary F1 "
