@@ -42,6 +42,7 @@ HANDLERS = {
     "init-weights": "pixelwise.weights:init_weights_command",
     "export": "pixelwise.export:export_command",
     "serve": "pixelwise.serve:serve_command",
+    "gallery": "pixelwise.gallery:gallery_command",
 }
 
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_job_commands(sub)
     _add_weights_commands(sub)
+    _add_gallery_command(sub)
     return parser
 
 
@@ -268,6 +270,35 @@ def _add_weights_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     _add_precision_option(p)
+
+
+def _add_gallery_command(sub: Any) -> None:
+    """gallery: the figures of docs/gallery, drawn by the library's own code."""
+    p = sub.add_parser(
+        "gallery",
+        help="draw the lineage's mechanisms (upsampling, atrous, decoders, CRF, overlap-tile, training) as PNGs",
+    )
+    p.add_argument("--out", required=True, help="output folder for the PNGs and gallery.md")
+    p.add_argument(
+        "--data", default="../shared/data", help="folder holding camvid/ and isbi2012/ (default ../shared/data)"
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="the repository's benchmarks/results, for the training figure (default: benchmarks/results if present)",
+    )
+    p.add_argument(
+        "--bilinear-weights",
+        default=None,
+        help="weights of SegNet-Basic's bilinear-decoder variant, for the decoder figure (left out without them)",
+    )
+    p.add_argument(
+        "--unet-weights",
+        default=None,
+        help="valid-padding U-Net weights trained on ISBI 2012, for the overlap-tile prediction "
+        "(default: the built-in unet_isbi2012 where this pixelwise ships it)",
+    )
+    p.add_argument("--quick", action="store_true", help="small images: checks that every figure is drawn, in seconds")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,6 +210,46 @@ def boundary_f1_per_image(
     return scores
 
 
+def boundary_matches(
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    tolerance: float = BF_TOLERANCE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where `boundary_f1_per_image` finds its matches, per pixel, for drawing them.
+
+    The same boundaries, classes and tolerance: for each class present in `target`, a predicted boundary
+    pixel of that class is matched when a true boundary pixel of the class lies within the tolerance
+    (precision's numerator), a true boundary pixel when a predicted one does (recall's). A pixel belongs to
+    one class on each side, so the classes' boundaries do not overlap and one map per side holds them all.
+
+    Returns:
+        predicted: (H, W) uint8, 0 = no scored predicted boundary, 1 = matched, 2 = unmatched (false);
+        true: (H, W) uint8, 0 = no true boundary, 1 = found, 2 = missed.
+
+    Shape:
+        pred (H, W) labels, target (H, W).
+    """
+    from scipy import ndimage
+
+    pred, target = np.asarray(pred), np.asarray(target)
+    tol = tolerance * math.hypot(*target.shape)
+    valid = (target >= 0) & (target < num_classes) & (target != ignore_index)
+    target, pred = np.where(valid, target, -1), np.where(valid, pred, -1)
+    gt_edges, pr_edges = _edges(target), _edges(pred)
+    predicted = np.zeros(target.shape, np.uint8)
+    true = np.zeros(target.shape, np.uint8)
+    for c in np.unique(target[valid]):
+        gt_b, pr_b = gt_edges & (target == c), pr_edges & (pred == c)
+        near_gt = ndimage.distance_transform_edt(~gt_b) <= tol if gt_b.any() else np.zeros_like(gt_b)
+        near_pr = ndimage.distance_transform_edt(~pr_b) <= tol if pr_b.any() else np.zeros_like(pr_b)
+        predicted[pr_b] = np.where(near_gt[pr_b], 1, 2)
+        true[gt_b] = np.where(near_pr[gt_b], 1, 2)
+    return predicted, true
+
+
 class BoundaryF1:
     """Streaming boundary F1 (SegNet's BF): per image, the mean F1 over classes in its ground truth;
     the score is the mean over images. Per-class means are over the images containing the class.
