@@ -32,6 +32,8 @@ import argparse
 import difflib
 import inspect
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
@@ -41,13 +43,16 @@ from pixelwise.models.deeplab import (
     deeplab_v2,
     deeplabv3_resnet50,
     deeplabv3_resnet101,
+    deeplabv3_timm,
     deeplabv3plus_resnet50,
     deeplabv3plus_resnet101,
+    deeplabv3plus_timm,
 )
 from pixelwise.models.fcn import fcn8s, fcn16s, fcn32s
-from pixelwise.models.fcn_resnet import fcn_resnet50, fcn_resnet101
+from pixelwise.models.fcn_resnet import fcn_resnet50, fcn_resnet101, fcn_timm
+from pixelwise.models.hub import HubMixin
 from pixelwise.models.segnet import fcn_basic, segnet, segnet_basic
-from pixelwise.models.unet import unet
+from pixelwise.models.unet import unet, unet_timm
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn32s": fcn32s,
@@ -65,6 +70,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3_resnet101": deeplabv3_resnet101,
     "deeplabv3plus_resnet50": deeplabv3plus_resnet50,
     "deeplabv3plus_resnet101": deeplabv3plus_resnet101,
+    # the same heads on any timm encoder (`encoder="convnext_tiny"`; the `timm` extra)
+    "unet_timm": unet_timm,
+    "fcn_timm": fcn_timm,
+    "deeplabv3_timm": deeplabv3_timm,
+    "deeplabv3plus_timm": deeplabv3plus_timm,
 }
 
 
@@ -86,7 +96,17 @@ def get_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
     if weights is not None:
         return _pretrained_model(name, weights, kwargs)
     _check_kwargs(name, kwargs)
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    # what save_pretrained records: the builder and its arguments, less those naming other files or models
+    model.builder = (name, {k: v for k, v in kwargs.items() if k not in ("weights_backbone", "init_from")})
+    return model
+
+
+def from_pretrained(pretrained_model_name_or_path: str | Path, **hub_kwargs: Any) -> nn.Module:
+    """Any pixelwise model saved by ``save_pretrained``: a local folder or a Hugging Face Hub repository id,
+    in eval mode (``huggingface_hub``'s ``PyTorchModelHubMixin``; ``hub_kwargs`` are its ``map_location``,
+    ``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only``). Needs the ``hub`` extra."""
+    return HubMixin.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
 
 
 def _check_kwargs(name: str, kwargs: dict) -> None:
