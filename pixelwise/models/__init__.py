@@ -143,9 +143,12 @@ def _pretrained_model(name: str, tag: str, kwargs: dict) -> nn.Module:
 
 
 def models_command(args: argparse.Namespace) -> int:
-    """`pixelwise models`: a table of every model with parameters and GFLOPs."""
-    from pixelwise.models.summary import model_table
+    """`pixelwise models`: a table of every model with parameters and GFLOPs; `--encoders [PATTERN]`: the encoders."""
+    from pixelwise.models.summary import encoder_table, model_table
 
+    if args.encoders is not None:
+        print(encoder_table(args.encoders or None))
+        return 0
     print(model_table(num_classes=args.num_classes, size=args.size, flops=not args.no_flops))
     print()
     print(pretrained_table())
