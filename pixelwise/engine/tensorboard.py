@@ -46,9 +46,17 @@ class TensorBoardLog:
         for name in names:
             self.writer.add_scalar(f"{record['kind']}/{name}", record[name], record["step"])
 
-    def validation(self, scores: dict[str, Any], samples: list, palette: list, ignore_index: int, step: int) -> None:
-        """Per-class IoU (absent classes skipped) and example predictions of one validation."""
-        for name, iou in scores["per_class_iou"].items():
+    def validation(self, scores: dict[str, Any], data: dict[str, Any], samples: list, step: int) -> None:
+        """Per-class IoU (classes absent from the split skipped) and example predictions of one validation.
+
+        Args:
+            scores: the validation's scores (``per_class_iou`` in class order).
+            data: the run's data: ``classes``, ``palette``, ``ignore_index``.
+            samples: (image, ground truth, prediction) triples.
+            step: the optimiser step.
+        """
+        palette, ignore_index = data["palette"], data["ignore_index"]
+        for name, iou in zip(data["classes"], scores["per_class_iou"], strict=True):
             if iou is not None and math.isfinite(iou):
                 self.writer.add_scalar(f"val_iou/{name}", iou, step)
         for i, (image, truth, pred) in enumerate(samples):

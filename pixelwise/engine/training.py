@@ -575,7 +575,7 @@ def validate(run: Run) -> float:
         }
     )
     if run.tensorboard is not None:  # per-class IoU and example predictions
-        run.tensorboard.validation(s, result.samples, data["palette"], data["ignore_index"], run.state.step)
+        run.tensorboard.validation(s, data, result.samples, run.state.step)
     if is_main():
         print(f"epoch {run.state.epoch}: val mIoU {s['miou']:.4f} (pixel acc {s['pixel_acc']:.4f})")
     return float(s["miou"])

@@ -18,10 +18,20 @@ their ``encoder``, ``decoder`` and ``head`` are views of those modules. Weights 
 before the anatomy still load: each regrouped model renames the old keys (``OLD_KEYS``, see
 ``pixelwise.models.anatomy``).
 
+Encoders from timm. ``unet_timm``, ``fcn_timm``, ``deeplabv3_timm`` and ``deeplabv3plus_timm`` take
+``encoder``, a timm model name (``pixelwise.encoders.TimmEncoder``; the ``timm`` extra); the builder's
+name says the encoder comes from timm, so ``encoder`` holds one kind of value, a timm name, and never a
+prefix. Their input is padded to a multiple of the encoder's deepest stride and the logits cropped back.
+
+Saving. Every model class inherits ``pixelwise.models.hub.HubMixin``: ``save_pretrained``,
+``from_pretrained`` and ``push_to_hub`` (the ``hub`` extra); ``get_model`` records the builder and its
+arguments on the model (``model.builder``) for them.
+
 Output. ``model(x)`` returns the logits (B, K, H, W) at the input size, as one tensor. The one
-exception is a model built with an auxiliary head (``aux=True``: ``fcn_resnet50/101`` and
-``deeplabv3_resnet50/101``, torchvision's ``aux_loss``): in training mode it returns ``(out, aux)``,
-two logit tensors of that shape (``aux`` from layer3; the training loss adds it weighted by
+exception is a model built with an auxiliary head (``aux=True``: ``fcn_resnet50/101``,
+``deeplabv3_resnet50/101``, torchvision's ``aux_loss``, and ``fcn_timm``/``deeplabv3_timm``): in training
+mode it returns ``(out, aux)``, two logit tensors of that shape (``aux`` from layer3, or the timm
+encoder's second-deepest map; the training loss adds it weighted by
 ``loss.aux_weight``). In eval mode the auxiliary head does not run and ``out`` alone is returned, so
 inference, export and metrics always see one tensor.
 """
