@@ -67,7 +67,8 @@ def test_padding_makes_the_maps_exact_and_the_crop_keeps_the_input_region():
 
 
 @pytest.mark.parametrize(
-    ("encoder", "name"), [("resnet18", "unet_timm"), ("convnext_atto", "deeplabv3plus_timm"), ("efficientnet_b0", "fcn_timm")]
+    ("encoder", "name"),
+    [("resnet18", "unet_timm"), ("convnext_atto", "deeplabv3plus_timm"), ("efficientnet_b0", "fcn_timm")],
 )
 def test_timm_models_export_to_onnx_matching_pytorch(tmp_path, encoder, name):
     pytest.importorskip("onnxruntime")
@@ -86,7 +87,10 @@ def test_weights_backbone_loads_a_local_timm_state_dict(tmp_path):
     reference = timm.create_model("convnext_atto")
     torch.save(reference.state_dict(), tmp_path / "convnext_atto.pth")
     model = get_model(
-        "deeplabv3plus_timm", num_classes=2, encoder="convnext_atto", weights_backbone=str(tmp_path / "convnext_atto.pth")
+        "deeplabv3plus_timm",
+        num_classes=2,
+        encoder="convnext_atto",
+        weights_backbone=str(tmp_path / "convnext_atto.pth"),
     )
     stem = reference.state_dict()["stem.0.weight"]
     assert any(torch.equal(p, stem) for p in model.encoder.parameters())
