@@ -155,3 +155,27 @@ def test_a_timm_model_round_trips_through_save_pretrained(tmp_path):
     x = torch.randn(1, 3, 41, 29)
     with torch.no_grad():
         assert torch.equal(model(x), from_pretrained(tmp_path / "m")(x))
+
+
+def test_models_encoders_lists_what_builds(capsys, monkeypatch):
+    from pixelwise.cli import main
+
+    assert main(["models", "--encoders"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50, resnet101" in out
+    for name in FAMILIES:
+        assert f"\n  {name} " in out
+    assert "\n  convnext_atto               40,80,160,320               4,8,16,32           32, 16, 8\n" in out
+    assert main(["models", "--encoders", "densenet12*"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet121" in out and "\n  densenet121 " in out and "32\n" in out  # no atrous output stride
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert main(["models", "--encoders"]) == 0
+    assert "(timm is not installed: pip install 'pixelwise[timm]')" in capsys.readouterr().out
+    assert main(["models", "--no-flops"]) == 0
+    assert (
+        "unet_timm                   needs the package 'timm': pip install 'pixelwise[timm]'" in capsys.readouterr().out
+    )
