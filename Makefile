@@ -14,7 +14,7 @@ $(VENV)/.demo-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e '.[dev,onnx,serve,crf]'
+	$(PIP) -e '.[dev,onnx,serve,crf,hub,timm,tensorboard]'
 	touch $@ $(VENV)/.demo-installed
 
 .PHONY: demo test lint bench clean

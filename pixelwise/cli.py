@@ -29,6 +29,7 @@ MISSING_EXTRA = {
     "pydensecrf": "crf",
     "huggingface_hub": "hub",
     "timm": "timm",
+    "tensorboard": "tensorboard",
 }
 
 # sub-command -> "module:function" taking the parsed argparse.Namespace
@@ -185,6 +186,15 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--num-classes", type=int, default=21, help="classes for the count (default 21, VOC)")
     p.add_argument("--size", type=int, default=512, help="square input side for GFLOPs (default 512)")
     p.add_argument("--no-flops", action="store_true", help="skip the (slower) FLOP count")
+    p.add_argument(
+        "--encoders",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATTERN",
+        help="list the encoders instead: pixelwise's own and timm models (those checked by the tests, or those "
+        "matching PATTERN, e.g. 'convnext*'), with their strides and the output strides they build with",
+    )
 
     p = sub.add_parser("demo", help="train, evaluate and predict on built-in synthetic data")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

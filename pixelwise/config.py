@@ -157,6 +157,9 @@ class OutputConfig:
     report: bool = True  # report.html with curves, confusion matrix and example predictions at the end
     report_images: int = 4  # validation images shown in the report
     progress: bool = True  # tqdm bars; off for logs that are files
+    # TensorBoard event files in dir/tensorboard (loss, lr, images/s, val metrics per class, example
+    # predictions), where many users already watch runs; off by default: it needs the tensorboard extra
+    tensorboard: bool = False
 
 
 @dataclass

@@ -31,10 +31,13 @@ def write_bad_files(out: Path, bad: list[tuple[str, str]]) -> None:
 
 def default_out(weights: str, dataset: str, split: str) -> Path:
     """`eval_<dataset>_<split>` beside a weights file (a training run's own files stay untouched);
+    `eval_<folder>_<dataset>_<split>` beside a save_pretrained folder (which stays as saved, ready to push);
     for built-in weights (inside the installed package) `./eval_<name>_<dataset>_<split>`."""
     path = Path(weights)
     if path.is_file():
         return path.resolve().parent / f"eval_{dataset}_{split}"
+    if path.is_dir():
+        return path.resolve().parent / f"eval_{path.resolve().name}_{dataset}_{split}"
     return Path(f"eval_{weights}_{dataset}_{split}")
 
 

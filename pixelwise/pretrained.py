@@ -127,10 +127,20 @@ def for_model(model: str, tag: str) -> Pretrained:
 
 
 def resolve(path_or_name: str | Path, argument: str = "--weights") -> Path:
-    """A weights file: `path_or_name` itself when it is a file, else the verified built-in file of that name."""
+    """A weights file: `path_or_name` itself when it is a file, its model.safetensors when it is a folder
+    written by `save_pretrained` (pixelwise.models.hub), else the verified built-in file of that name."""
+    from pixelwise.models.hub import WEIGHTS_FILE
+
     path = Path(path_or_name)
     if path.is_file():
         return path
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise UserError(
+                f"{argument}: folder {path} has no {WEIGHTS_FILE}; give a folder written by save_pretrained, "
+                "or a .safetensors file"
+            )
+        return path / WEIGHTS_FILE
     entry = find(str(path_or_name))
     if entry is not None:
         return entry.path()

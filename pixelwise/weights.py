@@ -66,19 +66,15 @@ def save_weights(
     """
     from safetensors.torch import save_file
 
-    palette = [tuple(int(v) for v in c) for c in (palette or default_palette(len(classes)))]
-    if len(palette) < len(classes):
-        raise UserError(f"palette has {len(palette)} colours for {len(classes)} classes; give one per class")
-    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("num_classes", "weights_backbone", "init_from")}
-    meta = WeightsMeta(
-        model_name,
-        kwargs,
-        list(classes),
-        palette[: len(classes)],
-        tuple(mean),
-        tuple(std),
-        int(ignore_index),
-        dict(extra or {}),
+    meta = meta_for(
+        model_name=model_name,
+        model_kwargs=model_kwargs,
+        classes=classes,
+        palette=palette,
+        mean=mean,
+        std=std,
+        ignore_index=ignore_index,
+        extra=extra,
     )
     try:
         header = {"format": "pixelwise", "version": FORMAT_VERSION, "meta": json.dumps(asdict(meta))}
@@ -88,6 +84,35 @@ def save_weights(
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
+
+
+def meta_for(
+    *,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    classes: list[str],
+    palette: list[tuple[int, int, int]] | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    ignore_index: int = 255,
+    extra: dict[str, Any] | None = None,
+) -> WeightsMeta:
+    """The metadata `save_weights` stores (and `save_pretrained`'s config.json): builder keywords without the
+    class count (from `classes`) and without other files; a default palette when none is given."""
+    palette = [tuple(int(v) for v in c) for c in (palette or default_palette(len(classes)))]
+    if len(palette) < len(classes):
+        raise UserError(f"palette has {len(palette)} colours for {len(classes)} classes; give one per class")
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("num_classes", "weights_backbone", "init_from")}
+    return WeightsMeta(
+        model_name,
+        kwargs,
+        list(classes),
+        palette[: len(classes)],
+        tuple(mean),
+        tuple(std),
+        int(ignore_index),
+        dict(extra or {}),
+    )
 
 
 def read_weights_meta(path: str | Path) -> WeightsMeta:
@@ -301,7 +326,8 @@ def _jsonable(v: Any) -> bool:
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, WeightsMeta]:
     """Build the model named in the file's metadata and load its tensors (strictly). Eval mode.
 
-    `path` may also name built-in weights (`segnet_basic_camvid`, see `pixelwise.pretrained`)."""
+    `path` may also name built-in weights (`segnet_basic_camvid`, see `pixelwise.pretrained`) or a folder
+    written by `save_pretrained` (its model.safetensors)."""
     from safetensors.torch import load_file
 
     from pixelwise.models import get_model
@@ -320,6 +346,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"{path}: tensors do not fit model {meta.model_name!r} ({_short(e)})") from None
+    model.weights_meta = meta  # save_pretrained keeps the classes, palette and normalisation
     return model.to(device).eval(), meta
 
 

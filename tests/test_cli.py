@@ -52,8 +52,8 @@ def test_every_extra_has_its_one_line_error():
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert set(MISSING_EXTRA.values()) == {"serve", "onnx", "crf", "hub", "timm"}
-    assert extras["all"] == ["pixelwise[serve,onnx,crf,hub,timm]"]
+    assert set(MISSING_EXTRA.values()) == {"serve", "onnx", "crf", "hub", "timm", "tensorboard"}
+    assert extras["all"] == ["pixelwise[serve,onnx,crf,hub,timm,tensorboard]"]
     assert all(extras[name] for name in MISSING_EXTRA.values())
 
 
@@ -64,6 +64,7 @@ def test_every_extra_has_its_one_line_error():
         ("onnxruntime", "onnx"),
         ("pydensecrf.densecrf", "crf"),
         ("huggingface_hub", "hub"),
+        ("tensorboard", "tensorboard"),
         ("timm", "timm"),
     ],
 )

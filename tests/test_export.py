@@ -37,6 +37,10 @@ TINY_KWARGS: dict[str, dict] = {
     "deeplabv3_resnet101": {},
     "deeplabv3plus_resnet50": {},
     "deeplabv3plus_resnet101": {},
+    "unet_timm": {"encoder": "resnet18", "decoder_channels": (16, 8, 8, 8, 8)},  # tests/test_timm_encoders.py
+    "fcn_timm": {"encoder": "efficientnet_b0"},
+    "deeplabv3_timm": {"encoder": "convnext_atto"},
+    "deeplabv3plus_timm": {"encoder": "efficientnet_b0"},
 }
 FULL_SIZE = {name for name, kw in TINY_KWARGS.items() if not kw}
 EXPORT_SIZE = (64, 64)

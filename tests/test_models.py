@@ -23,6 +23,11 @@ TINY = {
     "segnet_basic": {"encoder_channels": 8, "decoder_channels": 8},
     "fcn_basic": {"encoder_channels": 8},
     "unet": {"base_channels": 4, "padding": "same"},
+    # the smallest members of three timm families (the timm extra); defaults are resnet34/resnet50
+    "unet_timm": {"encoder": "resnet18", "decoder_channels": (16, 8, 8, 8, 8)},
+    "fcn_timm": {"encoder": "efficientnet_b0"},
+    "deeplabv3_timm": {"encoder": "convnext_atto"},
+    "deeplabv3plus_timm": {"encoder": "efficientnet_b0"},
 }
 
 
@@ -127,7 +132,14 @@ def test_every_encoder_returns_features_with_out_channels_and_strides(name):
 def test_only_the_documented_models_have_an_auxiliary_head():
     """The auxiliary-output convention (pixelwise.models) names the builders that take `aux`."""
     with_aux = {name for name, builder in MODELS.items() if "aux" in inspect.signature(builder).parameters}
-    assert with_aux == {"fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"}
+    assert with_aux == {
+        "fcn_resnet50",
+        "fcn_resnet101",
+        "deeplabv3_resnet50",
+        "deeplabv3_resnet101",
+        "fcn_timm",
+        "deeplabv3_timm",
+    }
 
 
 @pytest.mark.parametrize("name", list(MODELS))

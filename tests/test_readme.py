@@ -40,3 +40,20 @@ def test_readme_python_examples_define_every_name_they_use():
 def test_readme_tells_library_users_about_omp_wait_policy():
     text = README.read_text(encoding="utf-8")
     assert "OMP_WAIT_POLICY=PASSIVE" in text.split("## Models")[0]  # where the library is introduced
+
+
+def test_the_coming_from_section_runs(tmp_path, monkeypatch, one_thread):
+    """The "Coming from smp / torchvision / the Hub" calls run as written (offline: the clone stands in for
+    the torch.hub path, and the saved folder goes to a temporary directory), so they cannot go stale."""
+    import pytest
+
+    pytest.importorskip("timm")
+    pytest.importorskip("huggingface_hub")
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Coming from smp / torchvision / the Hub")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks and all("path/to/pixelwise" in b for b in blocks)
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code.replace("path/to/pixelwise", str(README.parent)), "README.md", "exec"), {})
+    assert (tmp_path / "my-unet" / "config.json").is_file()

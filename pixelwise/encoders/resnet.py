@@ -53,6 +53,7 @@ class ResNetEncoder(nn.Module):
     Attributes:
         out_channels: channels of the features, high to low resolution: (64, 256, 512, 1024, 2048).
         strides: their strides, e.g. (2, 4, 8, 8, 8) at output stride 8.
+        input_multiple: 1, any input size runs as it is (a ``TimmEncoder`` asks for padding).
 
     Shape:
         (B, 3, H, W) -> ``Features`` [stem (B, 64, H/2, W/2), layer1 (B, 256, H/4, W/4), layer2 (B, 512, H/8, W/8),
@@ -93,6 +94,7 @@ class ResNetEncoder(nn.Module):
         layer3_stride = 8 if output_stride == 8 else 16
         self.strides: list[int] = [2, 4, 8, layer3_stride, output_stride]
         self.output_stride = output_stride
+        self.input_multiple = 1  # any size works: the maps round up (ceil) and the heads interpolate to the input
         if weights is not None:
             # torchvision's ImageNet files hold the 1000-class fc layer too; an encoder has none.
             state = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("fc.")}

@@ -5,6 +5,7 @@ A run writes into `output.dir`:
     last.pt            checkpoint (model, optimiser, scaler, `TrainState`, RNG states), atomic
     best.safetensors   the weights with the best validation mIoU, with metadata for predict/evaluate/serve
     metrics.jsonl      one line per logged step and per validation
+    tensorboard/       the same scalars, per-class IoU and example predictions (output.tensorboard)
     metrics.json       the final validation of the best weights (the layout `pixelwise evaluate` writes)
     report.html        curves, confusion matrix, per-class IoU and example predictions (+ PNGs)
 
@@ -20,6 +21,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from pixelwise.engine.state import (
     save_checkpoint,
     set_rng_state,
 )
+from pixelwise.engine.tensorboard import TensorBoardLog
 from pixelwise.errors import UserError, translated
 from pixelwise.fileio import atomic_path, atomic_write_text, remove_stale_temporaries
 from pixelwise.inference import resolve_device
@@ -140,6 +143,7 @@ class Run:
     state: TrainState
     started: float = 0.0  # perf_counter when this process started training
     time_is_up: bool = False  # train.max_minutes ran out: the epoch just ended was the last
+    tensorboard: TensorBoardLog | None = None  # output.tensorboard on the main process: gets what `log` writes
 
     @property
     def precision(self) -> str:
@@ -158,6 +162,8 @@ class Run:
         if is_main():
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def checkpoint(self) -> None:
         if is_main():
@@ -196,7 +202,7 @@ def train_model(
         _announce(run)
         stop = StopRequest()
         run.started = time.perf_counter()
-        with stop.installed():
+        with stop.installed(), _tensorboard(run):
             while run.state.epoch < cfg.train.epochs and not run.time_is_up:
                 if not train_epoch(run, stop, stop_at_step):
                     return _interrupted(run, stop, stop_at_step)
@@ -204,6 +210,18 @@ def train_model(
         return finish(run)
     finally:
         restore_determinism()
+
+
+@contextlib.contextmanager
+def _tensorboard(run: Run) -> Iterator[None]:
+    """output.tensorboard: a TensorBoard writer for the main process while the run trains, closed after."""
+    if run.cfg.output.tensorboard and is_main():
+        run.tensorboard = TensorBoardLog(run.out / "tensorboard", purge_step=run.state.step or None)
+    try:
+        yield
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
 
 
 def _check_start(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -561,6 +579,7 @@ def validate(run: Run) -> float:
         workers=run.cfg.data.workers,
         boundary_f1=False,
         shard=True,
+        keep_samples=run.cfg.output.report_images if run.tensorboard is not None else 0,
         progress=run.cfg.output.progress and is_main(),
     )
     s = result.scores
@@ -574,6 +593,8 @@ def validate(run: Run) -> float:
             "mean_acc": s["mean_acc"],
         }
     )
+    if run.tensorboard is not None:  # per-class IoU and example predictions
+        run.tensorboard.validation(s, data, result.samples, run.state.step)
     if is_main():
         print(f"epoch {run.state.epoch}: val mIoU {s['miou']:.4f} (pixel acc {s['pixel_acc']:.4f})")
     return float(s["miou"])

@@ -1,7 +1,7 @@
 """Shared building blocks: upsampling, conv-norm-act, separable and atrous convolution / ASPP, convolutionalization."""
 
 from pixelwise.layers.atrous import ASPP, ASPPConv, ASPPPooling, ASPPv2, aspp_rates, atrous_conv3x3
-from pixelwise.layers.blocks import ConvNormAct, SeparableConv2d, center_crop, mirror_pad
+from pixelwise.layers.blocks import ConvNormAct, SeparableConv2d, center_crop, mirror_pad, pad_to_multiple
 from pixelwise.layers.convolutionalize import convolutionalize
 from pixelwise.layers.upsample import (
     UPSAMPLE_KINDS,
@@ -32,4 +32,5 @@ __all__ = [
     "convolutionalize",
     "make_upsample",
     "mirror_pad",
+    "pad_to_multiple",
 ]

@@ -141,3 +141,17 @@ def mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) ->
             x = F.pad(x, pad, mode=mode)  # (B, C, H(+top+bottom), W(+left+right)), one step
             before, after = before - step[0], after - step[1]
     return x
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom and right so that H and W are multiples of ``multiple`` (a no-op when they are).
+
+    An encoder whose stages floor odd sizes (a stride-4 patch stem, stride-2 convs) then gives every map
+    exactly the input size over its stride; the model crops its logits back to (H, W). Zero is the mean
+    of normalised images.
+
+    Shape:
+        (B, C, H, W) -> (B, C, ceil(H / multiple) * multiple, ceil(W / multiple) * multiple).
+    """
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, (multiple - w % multiple) % multiple, 0, (multiple - h % multiple) % multiple))

@@ -18,10 +18,20 @@ their ``encoder``, ``decoder`` and ``head`` are views of those modules. Weights 
 before the anatomy still load: each regrouped model renames the old keys (``OLD_KEYS``, see
 ``pixelwise.models.anatomy``).
 
+Encoders from timm. ``unet_timm``, ``fcn_timm``, ``deeplabv3_timm`` and ``deeplabv3plus_timm`` take
+``encoder``, a timm model name (``pixelwise.encoders.TimmEncoder``; the ``timm`` extra); the builder's
+name says the encoder comes from timm, so ``encoder`` holds one kind of value, a timm name, and never a
+prefix. Their input is padded to a multiple of the encoder's deepest stride and the logits cropped back.
+
+Saving. Every model class inherits ``pixelwise.models.hub.HubMixin``: ``save_pretrained``,
+``from_pretrained`` and ``push_to_hub`` (the ``hub`` extra); ``get_model`` records the builder and its
+arguments on the model (``model.builder``) for them.
+
 Output. ``model(x)`` returns the logits (B, K, H, W) at the input size, as one tensor. The one
-exception is a model built with an auxiliary head (``aux=True``: ``fcn_resnet50/101`` and
-``deeplabv3_resnet50/101``, torchvision's ``aux_loss``): in training mode it returns ``(out, aux)``,
-two logit tensors of that shape (``aux`` from layer3; the training loss adds it weighted by
+exception is a model built with an auxiliary head (``aux=True``: ``fcn_resnet50/101``,
+``deeplabv3_resnet50/101``, torchvision's ``aux_loss``, and ``fcn_timm``/``deeplabv3_timm``): in training
+mode it returns ``(out, aux)``, two logit tensors of that shape (``aux`` from layer3, or the timm
+encoder's second-deepest map; the training loss adds it weighted by
 ``loss.aux_weight``). In eval mode the auxiliary head does not run and ``out`` alone is returned, so
 inference, export and metrics always see one tensor.
 """
@@ -32,6 +42,8 @@ import argparse
 import difflib
 import inspect
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
@@ -41,13 +53,16 @@ from pixelwise.models.deeplab import (
     deeplab_v2,
     deeplabv3_resnet50,
     deeplabv3_resnet101,
+    deeplabv3_timm,
     deeplabv3plus_resnet50,
     deeplabv3plus_resnet101,
+    deeplabv3plus_timm,
 )
 from pixelwise.models.fcn import fcn8s, fcn16s, fcn32s
-from pixelwise.models.fcn_resnet import fcn_resnet50, fcn_resnet101
+from pixelwise.models.fcn_resnet import fcn_resnet50, fcn_resnet101, fcn_timm
+from pixelwise.models.hub import HubMixin
 from pixelwise.models.segnet import fcn_basic, segnet, segnet_basic
-from pixelwise.models.unet import unet
+from pixelwise.models.unet import unet, unet_timm
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn32s": fcn32s,
@@ -65,6 +80,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3_resnet101": deeplabv3_resnet101,
     "deeplabv3plus_resnet50": deeplabv3plus_resnet50,
     "deeplabv3plus_resnet101": deeplabv3plus_resnet101,
+    # the same heads on any timm encoder (`encoder="convnext_tiny"`; the `timm` extra)
+    "unet_timm": unet_timm,
+    "fcn_timm": fcn_timm,
+    "deeplabv3_timm": deeplabv3_timm,
+    "deeplabv3plus_timm": deeplabv3plus_timm,
 }
 
 
@@ -86,7 +106,17 @@ def get_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
     if weights is not None:
         return _pretrained_model(name, weights, kwargs)
     _check_kwargs(name, kwargs)
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    # what save_pretrained records: the builder and its arguments, less those naming other files or models
+    model.builder = (name, {k: v for k, v in kwargs.items() if k not in ("weights_backbone", "init_from")})
+    return model
+
+
+def from_pretrained(pretrained_model_name_or_path: str | Path, **hub_kwargs: Any) -> nn.Module:
+    """Any pixelwise model saved by ``save_pretrained``: a local folder or a Hugging Face Hub repository id,
+    in eval mode (``huggingface_hub``'s ``PyTorchModelHubMixin``; ``hub_kwargs`` are its ``map_location``,
+    ``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only``). Needs the ``hub`` extra."""
+    return HubMixin.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
 
 
 def _check_kwargs(name: str, kwargs: dict) -> None:
@@ -123,9 +153,12 @@ def _pretrained_model(name: str, tag: str, kwargs: dict) -> nn.Module:
 
 
 def models_command(args: argparse.Namespace) -> int:
-    """`pixelwise models`: a table of every model with parameters and GFLOPs."""
-    from pixelwise.models.summary import model_table
+    """`pixelwise models`: a table of every model with parameters and GFLOPs; `--encoders [PATTERN]`: the encoders."""
+    from pixelwise.models.summary import encoder_table, model_table
 
+    if args.encoders is not None:
+        print(encoder_table(args.encoders or None))
+        return 0
     print(model_table(num_classes=args.num_classes, size=args.size, flops=not args.no_flops))
     print()
     print(pretrained_table())

@@ -27,10 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.encoders.resnet import ResNetEncoder
+from pixelwise.encoders.timm_encoder import TimmEncoder
 from pixelwise.encoders.vgg import VGGEncoder, vgg16_classifier
-from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, SeparableConv2d, aspp_rates, atrous_conv3x3
+from pixelwise.errors import UserError
+from pixelwise.layers import ASPP, ASPPv2, ConvNormAct, SeparableConv2d, aspp_rates, atrous_conv3x3, pad_to_multiple
 from pixelwise.models.anatomy import LoadsOldKeys
 from pixelwise.models.fcn_resnet import FCNHead, SimpleSegmentationModel
+from pixelwise.models.hub import HubMixin
 
 MULTIGRID: tuple[int, int, int] = (1, 2, 4)  # DeepLabv3, Sec. 4.1: the best unit rates for block4
 
@@ -73,7 +76,7 @@ class LargeFOV(nn.Sequential):
         fc7.bias.copy_(fc[3].bias[::step])
 
 
-class DeepLabV1(LoadsOldKeys, nn.Module):
+class DeepLabV1(HubMixin, LoadsOldKeys, nn.Module):
     """DeepLab-LargeFOV (Chen et al., ICLR 2015): VGG-16 at output stride 8, fc6/fc7, fc8.
 
     Pool4/pool5 have stride 1 and conv5 dilation 2 (see ``VGGEncoder(output_stride=8)``); the class
@@ -125,7 +128,7 @@ def deeplab_v1(*, num_classes: int, weights_backbone: str | os.PathLike | None =
 
 
 # --------------------------------------------------------------------------------------------- v2
-class DeepLabV2(LoadsOldKeys, nn.Module):
+class DeepLabV2(HubMixin, LoadsOldKeys, nn.Module):
     """DeepLab v2 (Chen et al., TPAMI 2017): ResNet-101 at output stride 8 + ASPP-L.
 
     ASPP-L: four 3x3 atrous convs (rates 6, 12, 18, 24) from layer4 straight to class scores, the
@@ -271,30 +274,34 @@ class DeepLabV3PlusDecoder(nn.Module):
             layout: a separable ASPP and a separable 3x3 conv).
         low_channels: channels of the stride-4 features (layer1: 256).
         fuse: the refining convs, from 256 + 48 to 256 channels (the paper: two 3x3 convs with 256).
+        low_index: the position of the stride-4 features in the encoder's list (1 for a ResNet:
+            stem, layer1, ...; 0 for a ConvNeXt, whose first map has stride 4).
 
     Shape:
         the encoder's ``Features`` (layer4 (B, 2048, H/os, W/os), layer1 (B, low_channels, H/4, W/4))
         -> (B, 256, H/4, W/4).
     """
 
-    def __init__(self, aspp: nn.Module, low_channels: int, fuse: nn.Module) -> None:
+    def __init__(self, aspp: nn.Module, low_channels: int, fuse: nn.Module, low_index: int = 1) -> None:
         super().__init__()
         self.aspp = aspp
+        self.low_index = low_index
         self.reduce = ConvNormAct(low_channels, LOW_LEVEL_CHANNELS, kernel_size=1)
         self.fuse = fuse
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.aspp(feats[-1])  # (B, 256, H/os, W/os)
-        low = self.reduce(feats[1])  # (B, 48, H/4, W/4): layer1 is the stride-4 feature
+        low = self.reduce(feats[self.low_index])  # (B, 48, H/4, W/4): the stride-4 feature (a ResNet's layer1)
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)  # (B, 256, H/4, W/4)
         return self.fuse(torch.cat([x, low], dim=1))  # (B, 256, H/4, W/4)
 
 
-class DeepLabV3Plus(LoadsOldKeys, nn.Module):
+class DeepLabV3Plus(HubMixin, LoadsOldKeys, nn.Module):
     """DeepLab v3+ (Chen et al., ECCV 2018): a dilated ResNet, ASPP and a simple decoder at stride 4.
 
     Args:
-        encoder: a ``ResNetEncoder`` (output stride 16 or 8).
+        encoder: a ``ResNetEncoder`` (output stride 16 or 8), or a ``TimmEncoder`` (its input is padded
+            to a multiple of its deepest stride and the logits cropped back).
         decoder: ``DeepLabV3PlusDecoder`` (ASPP on layer4, fused with layer1's features).
         head: the final 1x1 conv to class scores.
 
@@ -305,17 +312,36 @@ class DeepLabV3Plus(LoadsOldKeys, nn.Module):
     # was `backbone`, a top-level `aspp`, and the decoder's own `classifier`
     OLD_KEYS = {"backbone.": "encoder.", "aspp.": "decoder.aspp.", "decoder.classifier.": "head."}
 
-    def __init__(self, encoder: ResNetEncoder, decoder: DeepLabV3PlusDecoder, head: nn.Conv2d) -> None:
+    def __init__(self, encoder: ResNetEncoder | TimmEncoder, decoder: DeepLabV3PlusDecoder, head: nn.Conv2d) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)  # stem, layer1..layer4, (B, C_i, H/s_i, W/s_i), high to low resolution
-        y = self.decoder(feats)  # (B, 256, H/4, W/4)
-        y = self.head(y)  # (B, K, H/4, W/4)
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, self.encoder.input_multiple)  # (B, 3, H', W'); a ResNetEncoder's 1: no-op
+        feats = self.encoder(x)  # stem, layer1..layer4, (B, C_i, H'/s_i, W'/s_i), high to low resolution
+        y = self.decoder(feats)  # (B, 256, H'/4, W'/4)
+        y = self.head(y)  # (B, K, H'/4, W'/4)
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H', W')
+        return y[..., :h, :w]  # (B, K, H, W)
+
+
+def _v3plus_blocks(in_channels: int, rates: tuple[int, ...], separable: bool) -> tuple[nn.Module, nn.Module]:
+    """v3+'s ASPP (deepest features -> 256 channels) and the refining convs after the stride-4 fusion."""
+    fused = 256 + LOW_LEVEL_CHANNELS  # the upsampled ASPP output and the reduced stride-4 features
+    # Dropout 0.1 after the ASPP projection: keep_prob=0.9 in the authors' TensorFlow code (model.py).
+    if separable:
+        # segmentation-models-pytorch's DeepLabV3Plus layout: separable atrous branches, a separable 3x3
+        # conv at stride os after ASPP, one separable 3x3 conv at stride 4
+        aspp = nn.Sequential(
+            ASPP(in_channels, rates, dropout=0.1, conv_layer=SeparableConv2d),
+            ConvNormAct(256, 256, conv_layer=SeparableConv2d),
+        )
+        return aspp, nn.Sequential(ConvNormAct(fused, 256, conv_layer=SeparableConv2d))
+    aspp = ASPP(in_channels, rates, dropout=0.1)
+    return aspp, nn.Sequential(ConvNormAct(fused, 256), ConvNormAct(256, 256))  # the paper's Table 2 choice
 
 
 def _deeplabv3plus(
@@ -329,20 +355,7 @@ def _deeplabv3plus(
     encoder = ResNetEncoder(
         depth=depth, output_stride=output_stride, multigrid=MULTIGRID if multigrid else None, weights=weights_backbone
     )
-    rates = aspp_rates(output_stride)
-    fused = 256 + LOW_LEVEL_CHANNELS  # the upsampled ASPP output and the reduced stride-4 features
-    # Dropout 0.1 after the ASPP projection: keep_prob=0.9 in the authors' TensorFlow code (model.py).
-    if separable:
-        # segmentation-models-pytorch's DeepLabV3Plus layout: separable atrous branches, a separable 3x3
-        # conv at stride os after ASPP, one separable 3x3 conv at stride 4
-        aspp = nn.Sequential(
-            ASPP(2048, rates, dropout=0.1, conv_layer=SeparableConv2d),
-            ConvNormAct(256, 256, conv_layer=SeparableConv2d),
-        )
-        fuse = nn.Sequential(ConvNormAct(fused, 256, conv_layer=SeparableConv2d))
-    else:
-        aspp = ASPP(2048, rates, dropout=0.1)
-        fuse = nn.Sequential(ConvNormAct(fused, 256), ConvNormAct(256, 256))  # the paper's Table 2 choice
+    aspp, fuse = _v3plus_blocks(2048, aspp_rates(output_stride), separable)
     decoder = DeepLabV3PlusDecoder(aspp, encoder.out_channels[1], fuse)
     return DeepLabV3Plus(encoder, decoder, nn.Conv2d(256, num_classes, 1))
 
@@ -389,3 +402,58 @@ def deeplabv3plus_resnet101(
         weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
     """
     return _deeplabv3plus(101, num_classes, output_stride, multigrid, separable, weights_backbone)
+
+
+def deeplabv3_timm(
+    *,
+    num_classes: int,
+    encoder: str = "resnet50",
+    output_stride: int = 8,
+    aux: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV3:
+    """DeepLab v3's head (ASPP, torchvision's ``DeepLabHead``) on any timm encoder.
+
+    Args:
+        num_classes: number of classes K.
+        encoder: a timm model name, e.g. "resnet50", "convnext_tiny", "efficientnet_b0" (needs the
+            ``timm`` extra); see ``pixelwise.encoders.TimmEncoder``.
+        output_stride: 8 (ASPP rates 12, 24, 36) or 16 (6, 12, 18), where the timm model supports it.
+        aux: add the auxiliary FCN head on the second-deepest features.
+        weights_backbone: local file with the timm model's state dict, or None.
+    """
+    rates = aspp_rates(output_stride)  # checked before the encoder is built
+    backbone = TimmEncoder(encoder, output_stride=output_stride, weights=weights_backbone)
+    aux_classifier = FCNHead(backbone.out_channels[-2], num_classes) if aux else None
+    head = DeepLabHead(backbone.out_channels[-1], num_classes, rates)
+    return DeepLabV3(backbone, head, aux_classifier)
+
+
+def deeplabv3plus_timm(
+    *,
+    num_classes: int,
+    encoder: str = "resnet50",
+    output_stride: int = 16,
+    weights_backbone: str | os.PathLike | None = None,
+) -> DeepLabV3Plus:
+    """DeepLab v3+ (ASPP and the stride-4 decoder) on any timm encoder that has stride-4 features.
+
+    Args:
+        num_classes: number of classes K.
+        encoder: a timm model name, e.g. "resnet50", "convnext_tiny", "efficientnet_b0" (needs the
+            ``timm`` extra); see ``pixelwise.encoders.TimmEncoder``.
+        output_stride: 16 (the paper's training default; ASPP rates 6, 12, 18) or 8 (12, 24, 36), where
+            the timm model supports it.
+        weights_backbone: local file with the timm model's state dict, or None.
+    """
+    rates = aspp_rates(output_stride)  # checked before the encoder is built
+    backbone = TimmEncoder(encoder, output_stride=output_stride, weights=weights_backbone)
+    if 4 not in backbone.strides:
+        raise UserError(
+            f"encoder={encoder!r} has no stride-4 features (strides {backbone.strides}) for the v3+ decoder; "
+            "choose another encoder or deeplabv3_timm"
+        )
+    low = backbone.strides.index(4)
+    aspp, fuse = _v3plus_blocks(backbone.out_channels[-1], rates, separable=False)
+    decoder = DeepLabV3PlusDecoder(aspp, backbone.out_channels[low], fuse, low_index=low)
+    return DeepLabV3Plus(backbone, decoder, nn.Conv2d(256, num_classes, 1))

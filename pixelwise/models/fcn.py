@@ -39,6 +39,7 @@ from pixelwise.encoders import Features, VGGEncoder, load_by_key, load_state_dic
 from pixelwise.errors import UserError
 from pixelwise.layers import convolutionalize, make_upsample
 from pixelwise.models.anatomy import LoadsOldKeys
+from pixelwise.models.hub import HubMixin
 
 GEOMETRIES = ("same", "original")
 
@@ -211,7 +212,7 @@ class FCNDecoder(nn.Module):
         return self.upscore(y)[..., :height, :width]  # (B, K, H, W)
 
 
-class FCN(LoadsOldKeys, nn.Module):
+class FCN(HubMixin, LoadsOldKeys, nn.Module):
     """FCN-32s / FCN-16s / FCN-8s on a VGG-16 encoder (Long et al., CVPR 2015).
 
     FCN scores first and upsamples the scores: the head scores fc7 and the skips, the decoder upsamples

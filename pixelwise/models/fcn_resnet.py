@@ -20,6 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.encoders.resnet import ResNetEncoder
+from pixelwise.encoders.timm_encoder import TimmEncoder
+from pixelwise.layers import pad_to_multiple
+from pixelwise.models.hub import HubMixin
 
 
 class FCNHead(nn.Sequential):
@@ -40,7 +43,7 @@ class FCNHead(nn.Sequential):
         )
 
 
-class SimpleSegmentationModel(nn.Module):
+class SimpleSegmentationModel(HubMixin, nn.Module):
     """Backbone -> classifier on the last feature, + optional aux classifier on the one before.
 
     The layout of torchvision's ``_SimpleSegmentationModel`` (shared by FCN-ResNet and DeepLabv3),
@@ -53,7 +56,8 @@ class SimpleSegmentationModel(nn.Module):
     * ``head``: the last layer of each classifier, the 1x1 conv to class scores.
 
     Args:
-        backbone: a ``ResNetEncoder``.
+        backbone: a ``ResNetEncoder``, or a ``TimmEncoder`` (its input is padded to a multiple of its
+            deepest stride and the logits cropped back).
         classifier: an ``nn.Sequential`` ending in a 1x1 conv to K, applied to layer4's features.
         aux_classifier: the same kind applied to layer3's features in training, or None.
 
@@ -61,14 +65,16 @@ class SimpleSegmentationModel(nn.Module):
         (B, 3, H, W) -> (B, K, H, W); in training with an aux classifier, a tuple of two such tensors.
     """
 
-    def __init__(self, backbone: ResNetEncoder, classifier: nn.Module, aux_classifier: nn.Module | None = None) -> None:
+    def __init__(
+        self, backbone: ResNetEncoder | TimmEncoder, classifier: nn.Module, aux_classifier: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
         self.aux_classifier = aux_classifier
 
     @property
-    def encoder(self) -> ResNetEncoder:
+    def encoder(self) -> ResNetEncoder | TimmEncoder:
         return self.backbone
 
     @property
@@ -83,14 +89,15 @@ class SimpleSegmentationModel(nn.Module):
         return [c for c in (self.classifier, self.aux_classifier) if c is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        size = x.shape[-2:]
-        feats = self.backbone(x)  # list of (B, C_i, H/s_i, W/s_i), high to low resolution
-        out = self.classifier(feats[-1])  # (B, K, H/8, W/8)
-        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, self.backbone.input_multiple)  # (B, 3, H', W'); a ResNetEncoder's 1: no-op
+        feats = self.backbone(x)  # list of (B, C_i, H'/s_i, W'/s_i), high to low resolution
+        out = self.classifier(feats[-1])  # (B, K, H'/8, W'/8)
+        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]  # (B, K, H, W)
         if self.aux_classifier is None or not self.training:
             return out
-        aux = self.aux_classifier(feats[-2])  # (B, K, H/8, W/8) from layer3
-        aux = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+        aux = self.aux_classifier(feats[-2])  # (B, K, H'/8, W'/8) from layer3
+        aux = F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]  # (B, K, H, W)
         return out, aux
 
 
@@ -132,3 +139,27 @@ def fcn_resnet101(
         weights_backbone: path of torchvision's ImageNet ``resnet101`` ``.pth`` file, or None.
     """
     return _fcn_resnet(101, num_classes, aux, weights_backbone)
+
+
+def fcn_timm(
+    *,
+    num_classes: int,
+    encoder: str = "resnet50",
+    output_stride: int = 8,
+    aux: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+) -> FCNResNet:
+    """FCN's head (torchvision's ``FCNHead``) on any timm encoder: ``fcn_resnet50``'s layout with
+    ``timm.create_model(encoder, features_only=True, output_stride=output_stride)`` as its backbone.
+
+    Args:
+        num_classes: number of classes K.
+        encoder: a timm model name, e.g. "resnet50", "convnext_tiny", "efficientnet_b0" (needs the
+            ``timm`` extra); see ``pixelwise.encoders.TimmEncoder``.
+        output_stride: 8 (FCN-ResNet's), 16 or 32, where the timm model supports it.
+        aux: add the auxiliary FCN head on the second-deepest features.
+        weights_backbone: local file with the timm model's state dict, or None.
+    """
+    backbone = TimmEncoder(encoder, output_stride=output_stride, weights=weights_backbone)
+    aux_classifier = FCNHead(backbone.out_channels[-2], num_classes) if aux else None
+    return FCNResNet(backbone, FCNHead(backbone.out_channels[-1], num_classes), aux_classifier)

@@ -36,6 +36,7 @@ from pixelwise.encoders import Features, VGGEncoder
 from pixelwise.errors import UserError
 from pixelwise.layers import ConvNormAct, bilinear_kernel, make_upsample
 from pixelwise.models.anatomy import LoadsOldKeys
+from pixelwise.models.hub import HubMixin
 
 
 def _decoder_upsample(kind: str, channels: int) -> nn.Module:
@@ -71,7 +72,7 @@ class SegNetDecoder(nn.Module):
         return x
 
 
-class SegNet(LoadsOldKeys, nn.Module):
+class SegNet(HubMixin, LoadsOldKeys, nn.Module):
     """Encoder with pooling indices -> mirrored decoder -> per-pixel classifier.
 
     Build it with ``segnet`` or ``segnet_basic``.
@@ -320,7 +321,7 @@ class FCNBasicDecoder(nn.Module):
         return x
 
 
-class FCNBasic(LoadsOldKeys, nn.Module):
+class FCNBasic(HubMixin, LoadsOldKeys, nn.Module):
     """SegNet-Basic's encoder with FCN's decoding technique (no pooling indices).
 
     FCN-Basic scores first: the head (``FCNBasicScores``) reduces the pooled maps to K channels and

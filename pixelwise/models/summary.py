@@ -64,11 +64,68 @@ def model_table(*, num_classes: int = 21, size: int = 512, flops: bool = True) -
     header = f"{'model':<26}{'params (M)':>12}{'paper (M @ classes)':>21}{f'GFLOPs@{size}':>14}"
     lines = [header, "-" * len(header)]
     for name in MODELS:
-        with torch.device("meta"):
-            n = count_params(MODELS[name](num_classes=num_classes))
+        try:
+            with torch.device("meta"):
+                n = count_params(MODELS[name](num_classes=num_classes))
+        except ModuleNotFoundError as e:  # a *_timm model without timm: the rest of the table still helps
+            lines.append(f"{name:<26}  needs the package {e.name!r}: pip install 'pixelwise[timm]'")
+            continue
         paper = PAPER_PARAMS_M.get(name)
         paper_text = f"{paper[0]} @ {paper[1]}" if paper else "-"
         g = f"{count_flops(name, num_classes, size) / 1e9:.1f}" if flops else "-"
         lines.append(f"{name:<26}{n / 1e6:>12.2f}{paper_text:>21}{g:>14}")
     lines.append(f"({num_classes} classes; FLOPs = 2 x multiply-accumulates, one {size}x{size} image, eval mode)")
     return "\n".join(lines)
+
+
+# timm encoders the test suite trains, exports and round-trips (tests/test_timm_encoders.py), and the usual
+# larger members of the same families; `pixelwise models --encoders PATTERN` checks any others.
+CHECKED_TIMM = ("resnet18", "resnet50", "convnext_atto", "convnext_tiny", "efficientnet_b0", "efficientnet_b3")
+MAX_TIMM_ROWS = 40  # a pattern matching hundreds of models would take minutes to check
+
+
+def encoder_table(pattern: str | None = None) -> str:
+    """The encoders: pixelwise's own, and timm models with the strides and output strides they build with
+    (checked on the meta device: no memory, no download)."""
+    lines = [
+        "built-in encoders (torchvision layouts, ImageNet .pth files load by key):",
+        "  vgg16, vgg16_bn     fcn32s/16s/8s, segnet, deeplab_v1",
+        "  resnet50, resnet101 fcn_resnet*, deeplab_v2, deeplabv3_resnet*, deeplabv3plus_resnet*",
+        "",
+        'timm encoders: encoder="NAME" of unet_timm, fcn_timm, deeplabv3_timm, deeplabv3plus_timm',
+    ]
+    try:
+        from pixelwise.encoders.timm_encoder import import_timm
+
+        timm = import_timm()
+    except ModuleNotFoundError:
+        return "\n".join([*lines, "  (timm is not installed: pip install 'pixelwise[timm]')"])
+    names = timm.list_models(pattern) if pattern else list(CHECKED_TIMM)
+    if not names:
+        return "\n".join([*lines, f"  no timm model matches {pattern!r}; see timm.list_models()"])
+    lines.append(f"  {'name':<28}{'channels':<28}{'strides':<20}output strides")
+    for name in names[:MAX_TIMM_ROWS]:
+        lines.append("  " + _timm_row(timm, name))
+    if len(names) > MAX_TIMM_ROWS:
+        lines.append(f"  ... and {len(names) - MAX_TIMM_ROWS} more matching {pattern!r}; narrow the pattern")
+    if not pattern:
+        lines.append(
+            "  any other timm model that builds with features_only works too: --encoders 'convnext*' checks them"
+        )
+    return "\n".join(lines)
+
+
+def _timm_row(timm, name: str) -> str:
+    """One timm model's channels and strides at output stride 32, and the output strides it builds with."""
+    works = {}
+    for output_stride in (32, 16, 8):
+        try:
+            with torch.device("meta"):
+                kwargs = {"output_stride": output_stride} if output_stride != 32 else {}
+                works[output_stride] = timm.create_model(name, features_only=True, **kwargs).feature_info
+        except Exception as e:  # timm raises many types for a model without features_only or atrous support
+            if output_stride == 32:
+                return f"{name:<28}does not build with features_only ({type(e).__name__})"
+    info = works[32]
+    channels, strides = ",".join(map(str, info.channels())), ",".join(map(str, info.reduction()))
+    return f"{name:<28}{channels:<28}{strides:<20}{', '.join(map(str, works))}"

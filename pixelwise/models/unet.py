@@ -4,19 +4,23 @@ Segmentation", MICCAI 2015).
 A contracting path of double 3x3 convs and 2x2 max pooling (64 -> 1024 channels at depth 4), an
 expanding path of 2x2 up-convolutions that halve the channels, concatenation with the (centre-cropped)
 encoder features of the same level, double 3x3 convs, and a final 1x1 conv to the class scores:
-encoder (``UNetEncoder``), decoder (``UNetDecoder``) and head.
+encoder (``UNetEncoder``), decoder (``UNetDecoder``) and head. ``unet_timm`` puts the expanding path
+(same padding) on a timm classification network instead (``EncoderUNet``, smp's Unet).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.encoders import Features
+from pixelwise.encoders import Features, TimmEncoder
 from pixelwise.errors import UserError
-from pixelwise.layers import UPSAMPLE_KINDS, ConvNormAct, center_crop, make_upsample, mirror_pad
+from pixelwise.layers import UPSAMPLE_KINDS, ConvNormAct, center_crop, make_upsample, mirror_pad, pad_to_multiple
 from pixelwise.models.anatomy import LoadsOldKeys
+from pixelwise.models.hub import HubMixin
 
 
 class DoubleConv(nn.Sequential):
@@ -119,7 +123,7 @@ class UNetDecoder(nn.Module):
         return x
 
 
-class UNet(LoadsOldKeys, nn.Module):
+class UNet(HubMixin, LoadsOldKeys, nn.Module):
     """U-Net (Ronneberger et al., MICCAI 2015), with 'valid' (the paper's) or 'same' convolutions.
 
     ``padding="valid"`` is the paper's network: unpadded 3x3 convs, so a 572x572 tile gives a
@@ -260,3 +264,106 @@ def unet(
         upsample=upsample,
         norm_layer=norm_layer,
     )
+
+
+# ------------------------------------------------------------------------------ on a timm encoder
+class SkipDecoder(nn.Module):
+    """U-Net's expanding path on any encoder's maps (the decoder of segmentation-models-pytorch's Unet):
+    from the deepest map up to full resolution, one x2 step per block: upsample, concatenate the
+    encoder map of that stride if there is one, ``DoubleConv`` (same padding, BatchNorm).
+
+    Args:
+        channels: the encoder's ``out_channels``.
+        strides: the encoder's ``strides``, powers of two, the deepest one ``2**len(widths)``.
+        widths: output channels of each block, deepest first (smp's 256, 128, 64, 32, 16).
+        upsample: an ``UPSAMPLE_KINDS`` kind except "max_unpool" (these encoders keep no indices).
+
+    Shape:
+        the encoder's ``Features`` -> (B, widths[-1], H, W), H = strides[i] * the i-th map's height.
+    """
+
+    def __init__(self, channels: list[int], strides: list[int], widths: tuple[int, ...], upsample: str) -> None:
+        super().__init__()
+        deepest = strides[-1]
+        if any(s & (s - 1) for s in strides) or deepest != 2 ** len(widths):
+            raise UserError(
+                f"decoder_channels={tuple(widths)}: give one width per x2 step from the encoder's deepest "
+                f"stride {deepest} to 1 ({deepest.bit_length() - 1} of them; the encoder's strides are {strides})"
+            )
+        ups, blocks, self.skips = [], [], []
+        x_channels, stride = channels[-1], deepest
+        for width in widths:
+            stride //= 2
+            skip = strides.index(stride) if stride in strides else None  # ConvNeXt has no stride-2 map
+            self.skips.append(skip)
+            ups.append(make_upsample(upsample, x_channels, x_channels, 2))
+            blocks.append(
+                DoubleConv(x_channels + (channels[skip] if skip is not None else 0), width, 1, nn.BatchNorm2d)
+            )
+            x_channels = width
+        self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        x = feats[-1]  # (B, C, H/s, W/s), the deepest map
+        for up, block, skip in zip(self.ups, self.blocks, self.skips, strict=True):
+            x = up(x)  # (B, C, 2h, 2w)
+            if skip is not None:
+                x = torch.cat([x, feats[skip]], dim=1)  # (B, C + C_skip, 2h, 2w)
+            x = block(x)
+        return x
+
+
+class EncoderUNet(HubMixin, nn.Module):
+    """A U-Net whose contracting path is a pretrained classification network (timm), as in
+    segmentation-models-pytorch's Unet; the expanding path is Ronneberger et al.'s with same padding.
+
+    Any input size works: the input is zero-padded to a multiple of the encoder's deepest stride and
+    the logits are cropped back.
+
+    Args:
+        encoder: a ``TimmEncoder`` (output stride 32).
+        decoder: a ``SkipDecoder`` on its maps.
+        head: the 1x1 conv to class scores.
+
+    Shape:
+        (B, 3, H, W) -> (B, K, H, W).
+    """
+
+    def __init__(self, encoder: TimmEncoder, decoder: SkipDecoder, head: nn.Conv2d) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, self.encoder.input_multiple)  # (B, 3, H', W'), H' and W' multiples of 32
+        feats = self.encoder(x)  # list of (B, C_i, H'/s_i, W'/s_i), high to low resolution
+        y = self.decoder(feats)  # (B, widths[-1], H', W')
+        return self.head(y)[..., :h, :w]  # (B, K, H, W)
+
+
+def unet_timm(
+    *,
+    num_classes: int,
+    encoder: str = "resnet34",
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
+    upsample: str = "nearest",
+    weights_backbone: str | os.PathLike | None = None,
+) -> EncoderUNet:
+    """U-Net with any timm encoder (smp's Unet: ``timm.create_model(encoder, features_only=True)``).
+
+    Args:
+        num_classes: number of classes K.
+        encoder: a timm model name, e.g. "resnet34" (smp's default), "convnext_tiny", "efficientnet_b0"
+            (needs the ``timm`` extra); see ``pixelwise.encoders.TimmEncoder``.
+        decoder_channels: one width per x2 step from stride 32 to 1, deepest first (smp's defaults).
+        upsample: the decoder's x2 upsampling ("nearest", smp's; any ``UPSAMPLE_KINDS`` kind but max_unpool).
+        weights_backbone: local file with the timm model's state dict, or None.
+    """
+    if upsample not in UPSAMPLE_KINDS or upsample == "max_unpool":
+        kinds = ", ".join(k for k in UPSAMPLE_KINDS if k != "max_unpool")
+        raise UserError(f"unet_timm upsample={upsample!r} is not supported; choose one of {kinds}")
+    backbone = TimmEncoder(encoder, weights=weights_backbone)
+    decoder = SkipDecoder(backbone.out_channels, backbone.strides, tuple(decoder_channels), upsample)
+    return EncoderUNet(backbone, decoder, nn.Conv2d(decoder_channels[-1], num_classes, 1))
