@@ -400,6 +400,10 @@ def _check_values(cfg: Config, source: str) -> None:
         max(cfg.data.crop_size, default=0) <= MAX_SIDE,
         f"data.crop_size={cfg.data.crop_size} is larger than {MAX_SIDE} pixels a side; give the training crop",
     )
+    need(  # torchvision's ElasticTransform blurs its field with a 41-pixel kernel, reflect-padded by 20
+        not cfg.data.elastic or min(cfg.data.crop_size) > 20,
+        f"data.crop_size={cfg.data.crop_size} is too small for data.elastic=true; give crops larger than 20 pixels",
+    )
     need(cfg.output.dir.strip() != "", "output.dir is empty; give the run's folder, e.g. runs/my_run")
     need(
         len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],

@@ -44,7 +44,7 @@ def default_out(weights: str, dataset: str, split: str) -> Path:
 def evaluate_command(args: argparse.Namespace) -> int:
     """`pixelwise evaluate --weights W --data ROOT --dataset NAME --split SPLIT`."""
     from pixelwise.cli import inference_spec
-    from pixelwise.engine import evaluate, format_table, metrics_record, weights_source
+    from pixelwise.engine import dataset_metrics, evaluate, format_table, metrics_record, weights_source
     from pixelwise.inference import resolve_device, resolve_dtype
     from pixelwise.weights import load_weights
 
@@ -56,11 +56,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.weights, args.dataset, args.split)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for metrics.json")
-    extra = []
-    if args.dataset == "isbi2012":  # the challenge's own scores beside the pixel ones
-        from pixelwise.metrics import ISBIChallenge
-
-        extra.append(ISBIChallenge(cell_class=list(meta.classes).index("cell") if "cell" in meta.classes else 1))
+    extra = dataset_metrics(args.dataset, meta.classes)  # e.g. ISBI 2012's challenge scores
     with translated({"batch_size": "--batch-size", "workers": "--workers"}, flags=True):
         result = evaluate(
             model,

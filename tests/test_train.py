@@ -637,3 +637,31 @@ def test_separable_deeplabv3plus_trains_and_its_weights_rebuild_it(tmp_path):
     assert meta.model_name == "deeplabv3plus_resnet50" and meta.model_kwargs == {"separable": True}
     assert sum(isinstance(m, SeparableConv2d) for m in model.modules()) == 5  # 3 in ASPP, 2 in the decoder
     assert math.isfinite(_log(tmp_path / "run")[0]["loss"])
+
+
+@pytest.mark.skipif(not (DATA / "isbi2012").is_dir(), reason="needs ../shared/data/isbi2012")
+def test_isbi_training_validates_with_the_challenge_scores(tmp_path):
+    """Validation on ISBI 2012 logs V_Rand / V_Info / pixel error beside mIoU (the curve of a U-Net
+    reproduction), and metrics.json holds them for the best weights."""
+    sets = [
+        f"data.root={DATA / 'isbi2012'}",
+        f"output.dir={tmp_path / 'isbi'}",
+        "data.max_train_images=2",
+        "data.max_val_images=1",
+        "data.crop_size=[32, 32]",
+        "data.workers=0",
+        "train.epochs=1",
+        "model.kwargs={padding: valid, depth: 2, base_channels: 4}",
+        "output.progress=false",
+        "output.report=false",
+    ]
+    train(load_config("isbi2012/unet", sets))
+    val = [r for r in _log(tmp_path / "isbi") if r["kind"] == "val"]
+    assert len(val) == 1 and 0 <= val[0]["v_rand"] <= 1 and 0 <= val[0]["v_info"] <= 1
+    final = json.loads((tmp_path / "isbi" / "metrics.json").read_text())["scores"]
+    assert final["isbi_challenge"]["v_rand"] == pytest.approx(val[0]["v_rand"])
+
+
+def test_elastic_deformation_needs_a_crop_its_blur_fits():
+    with pytest.raises(UserError, match=r"data\.crop_size=\[20, 20\] is too small for data\.elastic=true"):
+        load_config(None, ["data.elastic=true", "data.crop_size=[20, 20]"])

@@ -6,6 +6,7 @@ and the benchmarks are front ends over it; see docs/architecture.md.
 from pixelwise.engine.evaluation import (
     EvalResult,
     InferenceSpec,
+    dataset_metrics,
     evaluate,
     format_table,
     metrics_record,
@@ -20,6 +21,7 @@ __all__ = [
     "EvalResult",
     "InferenceSpec",
     "TrainState",
+    "dataset_metrics",
     "evaluate",
     "format_table",
     "metrics_record",

@@ -189,6 +189,16 @@ def evaluate(
     return result
 
 
+def dataset_metrics(dataset: str, classes: Sequence[str]) -> list[Any]:
+    """The scores a data set is judged by beside the pixel ones, as `evaluate`'s `extra_metrics`:
+    ISBI 2012's challenge scores (V_Rand, V_Info, pixel error; `pixelwise.metrics.ISBIChallenge`)."""
+    if dataset != "isbi2012":
+        return []
+    from pixelwise.metrics import ISBIChallenge
+
+    return [ISBIChallenge(cell_class=list(classes).index("cell") if "cell" in classes else 1)]
+
+
 class _Guarded(Dataset):
     """A data set whose bad samples (a UserError naming the file) become values, not exceptions
     raised inside a loader worker."""

@@ -34,7 +34,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 from pixelwise import distributed
 from pixelwise.config import Config, config_to_dict
-from pixelwise.engine.evaluation import InferenceSpec, evaluate, metrics_record, read_metrics, weights_source
+from pixelwise.engine.evaluation import (
+    InferenceSpec,
+    dataset_metrics,
+    evaluate,
+    metrics_record,
+    read_metrics,
+    weights_source,
+)
 from pixelwise.engine.parts import (
     SeededSamples,
     StopRequest,
@@ -581,22 +588,18 @@ def validate(run: Run) -> float:
         shard=True,
         keep_samples=run.cfg.output.report_images if run.tensorboard is not None else 0,
         progress=run.cfg.output.progress and is_main(),
+        # the data set's own scores (ISBI's V_Rand...) need every image in one process
+        extra_metrics=dataset_metrics(run.cfg.data.dataset, data["classes"]) if distributed.world_size() == 1 else (),
     )
     s = result.scores
-    run.log(
-        {
-            "kind": "val",
-            "epoch": run.state.epoch,
-            "step": run.state.step,
-            "miou": s["miou"],
-            "pixel_acc": s["pixel_acc"],
-            "mean_acc": s["mean_acc"],
-        }
-    )
+    record = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}
+    record.update(s.get("isbi_challenge", {}))  # v_rand, v_info, pixel_error and their thresholds
+    run.log({"kind": "val", "epoch": run.state.epoch, "step": run.state.step, **record})
     if run.tensorboard is not None:  # per-class IoU and example predictions
         run.tensorboard.validation(s, data, result.samples, run.state.step)
     if is_main():
-        print(f"epoch {run.state.epoch}: val mIoU {s['miou']:.4f} (pixel acc {s['pixel_acc']:.4f})")
+        rand = f", V_Rand {record['v_rand']:.4f}" if "v_rand" in record else ""
+        print(f"epoch {run.state.epoch}: val mIoU {s['miou']:.4f} (pixel acc {s['pixel_acc']:.4f}{rand})")
     return float(s["miou"])
 
 
@@ -667,6 +670,7 @@ def finish(run: Run) -> dict[str, Any]:
         workers=run.cfg.data.workers,
         keep_samples=keep,
         progress=run.cfg.output.progress,
+        extra_metrics=dataset_metrics(run.cfg.data.dataset, data["classes"]),
     )
     # the weights beside metrics.json, named relative to it: a run's files do not depend on its folder
     record = metrics_record(
