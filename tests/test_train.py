@@ -665,3 +665,18 @@ def test_isbi_training_validates_with_the_challenge_scores(tmp_path):
 def test_elastic_deformation_needs_a_crop_its_blur_fits():
     with pytest.raises(UserError, match=r"data\.crop_size=\[20, 20\] is too small for data\.elastic=true"):
         load_config(None, ["data.elastic=true", "data.crop_size=[20, 20]"])
+
+
+def test_weights_record_the_synthetic_geometry_evaluate_scores(tmp_path):
+    """Trained on 32x32 synthetic images: `evaluate --dataset synthetic` scores 32x32 ones, not the default 128."""
+    import argparse
+
+    from pixelwise.evaluate import _dataset
+    from pixelwise.weights import read_weights_meta
+
+    train(_cfg(tmp_path, "train.epochs=1", "data.max_train_images=8"))
+    meta = read_weights_meta(tmp_path / "run" / "best.safetensors")
+    assert meta.extra["synthetic_size"] == [32, 32]
+    args = argparse.Namespace(dataset="synthetic", data="", split="val", weights="w")
+    image, _ = _dataset(args, meta)[0]
+    assert tuple(image.shape[-2:]) == (32, 32)

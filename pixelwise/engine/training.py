@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from pixelwise import distributed
@@ -617,6 +617,9 @@ def save_best(run: Run, miou: float | None) -> None:
         "crop_size": dc.crop_size,
         "precision": run.precision,
     }
+    if dc.dataset == "synthetic":  # `evaluate --dataset synthetic` scores images of the trained geometry
+        train_set = data["train"].dataset if isinstance(data["train"], Subset) else data["train"]
+        extra["synthetic_size"] = list(train_set.size)
     if run.cfg.crf.enabled:  # the CRF the model is evaluated with: predict/evaluate/serve default to it
         from pixelwise.crf import CRFParams
 
