@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import inspect
 import io
@@ -40,7 +41,12 @@ ONNX_EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 ALL_DIMS = ("batch", "height", "width")
 _AXES = {"batch": 0, "height": 2, "width": 3}
-CHECK_RTOL = 1e-3  # an exported graph must match PyTorch to float32 rounding, relative to the logits' size
+# An exported graph passes when it matches PyTorch within CHECK_RTOL of the logits' size; beyond that, when
+# it stays within twice what float32 rounding alone moves PyTorch's own logits from a float64 run of the
+# same weights (a deep trained net with max-pooling ties, e.g. SegNet, moves by ~1e-2 in a few pixels),
+# and in every case when its labels agree with PyTorch's on all but LABEL_TOLERANCE of the pixels.
+CHECK_RTOL = 1e-3
+LABEL_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,8 @@ def _onnx_dynamo(model: nn.Module, x: torch.Tensor, f: Path, opset: int | None, 
 
 def check_onnx(model: nn.Module, path: str | Path, inputs: list[torch.Tensor]) -> float:
     """Run the ONNX file with onnxruntime on `inputs`; the largest difference to `model`, relative to
-    the logits' magnitude (at least 1). Raises ValueError on a shape mismatch."""
+    the logits' magnitude (at least 1). Raises ValueError on a shape mismatch or a difference beyond
+    float32 rounding (see `CHECK_RTOL`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -194,14 +201,40 @@ def check_onnx(model: nn.Module, path: str | Path, inputs: list[torch.Tensor]) -
     worst = 0.0
     for x in inputs:
         with torch.inference_mode():
-            ref = model(x.to(device)).float().cpu().numpy()
-        out = session.run(None, {INPUT_NAME: x.cpu().numpy()})[0]
-        if out.shape != ref.shape:
-            raise ValueError(
-                f"onnxruntime gives shape {tuple(out.shape)} for input {tuple(x.shape)}, PyTorch {tuple(ref.shape)}"
-            )
-        worst = max(worst, float(abs(out - ref).max()) / max(1.0, float(abs(ref).max())))
+            ref = model(x.to(device)).float().cpu()
+        out = torch.from_numpy(session.run(None, {INPUT_NAME: x.cpu().numpy()})[0])
+        worst = max(worst, _compare(model, x, out, ref))
     return worst
+
+
+def _compare(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The difference of an exported graph's logits `out` to PyTorch's `ref` relative to the logits'
+    magnitude; ValueError when the shapes, the labels or the values disagree beyond float32 rounding."""
+    if out.shape != ref.shape:
+        raise ValueError(
+            f"the graph gives shape {tuple(out.shape)} for input {tuple(x.shape)}, PyTorch {tuple(ref.shape)}"
+        )
+    scale = max(1.0, float(ref.abs().max()))
+    err = float((out - ref).abs().max()) / scale
+    disagree = float((out.argmax(1) != ref.argmax(1)).float().mean())
+    if disagree > LABEL_TOLERANCE:
+        raise ValueError(f"the graph's labels differ from PyTorch's on {disagree:.2%} of the pixels")
+    if err > CHECK_RTOL:
+        rounding = _float32_rounding(model, x, ref) / scale
+        if err > 2 * rounding:
+            raise ValueError(
+                f"the graph differs from PyTorch by {err:.2g} (relative), more than twice float32 rounding's "
+                f"{rounding:.2g}"
+            )
+    return err
+
+
+def _float32_rounding(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
+    """How far float32 rounding moves `model`'s logits `ref` on `x` from a float64 run of the same weights."""
+    exact = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        ref64 = exact(x.to(_model_device(model), torch.float64)).cpu()
+    return float((ref.double() - ref64).abs().max())
 
 
 def export_onnx(
@@ -250,8 +283,6 @@ def export_onnx(
                 with atomic_path(path) as tmp:
                     builders[name](model, x, tmp, opset, dims)
                     err = check_onnx(model, tmp, _check_inputs(size, dims, device)) if run_check else None
-                    if err is not None and err > CHECK_RTOL:
-                        raise ValueError(f"onnxruntime differs from PyTorch by {err:.2g} (relative)")
                     if metadata:
                         _set_onnx_metadata(tmp, metadata)
                 return ExportResult(name, dims, err)
@@ -312,8 +343,6 @@ def export_torch(
             with _quiet():
                 program = torch.export.export(model, (x,), dynamic_shapes=_export_dims(dims))
             err = _check_program(model, program, _check_inputs(size, dims, device)) if check else None
-            if err is not None and err > CHECK_RTOL:
-                raise ValueError(f"the program differs from the model by {err:.2g} (relative)")
         except Exception as e:  # torch.export raises a zoo of types; runtime guards raise AssertionError
             failures.append((f"dynamic {'/'.join(dims) or 'none'}", _reason(e)))
             continue
@@ -329,15 +358,14 @@ def export_torch(
 
 
 def _check_program(model: nn.Module, program: torch.export.ExportedProgram, inputs: list[torch.Tensor]) -> float:
-    """Largest difference between `program` and `model` on `inputs`, relative to the logits (at least 1)."""
+    """Largest difference between `program` and `model` on `inputs`, relative to the logits (at least 1);
+    ValueError beyond float32 rounding, as `check_onnx`."""
     module = program.module()
     worst = 0.0
-    with torch.inference_mode():
-        for x in inputs:
+    for x in inputs:
+        with torch.inference_mode():
             ref, out = model(x), module(x)
-            if out.shape != ref.shape:
-                raise ValueError(f"shape {tuple(out.shape)} instead of {tuple(ref.shape)} for input {tuple(x.shape)}")
-            worst = max(worst, float((out - ref).abs().max()) / max(1.0, float(ref.abs().max())))
+        worst = max(worst, _compare(model, x, out.float().cpu(), ref.float().cpu()))
     return worst
 
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
-from pixelwise.export import export_onnx, export_torch
+from pixelwise.export import _compare, export_onnx, export_torch
 from pixelwise.models import MODELS, get_model
+from pixelwise.weights import load_weights
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -220,3 +221,28 @@ def test_cli_exports_weights_with_metadata(tmp_path):
         text=True,
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.safetensors" in r.stderr
+
+
+def test_trained_segnet_exports_with_dynamic_shapes_and_agreeing_labels(tmp_path):
+    """The built-in trained SegNet-Basic: max-pooling ties move its fp32 logits by ~1e-2 in a few pixels
+    (PyTorch's own fp32 vs float64), so the check measures against float32 rounding, and labels agree."""
+    model, _ = load_weights("segnet_basic_camvid")
+    result = export_onnx(model, tmp_path / "sb.onnx", size=(96, 128))
+    assert result.dynamic_dims == ("batch", "height", "width") and result.max_rel_error is not None
+
+
+def test_the_check_refuses_labels_or_values_beyond_float32_rounding():
+    model = get_model("segnet_basic", num_classes=3, encoder_channels=4, decoder_channels=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    assert _compare(model, x, ref.clone(), ref) == 0.0
+    scale = max(1.0, float(ref.abs().max()))
+    moved = ref.clone()
+    moved[0, :, 0, 0] += 0.01 * scale  # one pixel's logits, labels unchanged
+    with pytest.raises(ValueError, match="more than twice float32 rounding"):
+        _compare(model, x, moved, ref)
+    swapped = ref.clone()
+    swapped[:, :, :4] = -swapped[:, :, :4]  # an eighth of the rows: other labels
+    with pytest.raises(ValueError, match="labels differ from PyTorch's on"):
+        _compare(model, x, swapped, ref)
