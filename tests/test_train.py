@@ -680,3 +680,21 @@ def test_weights_record_the_synthetic_geometry_evaluate_scores(tmp_path):
     args = argparse.Namespace(dataset="synthetic", data="", split="val", weights="w")
     image, _ = _dataset(args, meta)[0]
     assert tuple(image.shape[-2:]) == (32, 32)
+
+
+def test_a_checkpoint_with_bytes_flipped_inside_a_tensor_is_refused_on_resume(tmp_path):
+    """torch.load does not check the zip's CRCs: the checkpoint's own digest catches changed tensor bytes."""
+    import zipfile
+
+    cfg = _cfg(tmp_path, "train.epochs=2")
+    train(cfg, stop_at_step=4)
+    last = tmp_path / "run" / "last.pt"
+    data = bytearray(last.read_bytes())
+    with zipfile.ZipFile(last) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    local_extra = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    offset = info.header_offset + 30 + len(info.filename.encode()) + local_extra + info.file_size // 2  # stored
+    data[offset] ^= 0xFF
+    last.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"last\.pt: damaged: its contents do not match the checksum"):
+        train(cfg, resume=True)

@@ -7,6 +7,7 @@ continues exactly. Checkpoints of an older layout are migrated on reading.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ def save_checkpoint(
         **state.to_dict(),
         "rng": rng_state(),
     }
+    ckpt["digest"] = digest(ckpt)  # torch.load does not check the zip's CRCs: flipped bytes would load
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -104,6 +106,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(
             f"{path}: not a pixelwise checkpoint (a {type(ckpt).__name__}); resume from another one or start again"
         )
+    if "digest" in ckpt and ckpt["digest"] != digest(ckpt):  # checkpoints before the digest have none
+        raise UserError(
+            f"{path}: damaged: its contents do not match the checksum written with them; resume from an "
+            "earlier checkpoint or start again"
+        )
     ckpt = migrate_checkpoint(ckpt)
     missing = [k for k in _REQUIRED if k not in ckpt]
     if ckpt.get("version") != CHECKPOINT_VERSION or missing:
@@ -114,6 +121,35 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not all(isinstance(ckpt[k], int) and not isinstance(ckpt[k], bool) for k in ("epoch", "step", "step_in_epoch")):
         raise UserError(f"{path}: epoch/step entries are not integers; the checkpoint is damaged, start again")
     return ckpt
+
+
+def digest(ckpt: dict[str, Any]) -> str:
+    """blake2b of everything in a checkpoint but its "digest" entry: tensors by dtype, shape and bytes,
+    other values by their repr, in a fixed order (dict keys sorted)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for key in sorted(value, key=repr):
+                if value is not ckpt or key != "digest":
+                    h.update(repr(key).encode())
+                    feed(value[key])
+            h.update(b"}")
+        elif isinstance(value, list | tuple):
+            h.update(b"[")
+            for item in value:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(repr(value).encode())
+
+    feed(ckpt)
+    return h.hexdigest()
 
 
 def migrate_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
