@@ -7,7 +7,8 @@ fraction of pixels predicted "membrane" (1.0 = the collapse), and the fraction o
 (channels whose output is zero on every pixel of a held-out slice: a collapsed net's are all dead).
 
 The settings: the paper's optimiser as the config had it (SGD, lr 0.01, momentum 0.99 on a loss that is
-a per-pixel mean), the same with smaller learning rates, and AdamW.
+a per-pixel mean), the same with smaller learning rates, AdamW, and two at the quarter width (16 base
+channels) of the earlier shortened run, where SGD was seen to collapse.
 
 Writes ``benchmarks/results/unet_optimizer_probe.json`` after each setting (settings measured earlier
 with the same step count are kept); run folders go under ``--runs``, and a setting whose folder already
@@ -36,6 +37,14 @@ SETTINGS = {
     "sgd_lr1e-4": ["train.optimizer=sgd", "train.lr=0.0001", "train.momentum=0.99"],
     "adamw_lr1e-4": ["train.optimizer=adamw", "train.lr=0.0001"],
     "adamw_lr1e-3": ["train.optimizer=adamw", "train.lr=0.001"],
+    # the earlier shortened run's width (16 base channels), where the paper's SGD was seen to collapse
+    "sgd_lr1e-2_width16": [
+        "train.optimizer=sgd",
+        "train.lr=0.01",
+        "train.momentum=0.99",
+        "model.kwargs.base_channels=16",
+    ],
+    "adamw_lr1e-3_width16": ["train.optimizer=adamw", "train.lr=0.001", "model.kwargs.base_channels=16"],
 }
 
 
