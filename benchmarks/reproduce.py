@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from common import RESULTS_DIR, ROOT, format_table, machine_info, progress, set_threads, write_results
 
 from pixelwise.config import Config, config_to_dict, load_config
-from pixelwise.metrics import BoundaryF1, ConfusionMatrix, isbi_challenge_scores
+from pixelwise.metrics import BoundaryF1, ConfusionMatrix
 
 
 @dataclass(frozen=True)
@@ -150,24 +149,25 @@ def evaluate_camvid(model: torch.nn.Module, cfg: Config, scale: float) -> dict[s
     }
 
 
-@torch.no_grad()
 def evaluate_isbi(model: torch.nn.Module, cfg: Config) -> dict[str, Any]:
-    """Argmax pixel error and IoU, and the challenge's V_Rand, V_Info and pixel error on slices 25..29."""
-    from pixelwise.data import build_dataset
-    from pixelwise.data.transforms import eval_transforms
+    """Argmax pixel error and IoU, and the challenge's V_Rand, V_Info and pixel error on slices 25..29,
+    scored by the engine as `pixelwise evaluate --dataset isbi2012` scores them."""
+    from pixelwise.data import build_dataset, raw_transforms
+    from pixelwise.engine import InferenceSpec, dataset_metrics, evaluate
 
-    tf = eval_transforms(mean=cfg.data.mean, std=cfg.data.std)
-    ds = build_dataset("isbi2012", cfg.data.root, "val", transforms=tf)
-    cm = ConfusionMatrix(2, ignore_index=255)
-    cell_prob, masks = [], []
-    for i in range(len(ds)):
-        image, mask = ds[i]
-        logits = model(image.unsqueeze(0))  # (1, 2, H, W); class 1 = cell interior
-        cm.update(logits.argmax(1), mask.unsqueeze(0))
-        cell_prob.append(logits.float().softmax(1)[0, 1].numpy())  # (H, W)
-        masks.append(mask.numpy())
-    s = cm.compute()
-    challenge = isbi_challenge_scores(np.stack(cell_prob), np.stack(masks))
+    ds = build_dataset("isbi2012", cfg.data.root, "val", transforms=raw_transforms())
+    result = evaluate(
+        model,
+        ds,
+        InferenceSpec(),
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        num_classes=2,
+        ignore_index=255,
+        boundary_f1=False,
+        extra_metrics=dataset_metrics("isbi2012", ds.classes),
+    )
+    s, challenge = result.scores, result.scores["isbi_challenge"]
     return {
         "pixel_error": 1 - s["pixel_acc"],
         "iou_cell": s["per_class_iou"][1],

@@ -341,7 +341,9 @@ class ISBIChallenge:
             self.labels.append((t == self.cell_class).cpu().numpy())
 
     def compute(self) -> dict[str, Any]:
-        """{"isbi_challenge": v_rand, v_info, pixel_error and their thresholds} (slices of one size)."""
+        """{"isbi_challenge": v_rand, v_info, pixel_error, their thresholds, and V_Rand / V_Info per slice}
+        (slices of one size)."""
         scores = isbi_challenge_scores(np.stack(self.probs), np.stack(self.labels))
         keys = ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold", "pixel_error", "pixel_error_threshold")
+        keys += ("v_rand_per_slice", "v_info_per_slice")  # at the best threshold, in the order scored
         return {"isbi_challenge": {k: scores[k] for k in keys}}

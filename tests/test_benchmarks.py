@@ -31,3 +31,21 @@ def test_bf16_accuracy_verdict_compares_the_gap_with_the_seed_spread():
     assert s["gap"] == pytest.approx(0.0) and s["within_noise"] is True
     far = bf16_accuracy.summarise(runs[:3] + [{"amp": "bf16", "miou": m} for m in (0.60, 0.61)])
     assert far["gap"] == pytest.approx(-0.215) and far["within_noise"] is False
+
+
+@pytest.mark.skipif(not (common.ROOT.parent / "shared" / "data" / "isbi2012").is_dir(), reason="needs ../shared/data")
+def test_reproduce_scores_isbi_with_the_engine_as_evaluate_does():
+    """benchmarks/reproduce.py's ISBI scores come from pixelwise.engine.evaluate + the challenge metric:
+    the same numbers `pixelwise evaluate --dataset isbi2012` prints, with V_Rand per held-out slice."""
+    import reproduce
+    import torch
+
+    from pixelwise.models import get_model
+
+    torch.manual_seed(0)
+    cfg = reproduce.load_experiment("isbi2012_unet", [], quick=False)
+    model = get_model("unet", num_classes=2, padding="valid", depth=1, base_channels=2).eval()
+    scores = reproduce.evaluate_isbi(model, cfg)
+    assert len(scores["v_rand_per_slice"]) == 5 and 0 <= scores["v_rand"] <= 1 and 0 <= scores["v_info"] <= 1
+    assert scores["v_rand"] == pytest.approx(sum(scores["v_rand_per_slice"]) / 5)
+    assert 0 <= scores["pixel_error"] <= 1 and scores["rand_error"] == pytest.approx(1 - scores["v_rand"])

@@ -19,6 +19,7 @@ from pixelwise.palette import colorize
 
 TRAIN_SCALARS = ("loss", "lr", "images_per_s")
 VAL_SCALARS = ("miou", "pixel_acc", "mean_acc")
+DATASET_SCALARS = ("v_rand", "v_info", "pixel_error")  # engine.dataset_metrics: the challenge scores
 
 
 class TensorBoardLog:
@@ -43,6 +44,7 @@ class TensorBoardLog:
     def record(self, record: dict[str, Any]) -> None:
         """The scalars of one metrics.jsonl record ("kind" train or val)."""
         names = TRAIN_SCALARS if record["kind"] == "train" else VAL_SCALARS
+        names += tuple(name for name in DATASET_SCALARS if name in record)  # e.g. ISBI 2012's V_Rand
         for name in names:
             self.writer.add_scalar(f"{record['kind']}/{name}", record[name], record["step"])
 
