@@ -612,7 +612,9 @@ def test_max_minutes_ends_the_run_after_the_epoch_in_which_it_runs_out(tmp_path,
     cfg = _cfg(tmp_path, "train.epochs=5", "train.max_minutes=0.00001", "eval.every_epochs=3")
     result = train(cfg)
     assert not result["interrupted"] and result["epoch"] == 1 and result["step"] == 4
-    assert "train.max_minutes=1e-05 reached in epoch 1 (step 4)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train.max_minutes=1e-05 reached in epoch 1 (step 4)" in out
+    assert "final validation: scoring the best weights" in out and "on 4 images -> metrics.json" in out
     log = _log(tmp_path / "run")
     assert [r["epoch"] for r in log if r["kind"] == "val"] == [1]  # the last epoch is validated, as epochs' last
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "best.safetensors").is_file()
