@@ -22,6 +22,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,29 +393,8 @@ def _check_values(cfg: Config, source: str) -> None:
         if not ok:
             raise UserError(f"{source}: {msg}")
 
-    need(
-        len(cfg.data.crop_size) == 2 and min(cfg.data.crop_size) > 0,
-        f"data.crop_size={cfg.data.crop_size} must be two positive sizes [H, W]",
-    )
-    need(
-        max(cfg.data.crop_size, default=0) <= MAX_SIDE,
-        f"data.crop_size={cfg.data.crop_size} is larger than {MAX_SIDE} pixels a side; give the training crop",
-    )
-    need(  # torchvision's ElasticTransform blurs its field with a 41-pixel kernel, reflect-padded by 20
-        not cfg.data.elastic or min(cfg.data.crop_size) > 20,
-        f"data.crop_size={cfg.data.crop_size} is too small for data.elastic=true; give crops larger than 20 pixels",
-    )
+    _check_data(cfg.data, need)
     need(cfg.output.dir.strip() != "", "output.dir is empty; give the run's folder, e.g. runs/my_run")
-    need(
-        len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
-        f"data.scale_range={cfg.data.scale_range} must be [low, high] with 0 < low <= high",
-    )
-    need(
-        len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
-        "data.mean and data.std must be three numbers each (R, G, B), std > 0",
-    )
-    need(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1")
-    need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be 0 or more")
     need(cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be at least 1")
     need(cfg.train.max_minutes >= 0, f"train.max_minutes={cfg.train.max_minutes} must be 0 (no limit) or more")
     need(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be positive")
@@ -466,6 +446,32 @@ def configs_command(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
     print("\n`pixelwise configs NAME` prints one; `pixelwise train NAME --set data.root=PATH` trains it")
     return 0
+
+
+def _check_data(dc: DataConfig, need: Callable[[bool, str], None]) -> None:
+    """data.* value checks (`need(ok, message)` raises)."""
+    need(
+        len(dc.crop_size) == 2 and min(dc.crop_size) > 0,
+        f"data.crop_size={dc.crop_size} must be two positive sizes [H, W]",
+    )
+    need(
+        max(dc.crop_size, default=0) <= MAX_SIDE,
+        f"data.crop_size={dc.crop_size} is larger than {MAX_SIDE} pixels a side; give the training crop",
+    )
+    need(  # torchvision's ElasticTransform blurs its field with a 41-pixel kernel, reflect-padded by 20
+        not dc.elastic or min(dc.crop_size) > 20,
+        f"data.crop_size={dc.crop_size} is too small for data.elastic=true; give crops larger than 20 pixels",
+    )
+    need(
+        len(dc.scale_range) == 2 and 0 < dc.scale_range[0] <= dc.scale_range[1],
+        f"data.scale_range={dc.scale_range} must be [low, high] with 0 < low <= high",
+    )
+    need(
+        len(dc.mean) == 3 and len(dc.std) == 3 and min(dc.std) > 0,
+        "data.mean and data.std must be three numbers each (R, G, B), std > 0",
+    )
+    need(dc.batch_size >= 1, f"data.batch_size={dc.batch_size} must be at least 1")
+    need(dc.workers >= 0, f"data.workers={dc.workers} must be 0 or more")
 
 
 def config_paper(path: Path) -> str:
