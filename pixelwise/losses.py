@@ -283,23 +283,28 @@ def unet_weight_map(
     else:
         cells, n = ndimage.label(foreground, structure=np.ones((3, 3)))
     if n >= 2:
-        # Beyond 6 sigma from a cell the term is below w0 * exp(-18): each cell's distance transform is
-        # computed in its bounding box grown by that reach, and is infinite outside.
-        reach = int(math.ceil(6 * sigma))
-        d1 = np.full(m.shape, np.inf)
-        d2 = np.full(m.shape, np.inf)
-        for i, box in enumerate(ndimage.find_objects(cells), start=1):
-            if box is None:
-                continue
-            box = tuple(slice(max(b.start - reach, 0), b.stop + reach) for b in box)
-            d = ndimage.distance_transform_edt(cells[box] != i)  # distance to the nearest pixel of cell i
-            d2[box] = np.minimum(d2[box], np.maximum(d1[box], d))
-            d1[box] = np.minimum(d1[box], d)
         background = valid & ~foreground
+        d1, d2 = _two_nearest_cells(cells, reach=int(math.ceil(6 * sigma)))
         weights[background] += w0 * np.exp(-((d1 + d2)[background] ** 2) / (2 * sigma**2))
 
     out = weights.astype(np.float32)
     return torch.from_numpy(out) if as_tensor else out
+
+
+def _two_nearest_cells(cells: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances d1 <= d2 from every pixel to its nearest and second-nearest cell of the labelled map
+    `cells` (0 = background), infinite beyond `reach` pixels: each cell's distance transform is computed
+    in its bounding box grown by `reach` only (the U-Net term is below w0 * exp(-18) beyond 6 sigma)."""
+    d1 = np.full(cells.shape, np.inf)
+    d2 = np.full(cells.shape, np.inf)
+    for i, box in enumerate(ndimage.find_objects(cells), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(b.start - reach, 0), b.stop + reach) for b in box)
+        d = ndimage.distance_transform_edt(cells[box] != i)  # distance to the nearest pixel of cell i
+        d2[box] = np.minimum(d2[box], np.maximum(d1[box], d))
+        d1[box] = np.minimum(d1[box], d)
+    return d1, d2
 
 
 class UNetWeightMapLoss(nn.Module):
