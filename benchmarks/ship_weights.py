@@ -56,6 +56,9 @@ def main() -> int:
     out = ROOT / "pixelwise" / "trained" / f"{args.name}.safetensors"
     out.parent.mkdir(exist_ok=True)
     val_scores = {k: metrics["scores"][k] for k in ("miou", "pixel_acc", "mean_acc")}
+    if "isbi_challenge" in metrics["scores"]:  # the challenge's own scores (ISBI 2012)
+        challenge = metrics["scores"]["isbi_challenge"]
+        val_scores.update({k: challenge[k] for k in ("v_rand", "v_info", "pixel_error")})
     extra = {**meta.extra, "recipe": args.recipe, "val": val_scores, "stored_as": "fp16"}
     save_weights(
         out,
