@@ -131,6 +131,9 @@ class EvalConfig:
     """Validation during and after training."""
 
     every_epochs: int = 1  # validate every N epochs and after the last; 0 = only at the end, keep the last weights
+    # the validation score that picks best.safetensors: miou, pixel_acc, mean_acc, or a data set's own
+    # (v_rand, v_info: ISBI 2012, whose challenge ranks by V_Rand)
+    best_metric: str = "miou"
     mode: str = "whole"  # whole image; slide windows for images larger than the crop; multiscale (DeepLab)
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])  # multiscale: DeepLab's
     window: list[int] = field(default_factory=list)  # slide mode (H, W); empty = data.crop_size
@@ -386,6 +389,9 @@ def _finite(x: float, where: str) -> float:
     return x
 
 
+BEST_METRICS = ("miou", "pixel_acc", "mean_acc", "v_rand", "v_info")  # eval.best_metric; higher is better
+
+
 def _check_values(cfg: Config, source: str) -> None:
     """Value checks that types cannot express."""
 
@@ -394,6 +400,12 @@ def _check_values(cfg: Config, source: str) -> None:
             raise UserError(f"{source}: {msg}")
 
     _check_data(cfg.data, need)
+    need(
+        cfg.eval.best_metric in BEST_METRICS
+        and (cfg.eval.best_metric in BEST_METRICS[:3] or cfg.data.dataset == "isbi2012"),
+        f"eval.best_metric={cfg.eval.best_metric!r} must be one of miou, pixel_acc, mean_acc (any data set) or "
+        "v_rand, v_info (data.dataset isbi2012)",
+    )
     need(cfg.output.dir.strip() != "", "output.dir is empty; give the run's folder, e.g. runs/my_run")
     need(cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be at least 1")
     need(cfg.train.max_minutes >= 0, f"train.max_minutes={cfg.train.max_minutes} must be 0 (no limit) or more")

@@ -700,3 +700,14 @@ def test_a_checkpoint_with_bytes_flipped_inside_a_tensor_is_refused_on_resume(tm
     last.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"last\.pt: damaged: its contents do not match the checksum"):
         train(cfg, resume=True)
+
+
+def test_best_metric_picks_the_weights_by_another_validation_score(tmp_path):
+    """eval.best_metric: the kept weights are those of the best validation by that score (here pixel
+    accuracy); a data set's own score on another data set is one line naming the key."""
+    train(_cfg(tmp_path, "train.epochs=3", "eval.best_metric=pixel_acc"))
+    val = [r for r in _log(tmp_path / "run") if r["kind"] == "val"]
+    best = max(val, key=lambda r: r["pixel_acc"])
+    assert load_weights(tmp_path / "run" / "best.safetensors")[1].extra["epoch"] == best["epoch"]
+    with pytest.raises(UserError, match=r"eval\.best_metric='v_rand' must be one of .* \(data\.dataset isbi2012\)"):
+        _cfg(tmp_path, "eval.best_metric=v_rand")

@@ -46,7 +46,7 @@ class TrainState:
     step: int = 0  # optimiser steps taken
     step_in_epoch: int = 0  # optimiser steps taken in the current epoch
     perm: torch.Tensor | None = None  # the current epoch's sample order (None before the first epoch)
-    best_miou: float | None = None  # best validation mIoU so far
+    best_miou: float | None = None  # best validation score so far: mIoU, or what eval.best_metric names
     elapsed_s: float = 0.0  # wall seconds of the run before this process started (resumed runs add up)
 
     def to_dict(self) -> dict[str, Any]:

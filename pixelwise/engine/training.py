@@ -562,17 +562,19 @@ def end_epoch(run: Run) -> None:
         print(f"train.max_minutes={run.cfg.train.max_minutes:g} reached in epoch {state.epoch} (step {state.step})")
     last = state.epoch == run.cfg.train.epochs or run.time_is_up
     if run.data["val"] is not None and every and (state.epoch % every == 0 or last):
-        miou = validate(run)
-        if state.best_miou is None or miou > state.best_miou:
-            state.best_miou = miou
-            save_best(run, miou)
+        scores = validate(run)
+        score = scores[run.cfg.eval.best_metric]  # higher is better for every choice
+        if state.best_miou is None or score > state.best_miou:
+            state.best_miou = score
+            save_best(run, scores["miou"])
     elif run.data["val"] is None or not every:
         save_best(run, None)  # no validation: the latest weights are the deliverable
     run.checkpoint()
 
 
-def validate(run: Run) -> float:
-    """Score the model on the validation split (all processes share it under DDP); log and return mIoU."""
+def validate(run: Run) -> dict[str, Any]:
+    """Score the model on the validation split (all processes share it under DDP); log and return the
+    scores (miou, pixel_acc, mean_acc, and the data set's own, e.g. ISBI's v_rand)."""
     data = run.data
     result = evaluate(
         run.model,
@@ -600,7 +602,7 @@ def validate(run: Run) -> float:
     if is_main():
         rand = f", V_Rand {record['v_rand']:.4f}" if "v_rand" in record else ""
         print(f"epoch {run.state.epoch}: val mIoU {s['miou']:.4f} (pixel acc {s['pixel_acc']:.4f}{rand})")
-    return float(s["miou"])
+    return record
 
 
 def save_best(run: Run, miou: float | None) -> None:
