@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pixelwise.engine.state import digest
 from pixelwise.errors import UserError
 from pixelwise.weights import load_checkpoint, load_weights
 
@@ -390,6 +391,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_by_name(lab):
     out.mkdir()
     ckpt = load_checkpoint(ref / "last.pt")
     ckpt["model_name"] = "segnet_basic"
+    ckpt["digest"] = digest(ckpt)  # a whole checkpoint of another model, not a damaged one
     torch.save(ckpt, out / "last.pt")
     log = work / "other-model.log"
     assert zygote.run(train_argv(config, out, resume=True), log) == 2
