@@ -191,7 +191,7 @@ def test_train_a_builtin_config_and_predict_with_the_builtin_weights(bin_dir, wo
             "predict",
             "--weights",
             "segnet_basic_camvid",
-            "camvid/val/0.png",
+            "camvid/val/f0.png",
             "--out",
             "pred",
             "--device",
@@ -199,9 +199,9 @@ def test_train_a_builtin_config_and_predict_with_the_builtin_weights(bin_dir, wo
         ],
         cwd=work,
     )
-    mask = np.asarray(Image.open(work / "pred" / "masks" / "0.png"))
+    mask = np.asarray(Image.open(work / "pred" / "masks" / "f0.png"))
     assert mask.shape == (96, 128) and mask.max() < 11
-    assert Image.open(work / "pred" / "overlays" / "0.png").size == (128, 96)
+    assert Image.open(work / "pred" / "overlays" / "f0.png").size == (128, 96)
 
 
 def test_serve_answers_healthz_and_the_page(bin_dir, work):
