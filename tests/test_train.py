@@ -711,3 +711,32 @@ def test_best_metric_picks_the_weights_by_another_validation_score(tmp_path):
     assert load_weights(tmp_path / "run" / "best.safetensors")[1].extra["epoch"] == best["epoch"]
     with pytest.raises(UserError, match=r"eval\.best_metric='v_rand' must be one of .* \(data\.dataset isbi2012\)"):
         _cfg(tmp_path, "eval.best_metric=v_rand")
+
+
+def test_optimizers_use_the_fused_step_where_torch_has_one_and_resume_keeps_it(tmp_path, monkeypatch):
+    """SGD and AdamW take torch's fused kernel (one kernel over all tensors) on this CPU; a checkpoint
+    written by a for-loop optimiser resumes with this process's fused step."""
+    model = get_model("unet", num_classes=3, padding="same", base_channels=4, depth=2)
+    for name in ("sgd", "adamw"):
+        cfg = load_config(None, [f"train.optimizer={name}"])
+        assert all(group["fused"] for group in build_optimizer(cfg, model).param_groups)
+    cfg = _cfg(tmp_path, "train.epochs=2")
+    train(cfg, stop_at_step=4)
+    last = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(last)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"] = None  # as a torch without the fused CPU kernel writes it
+    from pixelwise.engine.state import digest
+
+    ckpt["digest"] = digest(ckpt)
+    torch.save(ckpt, last)
+    seen = []
+    original = training_module.restore
+
+    def spy(run):
+        original(run)
+        seen.extend(group["fused"] for group in run.optimizer.param_groups)
+
+    monkeypatch.setattr(training_module, "restore", spy)
+    train(cfg, resume=True)
+    assert seen and all(seen)

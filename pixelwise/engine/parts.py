@@ -290,7 +290,18 @@ def _part_lr_mults(cfg: Config, model: nn.Module) -> dict[int, float]:
 
 
 # train.optimizer -> the optimiser over parameter groups: SGD with momentum (the papers) or AdamW
+def fused(optimizer: type[torch.optim.Optimizer], groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """`optimizer(groups, fused=True, **kwargs)` where this torch has a fused kernel for the parameters'
+    device and dtype, else torch's default. The fused step updates every tensor in one kernel instead of
+    a Python loop over them: AdamW on the 31 M-parameter U-Net, 232 -> 34 ms of CPU a step on one core
+    (benchmarks/optimizer_step.py). Older torch versions lack some CPU kernels (TypeError or RuntimeError)."""
+    try:
+        return optimizer(groups, fused=True, **kwargs)
+    except (TypeError, RuntimeError, ValueError):  # no fused kernel here: the for-loop step
+        return optimizer(groups, **kwargs)
+
+
 OPTIMIZERS: dict[str, Any] = {
-    "sgd": lambda groups, tc: torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum),
-    "adamw": lambda groups, tc: torch.optim.AdamW(groups, lr=tc.lr),
+    "sgd": lambda groups, tc: fused(torch.optim.SGD, groups, lr=tc.lr, momentum=tc.momentum),
+    "adamw": lambda groups, tc: fused(torch.optim.AdamW, groups, lr=tc.lr),
 }

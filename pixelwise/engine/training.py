@@ -373,6 +373,7 @@ def restore(run: Run) -> None:
             "resume with the config the run started with"
         ) from None
     mults = [group["lr_mult"] for group in run.optimizer.param_groups]
+    kernels = [(group.get("fused"), group.get("foreach")) for group in run.optimizer.param_groups]
     try:
         run.optimizer.load_state_dict(
             align_optimizer_state(ckpt["optimizer"], list(ckpt["model"]), run.model, run.optimizer)
@@ -382,8 +383,9 @@ def restore(run: Run) -> None:
             f"{path}: the optimiser state does not fit this config ({e}); resume with "
             "the train.* settings the run started with"
         ) from None
-    for group, mult in zip(run.optimizer.param_groups, mults, strict=True):
+    for group, mult, (fused, foreach) in zip(run.optimizer.param_groups, mults, kernels, strict=True):
         group["lr_mult"] = mult  # the config's rate factors (checkpoints before them had none)
+        group["fused"], group["foreach"] = fused, foreach  # this torch's step kernel, not the writer's
     run.scaler.load_state_dict(ckpt["scaler"])
     run.state = TrainState.from_checkpoint(ckpt)
     _warn_changed_batch(run, ckpt["config"])
