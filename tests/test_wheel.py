@@ -33,7 +33,8 @@ from pixelwise.config import CONFIGS_DIR
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DATA = sorted(
     [p.relative_to(ROOT).as_posix() for p in CONFIGS_DIR.rglob("*.yaml")]
-    + ["pixelwise/serve/static/index.html", "pixelwise/trained/segnet_basic_camvid.safetensors"]
+    + ["pixelwise/serve/static/index.html"]
+    + [f"pixelwise/trained/{name}.safetensors" for name in ("segnet_basic_camvid", "unet_isbi2012")]
 )
 
 pytestmark = pytest.mark.slow
