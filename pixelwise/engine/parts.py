@@ -293,7 +293,7 @@ def _part_lr_mults(cfg: Config, model: nn.Module) -> dict[int, float]:
 def fused(optimizer: type[torch.optim.Optimizer], groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
     """`optimizer(groups, fused=True, **kwargs)` where this torch has a fused kernel for the parameters'
     device and dtype, else torch's default. The fused step updates every tensor in one kernel instead of
-    a Python loop over them: AdamW on the 31 M-parameter U-Net, 232 -> 34 ms of CPU a step on one core
+    a Python loop over them: AdamW on the 31 M-parameter U-Net, 202 -> 36 ms of CPU a step on one core
     (benchmarks/optimizer_step.py). Older torch versions lack some CPU kernels (TypeError or RuntimeError)."""
     try:
         return optimizer(groups, fused=True, **kwargs)
