@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,18 +199,22 @@ def check_onnx(model: nn.Module, path: str | Path, inputs: list[torch.Tensor]) -
     options.log_severity_level = 4  # the check reports failures itself
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     device = _model_device(model)
+    rounding = _float32_rounding(model)
     worst = 0.0
     for x in inputs:
         with torch.inference_mode():
             ref = model(x.to(device)).float().cpu()
         out = torch.from_numpy(session.run(None, {INPUT_NAME: x.cpu().numpy()})[0])
-        worst = max(worst, _compare(model, x, out, ref))
+        worst = max(worst, _compare(rounding, x, out, ref))
     return worst
 
 
-def _compare(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> float:
-    """The difference of an exported graph's logits `out` to PyTorch's `ref` relative to the logits'
-    magnitude; ValueError when the shapes, the labels or the values disagree beyond float32 rounding."""
+def _compare(
+    rounding: Callable[[torch.Tensor, torch.Tensor], float], x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor
+) -> float:
+    """The difference of an exported graph's logits `out` to PyTorch's `ref` on `x`, relative to the logits'
+    magnitude; ValueError when the shapes, the labels or the values disagree beyond float32 rounding
+    (`rounding(x, ref)`, see `_float32_rounding`)."""
     if out.shape != ref.shape:
         raise ValueError(
             f"the graph gives shape {tuple(out.shape)} for input {tuple(x.shape)}, PyTorch {tuple(ref.shape)}"
@@ -220,21 +225,29 @@ def _compare(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ref: torch.Te
     if disagree > LABEL_TOLERANCE:
         raise ValueError(f"the graph's labels differ from PyTorch's on {disagree:.2%} of the pixels")
     if err > CHECK_RTOL:
-        rounding = _float32_rounding(model, x, ref) / scale
-        if err > 2 * rounding:
+        allowed = rounding(x, ref) / scale
+        if err > 2 * allowed:
             raise ValueError(
                 f"the graph differs from PyTorch by {err:.2g} (relative), more than twice float32 rounding's "
-                f"{rounding:.2g}"
+                f"{allowed:.2g}"
             )
     return err
 
 
-def _float32_rounding(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
-    """How far float32 rounding moves `model`'s logits `ref` on `x` from a float64 run of the same weights."""
-    exact = copy.deepcopy(model).double()
-    with torch.inference_mode():
-        ref64 = exact(x.to(_model_device(model), torch.float64)).cpu()
-    return float((ref.double() - ref64).abs().max())
+def _float32_rounding(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """`rounding(x, ref)`: how far float32 rounding moves `model`'s logits `ref` on `x` from a float64 run of
+    the same weights. The float64 copy of the model is made once, when a check first needs it."""
+    exact: nn.Module | None = None
+
+    def rounding(x: torch.Tensor, ref: torch.Tensor) -> float:
+        nonlocal exact
+        if exact is None:
+            exact = copy.deepcopy(model).double()
+        with torch.inference_mode():
+            ref64 = exact(x.to(_model_device(model), torch.float64)).cpu()
+        return float((ref.double() - ref64).abs().max())
+
+    return rounding
 
 
 def export_onnx(
@@ -361,11 +374,12 @@ def _check_program(model: nn.Module, program: torch.export.ExportedProgram, inpu
     """Largest difference between `program` and `model` on `inputs`, relative to the logits (at least 1);
     ValueError beyond float32 rounding, as `check_onnx`."""
     module = program.module()
+    rounding = _float32_rounding(model)
     worst = 0.0
     for x in inputs:
         with torch.inference_mode():
             ref, out = model(x), module(x)
-        worst = max(worst, _compare(model, x, out.float().cpu(), ref.float().cpu()))
+        worst = max(worst, _compare(rounding, x, out.float().cpu(), ref.float().cpu()))
     return worst
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
-from pixelwise.export import _compare, export_onnx, export_torch
+from pixelwise.export import _compare, _float32_rounding, export_onnx, export_torch
 from pixelwise.models import MODELS, get_model
 from pixelwise.weights import load_weights
 
@@ -236,13 +236,14 @@ def test_the_check_refuses_labels_or_values_beyond_float32_rounding():
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         ref = model(x)
-    assert _compare(model, x, ref.clone(), ref) == 0.0
+    rounding = _float32_rounding(model)
+    assert _compare(rounding, x, ref.clone(), ref) == 0.0
     scale = max(1.0, float(ref.abs().max()))
     moved = ref.clone()
     moved[0, :, 0, 0] += 0.01 * scale  # one pixel's logits, labels unchanged
     with pytest.raises(ValueError, match="more than twice float32 rounding"):
-        _compare(model, x, moved, ref)
+        _compare(rounding, x, moved, ref)
     swapped = ref.clone()
     swapped[:, :, :4] = -swapped[:, :, :4]  # an eighth of the rows: other labels
     with pytest.raises(ValueError, match="labels differ from PyTorch's on"):
-        _compare(model, x, swapped, ref)
+        _compare(rounding, x, swapped, ref)
