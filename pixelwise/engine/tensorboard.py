@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from pixelwise.config import PIXEL_SCORES
 from pixelwise.palette import colorize
 
 TRAIN_SCALARS = ("loss", "lr", "images_per_s")
-VAL_SCALARS = ("miou", "pixel_acc", "mean_acc")
+VAL_SCALARS = PIXEL_SCORES  # what every validation logs
 DATASET_SCALARS = ("v_rand", "v_info", "pixel_error")  # engine.dataset_metrics: the challenge scores
 
 

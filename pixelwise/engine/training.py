@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from pixelwise import distributed
-from pixelwise.config import Config, config_to_dict
+from pixelwise.config import PIXEL_SCORES, Config, config_to_dict
 from pixelwise.engine.evaluation import (
     InferenceSpec,
     dataset_metrics,
@@ -596,7 +596,7 @@ def validate(run: Run) -> dict[str, Any]:
         extra_metrics=dataset_metrics(run.cfg.data.dataset, data["classes"]) if distributed.world_size() == 1 else (),
     )
     s = result.scores
-    record = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}
+    record = {name: s[name] for name in PIXEL_SCORES}
     record.update(s.get("isbi_challenge", {}))  # v_rand, v_info, pixel_error and their thresholds
     run.log({"kind": "val", "epoch": run.state.epoch, "step": run.state.step, **record})
     if run.tensorboard is not None:  # per-class IoU and example predictions
