@@ -363,10 +363,9 @@ def load_matching(model: nn.Module, source: str | Path) -> tuple[list[str], list
     """
     path = Path(source)
     if path.is_file() and path.suffix != ".safetensors":
-        ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-            raise UserError(f"{path}: neither pixelwise weights (.safetensors) nor a training checkpoint with 'model'")
-        state = ckpt["model"]
+        from pixelwise.engine.state import read_checkpoint
+
+        state = read_checkpoint(path)["model"]  # layout, version and digest checked as for --resume
     else:
         state = load_weights(source)[0].state_dict()
     own = model.state_dict()

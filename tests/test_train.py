@@ -593,6 +593,8 @@ def test_init_weights_fine_tunes_from_a_run_of_another_class_count(tmp_path, cap
     loaded, kept = load_matching(fresh, first / "best.safetensors")
     assert kept == ["head.bias", "head.weight"] and len(loaded) == len(theirs) - 2
     assert all(torch.equal(theirs[k], v) for k, v in fresh.state_dict().items() if k in loaded)
+    other = get_model("unet", num_classes=5, padding="same", base_channels=4, depth=2)
+    assert load_matching(other, first / "last.pt")[1] == ["head.bias", "head.weight"]  # a run's checkpoint too
 
     five = [*TINY, "train.epochs=1", "data.kwargs={size: [32, 32], num_images: 16, num_classes: 5}"]
     init = f"model.init_weights={first / 'best.safetensors'}"
