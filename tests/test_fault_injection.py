@@ -71,10 +71,12 @@ output:
 # The zygote: imports and warms up once, then forks one child per job. It reaps a child only when told
 # ("wait"), so the pid the test signals can never have been reused by another process.
 ZYGOTE = r"""
-import contextlib, io, json, os, sys, time, traceback
+import contextlib, io, json, os, sys, threading, time, traceback
 import torch
 torch.set_num_threads(1)
+import tqdm
 import pixelwise.cli, pixelwise.train, pixelwise.fileio, pixelwise.data.synthetic
+tqdm.tqdm.monitor_interval = 0  # no monitor thread: fork only from a single-threaded process
 
 def hooks(h):
     real_save, real_replace = torch.save, os.replace
@@ -122,6 +124,9 @@ def child(job):
     os.dup2(fd, 2)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     rc = 99
+    # tqdm's lock is a multiprocessing semaphore created in the zygote and so shared by every child: a
+    # child SIGKILLed while holding it (every bar takes it) would block the next child forever
+    tqdm.tqdm.set_lock(threading.RLock())
     try:
         os.chdir(job["cwd"])
         hooks(job.get("hooks", {}))
@@ -141,6 +146,7 @@ for line in sys.stdin:
     job = json.loads(line)
     sys.stdout.flush()
     sys.stderr.flush()
+    assert threading.active_count() == 1, threading.enumerate()
     pid = os.fork()
     if pid == 0:
         child(job)
