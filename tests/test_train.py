@@ -175,6 +175,16 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     assert ckpt["step"] == 2
 
 
+def test_nan_loss_between_logging_steps_is_named_and_never_saved(tmp_path, monkeypatch):
+    # the loop reads losses only at logging, checkpoint and epoch-end steps: the NaN of step 2 is still the
+    # one named, and found before the epoch's validation or checkpoint could keep its weights
+    _loss_that(monkeypatch, lambda n, loss: loss * math.inf if n == 2 else loss)
+    cfg = _cfg(tmp_path, "output.log_every_steps=100", "output.checkpoint_every_steps=0")
+    with pytest.raises(UserError, match=r"loss is inf at step 2 \(epoch 1, "):
+        train(cfg)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.safetensors").exists()
+
+
 def test_user_errors_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -463,10 +463,13 @@ def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) ->
         dynamic_ncols=True,
     )
     t_log, images_since, loss_sum, micro = time.perf_counter(), 0, 0.0, 0
+    losses = PendingLosses()
     with bar:
         for images, targets in epoch_loader(run):
             images = images.to(run.device, non_blocking=True, memory_format=memory_format)
-            loss_sum += backward(run, images, targets.to(run.device, non_blocking=True), micro)
+            loss = backward(run, images, targets.to(run.device, non_blocking=True), micro)
+            losses.add(loss, run, micro, images.shape[0])
+            loss_sum += loss
             micro += 1
             images_since += images.shape[0]
             if micro < tc.grad_accum:
@@ -474,30 +477,61 @@ def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) ->
             lr = optimizer_step(run)
             step_loss, loss_sum, micro = loss_sum / tc.grad_accum, 0.0, 0
             bar.update(1)
+            checkpoint = bool(run.cfg.output.checkpoint_every_steps) and (
+                state.step % run.cfg.output.checkpoint_every_steps == 0
+            )
             if state.step % run.cfg.output.log_every_steps == 0 or state.step_in_epoch == run.steps_per_epoch:
+                losses.check(run)
                 now = time.perf_counter()
                 speed, t_log, images_since = images_since / max(now - t_log, 1e-9), now, 0
-                run.log(
-                    {
-                        "kind": "train",
-                        "epoch": state.epoch + 1,
-                        "step": state.step,
-                        "loss": step_loss,
-                        "lr": lr,
-                        "images_per_s": speed,
-                        "precision": run.precision,
-                    }
-                )
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+                record = {"kind": "train", "epoch": state.epoch + 1, "step": state.step, "loss": step_loss.item()}
+                run.log(record | {"lr": lr, "images_per_s": speed, "precision": run.precision})
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
             if distributed.any_true(bool(stop.signal) or state.step == stop_at_step, run.device):  # DDP: all stop
+                losses.check(run)  # the checkpoint written on the way out must hold finite weights
                 return False
-            if run.cfg.output.checkpoint_every_steps and state.step % run.cfg.output.checkpoint_every_steps == 0:
+            if checkpoint:
+                losses.check(run)
                 run.checkpoint()
+    losses.check(run)  # before the epoch's validation and checkpoint
     return True
 
 
-def backward(run: Run, images: torch.Tensor, targets: torch.Tensor, micro: int) -> float:
-    """Forward and backward of one micro-batch; returns its loss (NaN or infinity stops the run)."""
+class PendingLosses:
+    """The losses of the micro-batches since the last check, left on the device.
+
+    Reading a loss (`.item()`) waits for the device to finish the step; checking them in one read at
+    logging, checkpoint and epoch-end steps keeps a GPU queue full between those. A non-finite loss is
+    found before any checkpoint or validation could keep the weights it produced.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, int, int, int, int]] = []  # loss, step, epoch, first, count
+
+    def add(self, loss: torch.Tensor, run: Run, micro: int, batch: int) -> None:
+        state = run.state
+        first = state.step_in_epoch * run.samples_per_step + micro * batch
+        self.entries.append((loss, state.step, state.epoch, first, batch))
+
+    def check(self, run: Run) -> None:
+        """UserError naming the step and samples of the first non-finite loss since the last check."""
+        if not self.entries:
+            return
+        values = torch.stack([e[0] for e in self.entries]).tolist()  # one device sync for all
+        entries, self.entries = self.entries, []
+        for value, (_, step, epoch, first, count) in zip(values, entries, strict=True):
+            if not math.isfinite(value):
+                raise UserError(
+                    f"loss is {value} at step {step + 1} (epoch {epoch + 1}, batch of data set indices "
+                    f"{run.state.perm[first : first + count].tolist()}); training stopped and "
+                    f"{run.out / 'last.pt'} still holds the last good state: lower train.lr, set "
+                    "train.grad_clip or check those images"
+                )
+
+
+def backward(run: Run, images: torch.Tensor, targets: torch.Tensor, micro: int) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its loss, detached, on the device (not read:
+    `PendingLosses` checks it later without a sync per step)."""
     tc = run.cfg.train
     accumulating = distributed.world_size() > 1 and micro + 1 < tc.grad_accum  # DDP: all-reduce on the last
     autocast = (
@@ -511,17 +545,8 @@ def backward(run: Run, images: torch.Tensor, targets: torch.Tensor, micro: int) 
         loss = loss + run.cfg.loss.aux_weight * run.loss_fn(aux_out.float(), targets)
     else:
         loss = run.loss_fn(outputs.float(), targets)
-    value = loss.item()
-    if not math.isfinite(value):
-        state = run.state
-        first = state.step_in_epoch * run.samples_per_step + micro * images.shape[0]
-        raise UserError(
-            f"loss is {value} at step {state.step + 1} (epoch {state.epoch + 1}, batch of data set indices "
-            f"{state.perm[first : first + images.shape[0]].tolist()}); training stopped and {run.out / 'last.pt'} "
-            "still holds the last good state: lower train.lr, set train.grad_clip or check those images"
-        )
     run.scaler.scale(loss / tc.grad_accum).backward()
-    return value
+    return loss.detach()
 
 
 def optimizer_step(run: Run) -> float:
