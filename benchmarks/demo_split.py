@@ -4,8 +4,8 @@ Each run is the real demo job (`pixelwise.demo.run_demo`, the built-in synthetic
 fresh process, with wall-clock timers wrapped around the engine's parts (`pixelwise.engine.training`):
 building the run (data sets, model, optimiser), waiting for the loader's next batch, forward + loss +
 backward, the optimiser step, logging, checkpoints and best weights, validation, the final validation and
-report, and the demo's predictions (with the imports the demo makes lazily). "loop, other" is what the epochs spend outside those parts (progress
-bar, loss bookkeeping, the loop itself). The timers only read `time.perf_counter`; no device sync is added.
+report, and the demo's predictions (with the imports the demo makes lazily). "loop, other" is what the
+epochs spend outside those parts (progress bar, loss bookkeeping, the loop itself). The timers only read `time.perf_counter`; no device sync is added.
 
 `--before REV` also runs the code of git revision REV (extracted to a temporary folder and put first on
 PYTHONPATH), alternating with this checkout (A B A B), and prints both splits side by side with their
@@ -147,7 +147,8 @@ def child(out: Path, threads: int, quick: bool) -> None:
 def run_child(code: Path, threads: int, quick: bool) -> dict:
     """One demo run of the code under `code` in a fresh interpreter."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(code), str(Path(__file__).parent)])}
+        path = os.pathsep.join([str(code), str(Path(__file__).parent)])
+        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
         cmd = [sys.executable, __file__, "--child", f.name, "--threads", str(threads)] + (["--quick"] if quick else [])
         subprocess.run(cmd, env=env, check=True, cwd=code, stdout=subprocess.DEVNULL)
         return json.loads(Path(f.name).read_text())
