@@ -5,7 +5,8 @@ fresh process, with wall-clock timers wrapped around the engine's parts (`pixelw
 building the run (data sets, model, optimiser), waiting for the loader's next batch, forward + loss +
 backward, the optimiser step, logging, checkpoints and best weights, validation, the final validation and
 report, and the demo's predictions (with the imports the demo makes lazily). "loop, other" is what the
-epochs spend outside those parts (progress bar, loss bookkeeping, the loop itself). The timers only read `time.perf_counter`; no device sync is added.
+epochs spend outside those parts (progress bar, loss bookkeeping, the loop itself). The timers only read
+`time.perf_counter`; no device sync is added.
 
 `--before REV` also runs the code of git revision REV (extracted to a temporary folder and put first on
 PYTHONPATH), alternating with this checkout (A B A B), and prints both splits side by side with their
