@@ -7,7 +7,10 @@ in one process, alternating A B A B after warm-up, with the same thread count:
 - one training step images/s (forward, cross-entropy, backward, SGD step), batch 4;
 - with ``--fast``: inference through ``pixelwise.fast.prepare_fast`` (channels_last,
   ``torch.inference_mode``, ``--compile`` optional, bf16 autocast on CUDA only), applied to
-  ours and to the peer alike, in its own columns.
+  ours and to the peer alike, in its own columns;
+- with ``--bf16`` (default where the CPU runs bf16 natively): ours with bf16 autocast + channels_last
+  against the peer as it ships (fp32 eager) and against the peer with the same bf16 autocast,
+  inference at batch 1 and the training step.
 
 The ratio is ours/peer of images/s (> 1: ours is faster), the median over rounds of the
 back-to-back time ratio (robust to load changes on a shared machine; the ratio of the medians is
@@ -16,8 +19,8 @@ kept in the JSON too). Where the two architectures differ
 paper's ResNet decoder, our default, is not) the table also gives GFLOPs per image and the
 FLOP-throughput ratio; ``deeplabv3plus_resnet50_separable`` races equal layouts (ours with
 ``separable=True`` against smp's default decoder: equal parameter shapes and FLOPs). ``--mfu`` (default on CUDA)
-measures DeepLabv3-ResNet-101, 512x512, batch 16 (bf16 on CUDA, fp32 on CPU) against the
-device's peak (``--peak-tflops``).
+measures DeepLabv3-ResNet-101, 512x512, batch 16 (bf16 on CUDA; fp32, and bf16 where native, on a
+CPU) against the device's peak (``--peak-tflops``; a CPU's derived from its clock, see cpu_peak_tflops).
 
 Writes ``benchmarks/results/speed.json`` (figures, machine, versions) and prints a table.
 
@@ -57,12 +60,34 @@ from common import (
 
 from pixelwise.fast import prepare_fast
 from pixelwise.models import get_model
+from pixelwise.precision import cpu_has_native_bf16
 
 NUM_CLASSES = 11  # CamVid's classes: the size of the head does not matter at this scale
-# Peaks for MFU: H100 bf16 dense (BENCHMARKS.md); this project's CPU in fp32: 2 cores x 2.6 GHz x 2 AVX-512
-# FMA units x 16 lanes x 2 FLOPs = 0.333 TFLOP/s (oneDNN's convs reach ~0.28 here, above BENCHMARKS.md's
-# 0.145 matmul figure, so that figure is not the peak). Pass --peak-tflops for any other device.
-PEAK_TFLOPS = {"cuda": 790.0, "cpu": 0.333}
+# Peak for MFU on CUDA: H100 bf16 dense (BENCHMARKS.md). A CPU's peaks are derived from the machine (cpu_peak_tflops).
+# Pass --peak-tflops for any other device.
+CUDA_PEAK_TFLOPS = 790.0
+# FLOPs per cycle and core: fp32 on 2 AVX-512 FMA units (16 lanes, 2 FLOPs a lane); bf16 on the AMX tile unit
+# (TDPBF16PS: 16 x 16 x 32 multiply-adds every 16 cycles = 512 a cycle, 2 FLOPs each)
+CPU_FLOPS_PER_CYCLE = {"fp32": 2 * 16 * 2, "bf16": 512 * 2}
+
+
+def cpu_clock_ghz() -> float | None:
+    """The CPU clock /proc/cpuinfo states (a VM's nominal clock), or None where it is not stated."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_peak_tflops(dtype: str, cores: int) -> float | None:
+    """Derived peak of `cores` cores of this CPU in `dtype` ("fp32" or "bf16"): cores x clock x FLOPs a cycle."""
+    ghz = cpu_clock_ghz()
+    if ghz is None or (dtype == "bf16" and not cpu_has_native_bf16()):
+        return None
+    return cores * ghz * CPU_FLOPS_PER_CYCLE[dtype] / 1000
 
 
 class Logits(nn.Module):
@@ -235,18 +260,38 @@ def _infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+def _bf16_infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Inference with bf16 autocast, channels_last and inference_mode (`model` already channels_last)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def run() -> object:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return model(x)
+
+    return run
+
+
+def _train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], object]:
+    """One SGD step; with `bf16`, under bf16 autocast on channels_last input (`model` already channels_last)."""
     # lr small enough that random-init weights stay finite over the repetitions (no NaN slow paths)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    if bf16:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> object:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
         loss.backward()
         opt.step()
         return loss
 
     return step
+
+
+def _bf16_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def _profile(models: dict[str, nn.Module], x: torch.Tensor, rows: int = 15) -> dict[str, str]:
@@ -295,67 +340,26 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
     rec["gflops_ours"] = _flops_per_image(pair.ours, (h, w)) / 1e9
     rec["gflops_peer"] = _flops_per_image(pair.peer, (h, w)) / 1e9
     progress(
-        f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}; "
-        f"same-weights max|diff| {diff:.2e}"
-        if pair.same_weights
-        else f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}"
+        f"  GFLOPs/image ours {rec['gflops_ours']:.1f}, peer {rec['gflops_peer']:.1f}"
+        + (f"; same-weights max|diff| {diff:.2e}" if pair.same_weights else "")
     )
-
+    models = {"ours": ours, "peer": peer}
     if args.fast:
-        ours_fast = prepare_fast(copy.deepcopy(ours), compile=args.compile)
-        peer_fast = prepare_fast(copy.deepcopy(peer), compile=args.compile)
+        models["ours_fast"] = prepare_fast(copy.deepcopy(ours), compile=args.compile)
+        models["peer_fast"] = prepare_fast(copy.deepcopy(peer), compile=args.compile)
         with torch.no_grad():
-            ref = ours(x1)
-        rec["fast_max_abs_diff"] = (ours_fast(x1).float() - ref).abs().max().item()
-
-    rec["inference"] = {}
-    for b in args.batch_sizes:
-        x = torch.randn(b, 3, h, w, generator=gen).to(device)
-        fns = {"ours": _infer_fn(ours, x), "peer": _infer_fn(peer, x)}
-        fast_here = args.fast and b in args.fast_batch_sizes
-        if fast_here:
-            fns["ours_fast"] = lambda x=x: ours_fast(x)
-            fns["peer_fast"] = lambda x=x: peer_fast(x)
-        reps = args.reps if b == 1 else args.reps_large
-        progress(f"  inference batch {b}: {reps} rounds of {', '.join(fns)}")
-        times = time_alternating(fns, reps=reps, warmup=args.warmup, device=device, log=progress)
-        stats = {k: summarize(v, items=b) for k, v in times.items()}
-        entry = {
-            "times": stats,
-            "ratio": paired_ratio(times["ours"], times["peer"]),
-            "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"]),
-        }
-        if fast_here:
-            entry["ratio_fast"] = paired_ratio(times["ours_fast"], times["peer_fast"])
-            entry["fast_speedup_ours"] = paired_ratio(times["ours_fast"], times["ours"])
-        rec["inference"][str(b)] = entry
-        progress(
-            f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
-            f"img/s, ratio {entry['ratio']:.3f}"
-        )
-
+            rec["fast_max_abs_diff"] = (models["ours_fast"](x1).float() - ours(x1)).abs().max().item()
+    if args.bf16:
+        models["ours_bf16"], models["peer_bf16"] = _bf16_copy(ours), _bf16_copy(peer)
+    rec["inference"] = {
+        str(b): _bench_inference(models, torch.randn(b, 3, h, w, generator=gen).to(device), args, device)
+        for b in args.batch_sizes
+    }
     if args.train_batch > 0:
         b = args.train_batch
         x = torch.randn(b, 3, h, w, generator=gen).to(device)
         y = torch.randint(0, NUM_CLASSES, (b, h, w), generator=gen).to(device)
-        ours.train()
-        peer.train()
-        fns = {"ours": _train_fn(ours, x, y), "peer": _train_fn(peer, x, y)}
-        progress(f"  training step batch {b}: {args.reps_large} rounds")
-        times = time_alternating(fns, reps=args.reps_large, warmup=args.warmup, device=device, log=progress)
-        stats = {k: summarize(v, items=b) for k, v in times.items()}
-        rec["train"] = {
-            "batch": b,
-            "times": stats,
-            "ratio": paired_ratio(times["ours"], times["peer"]),
-            "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"]),
-        }
-        progress(
-            f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
-            f"img/s, ratio {rec['train']['ratio']:.3f}"
-        )
-        ours.eval()
-        peer.eval()
+        rec["train"] = _bench_train(ours, peer, x, y, args, device)
 
     # FLOP-throughput ratio: how fast each runs per FLOP, for pairs whose FLOPs differ
     rec["flop_ratio"] = rec["gflops_ours"] / rec["gflops_peer"]
@@ -366,15 +370,95 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device) -> di
     return rec
 
 
-# ---------------------------------------------------------------------------------------- MFU
-def bench_mfu(args: argparse.Namespace, device: torch.device) -> dict:
-    """DeepLabv3-ResNet-101 inference and training-step throughput as a fraction of the device's peak."""
-    b, s = args.mfu_batch, args.mfu_size
-    bf16 = device.type == "cuda"  # never autocast to bf16 on a CPU (no bf16 hardware here)
-    peak = args.peak_tflops if args.peak_tflops is not None else PEAK_TFLOPS[device.type]
+def _bench_inference(models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Namespace, device) -> dict:
+    """Inference of one batch: ours and peer in fp32 eager, plus the --fast and --bf16 variants where due."""
+    b = x.shape[0]
+    fns = {"ours": _infer_fn(models["ours"], x), "peer": _infer_fn(models["peer"], x)}
+    fast_here = args.fast and b in args.fast_batch_sizes
+    if fast_here:
+        fns["ours_fast"] = lambda: models["ours_fast"](x)
+        fns["peer_fast"] = lambda: models["peer_fast"](x)
+    bf16_here = args.bf16 and b in args.bf16_batch_sizes
+    if bf16_here:
+        fns["ours_bf16"] = _bf16_infer_fn(models["ours_bf16"], x)
+        fns["peer_bf16"] = _bf16_infer_fn(models["peer_bf16"], x)
+    reps = args.reps if b == 1 else args.reps_large
+    progress(f"  inference batch {b}: {reps} rounds of {', '.join(fns)}")
+    times = time_alternating(fns, reps=reps, warmup=args.warmup, device=device, log=progress)
+    entry = _ratios(times, b, bf16_here)
+    if fast_here:
+        entry["ratio_fast"] = paired_ratio(times["ours_fast"], times["peer_fast"])
+        entry["fast_speedup_ours"] = paired_ratio(times["ours_fast"], times["ours"])
+    stats = entry["times"]
     progress(
-        f"[mfu] deeplabv3_resnet101 {s}x{s} batch {b} {'bf16' if bf16 else 'fp32'} on {device}, peak {peak} TFLOP/s"
+        f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
+        f"img/s, ratio {entry['ratio']:.3f}"
+        + (
+            f"; bf16 ours/peer fp32 {entry['ratio_bf16_vs_peer']:.3f}, ours/peer bf16 {entry['ratio_bf16']:.3f}"
+            if bf16_here
+            else ""
+        )
     )
+    return entry
+
+
+def _ratios(times: dict[str, list[float]], items: int, bf16: bool) -> dict:
+    """Stats of every candidate and the ratios (paired, and of the medians) of ours against the peer."""
+    stats = {k: summarize(v, items=items) for k, v in times.items()}
+    entry = {
+        "times": stats,
+        "ratio": paired_ratio(times["ours"], times["peer"]),
+        "ratio_of_medians": ratio(stats["ours"]["items_per_s"], stats["peer"]["items_per_s"]),
+    }
+    if bf16:  # ours in bf16 against the peer as it ships (fp32 eager) and against the peer in the same bf16
+        entry["ratio_bf16_vs_peer"] = paired_ratio(times["ours_bf16"], times["peer"])
+        entry["ratio_bf16"] = paired_ratio(times["ours_bf16"], times["peer_bf16"])
+        entry["bf16_speedup_ours"] = paired_ratio(times["ours_bf16"], times["ours"])
+    return entry
+
+
+def _bench_train(ours: nn.Module, peer: nn.Module, x, y, args: argparse.Namespace, device) -> dict:
+    """One training step of batch x: ours and peer in fp32 eager, and both in bf16 + channels_last with --bf16."""
+    fns = {"ours": _train_fn(ours.train(), x, y), "peer": _train_fn(peer.train(), x, y)}
+    if args.bf16:
+        fns["ours_bf16"] = _train_fn(_bf16_copy(ours), x, y, bf16=True)
+        fns["peer_bf16"] = _train_fn(_bf16_copy(peer), x, y, bf16=True)
+    progress(f"  training step batch {x.shape[0]}: {args.reps_large} rounds of {', '.join(fns)}")
+    times = time_alternating(fns, reps=args.reps_large, warmup=args.warmup, device=device, log=progress)
+    ours.eval()
+    peer.eval()
+    entry = {"batch": x.shape[0]} | _ratios(times, x.shape[0], args.bf16)
+    stats = entry["times"]
+    progress(
+        f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
+        f"img/s, ratio {entry['ratio']:.3f}"
+        + (
+            f"; bf16 ours/peer fp32 {entry['ratio_bf16_vs_peer']:.3f}, ours/peer bf16 {entry['ratio_bf16']:.3f}"
+            if args.bf16
+            else ""
+        )
+    )
+    return entry
+
+
+# ---------------------------------------------------------------------------------------- MFU
+def bench_mfu(args: argparse.Namespace, device: torch.device, dtype: str) -> dict:
+    """DeepLabv3-ResNet-101 inference and training-step throughput in `dtype` as a fraction of the device's peak."""
+    b, s = args.mfu_batch, args.mfu_size
+    bf16 = dtype == "bf16"
+    if args.peak_tflops is not None:
+        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    elif device.type == "cuda":
+        peak, peak_source = CUDA_PEAK_TFLOPS, "H100 bf16 dense (BENCHMARKS.md)"
+    else:
+        peak, ghz = cpu_peak_tflops(dtype, args.threads), cpu_clock_ghz()
+        unit = "AMX-BF16 tile unit" if bf16 else "2 AVX-512 FMA units"
+        peak_source = (
+            f"{args.threads} cores x {ghz:g} GHz x {CPU_FLOPS_PER_CYCLE[dtype]} FLOPs a cycle ({unit})"
+            if peak
+            else "unknown"
+        )
+    progress(f"[mfu] deeplabv3_resnet101 {s}x{s} batch {b} {dtype} on {device}, peak {peak} TFLOP/s")
     torch.manual_seed(0)
     model = get_model("deeplabv3_resnet101", num_classes=21).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -389,27 +473,30 @@ def bench_mfu(args: argparse.Namespace, device: torch.device) -> dict:
     def train_step() -> object:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
         return loss
 
-    out: dict = {
-        "model": "deeplabv3_resnet101",
-        "size": s,
-        "batch": b,
-        "dtype": "bf16" if bf16 else "fp32",
-        "peak_tflops": peak,
-    }
+    out: dict = {"model": "deeplabv3_resnet101", "size": s, "batch": b, "dtype": dtype}
+    out |= {"peak_tflops": peak, "peak_source": peak_source}
     for name, fn, mode in (("inference", infer, "eval"), ("train", train_step, "train")):
         model.train(mode == "train")
         flops = count_flops(fn)  # one call, also a warm-up
         times = time_alternating({name: fn}, reps=args.reps_large, warmup=args.warmup, device=device, log=progress)
         st = summarize(times[name], items=b)
         achieved = flops / st["median_s"] / 1e12
-        out[name] = {"tflop_per_call": flops / 1e12, "times": st, "achieved_tflops": achieved, "mfu": achieved / peak}
-        progress(f"  {name}: {st['items_per_s']:.2f} img/s, {achieved:.3f} TFLOP/s, MFU {achieved / peak:.1%}")
+        mfu = achieved / peak if peak else None
+        out[name] = {"tflop_per_call": flops / 1e12, "times": st, "achieved_tflops": achieved, "mfu": mfu}
+        progress(
+            f"  {name}: {st['items_per_s']:.2f} img/s, {achieved:.3f} TFLOP/s" + (f", MFU {mfu:.1%}" if mfu else "")
+        )
     return out
+
+
+def mfu_dtypes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """bf16 on CUDA; on a CPU fp32, and bf16 too where it runs natively (--bf16)."""
+    return ["bf16"] if device.type == "cuda" else ["fp32"] + (["bf16"] if args.bf16 else [])
 
 
 # -------------------------------------------------------------------------------------- table
@@ -424,6 +511,12 @@ def table(results: list[dict], fast: bool) -> str:
     if fast:
         headers += [f"fast b{b} ratio" for b in fast_batches] + [f"fast speed-up ours (b{fast_batches[0]})"]
     headers += ["train img/s ours", "train peer", "train ratio", "train ratio per FLOP"]
+    bf16_batches = sorted({int(k) for r in results for k, e in r["inference"].items() if "ratio_bf16" in e})
+    for b in bf16_batches:
+        headers += [f"bf16 b{b} ours / peer fp32", f"bf16 b{b} ours / peer bf16"]
+    bf16_train = any("ratio_bf16" in r.get("train", {}) for r in results)
+    if bf16_train:
+        headers += ["bf16 train ours / peer fp32", "bf16 train ours / peer bf16"]
     for r in results:
         row = [r["pair"], f"{r['size'][0]}x{r['size'][1]}", f"{r['gflops_ours']:.0f}/{r['gflops_peer']:.0f}"]
         for b in batches:
@@ -449,6 +542,11 @@ def table(results: list[dict], fast: bool) -> str:
             if t
             else [None] * 4
         )
+        for b in bf16_batches:
+            e = r["inference"].get(str(b), {})
+            row += [e.get("ratio_bf16_vs_peer"), e.get("ratio_bf16")]
+        if bf16_train:
+            row += [(t or {}).get("ratio_bf16_vs_peer"), (t or {}).get("ratio_bf16")]
         rows.append(row)
     return format_table(headers, rows)
 
@@ -490,6 +588,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference batches that also get the --fast columns (default 1)",
     )
     p.add_argument("--compile", action="store_true", help="with --fast: torch.compile (slow first call)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CPU: also time ours and the peer with bf16 autocast + channels_last (inference and training step), "
+        "and the MFU in bf16 (default: on where the CPU runs bf16 natively, see pixelwise.precision)",
+    )
+    p.add_argument(
+        "--bf16-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="inference batches that also get the --bf16 columns (default 1)",
+    )
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of ours and the peer")
     p.add_argument(
         "--update",
@@ -508,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak-tflops",
         type=float,
         default=None,
-        help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; 0.333 on CPU: this 2-core "
-        "AVX-512 machine in fp32)",
+        help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; on a CPU derived per dtype: threads x "
+        "clock x FLOPs a cycle, 64 fp32 on AVX-512, 1024 bf16 on AMX)",
     )
     return p
 
@@ -525,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     set_threads(args.threads)
     run_mfu = args.mfu if args.mfu is not None else device.type == "cuda"
+    if args.bf16 is None:
+        args.bf16 = device.type == "cpu" and cpu_has_native_bf16()
+    elif args.bf16 and (device.type != "cpu" or not cpu_has_native_bf16()):
+        raise SystemExit("--bf16: for a CPU that runs bf16 natively (CUDA runs bf16 in the --fast columns)")
 
     results = [bench_pair(PAIRS[name], args, device) for name in args.pairs]
     out_path = Path(args.out) if args.out else RESULTS_DIR / "speed.json"
@@ -549,14 +665,17 @@ def main(argv: list[str] | None = None) -> int:
                 "fast",
                 "fast_batch_sizes",
                 "compile",
+                "bf16",
+                "bf16_batch_sizes",
                 "quick",
             )
         },
-        "dtype": "fp32 eager (fast columns: bf16 autocast on CUDA, fp32 on CPU)",
+        "dtype": "fp32 eager (fast columns: bf16 autocast on CUDA, fp32 on CPU; bf16 columns: bf16 autocast + "
+        "channels_last on the CPU, ours and the peer alike)",
         "pairs": results,
     }
     if run_mfu:
-        payload["mfu"] = bench_mfu(args, device)
+        payload["mfu"] = [bench_mfu(args, device, dtype) for dtype in mfu_dtypes(args, device)]
     path = write_results("speed", payload, args.out)
     m = payload["machine"]
     print(
@@ -565,12 +684,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if results:
         print(table(results, args.fast))
-    if run_mfu:
-        mf = payload["mfu"]
+    for mf in payload.get("mfu", []):
         for k in ("inference", "train"):
+            share = f" = {mf[k]['mfu']:.1%}" if mf[k]["mfu"] is not None else " (peak unknown)"
             print(
                 f"MFU {k}: deeplabv3_resnet101 {mf['size']}x{mf['size']} b{mf['batch']} {mf['dtype']}: "
-                f"{mf[k]['achieved_tflops']:.3f} TFLOP/s of {mf['peak_tflops']} = {mf[k]['mfu']:.1%}"
+                f"{mf[k]['achieved_tflops']:.3f} TFLOP/s of {mf['peak_tflops']:.3g} ({mf['peak_source']}){share}"
             )
     print(f"wrote {path}")
     worst = min((r["inference"][k]["ratio"] for r in results for k in r["inference"]), default=math.nan)

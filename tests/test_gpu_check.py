@@ -15,6 +15,8 @@ import gpu_check
 import pytest
 import torch
 
+from pixelwise.precision import cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_SMP = importlib.util.find_spec("segmentation_models_pytorch") is not None
 HAVE_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
@@ -114,5 +116,6 @@ def test_tiny_dry_run_runs_every_cpu_step(tmp_path):
     assert "tests/test_crf.py::test_cuda_matches_cpu" in collected
     speed = json.loads((tmp_path / "gpu_speed.json").read_text())
     assert [p["pair"] for p in speed["pairs"]] == ["fcn_resnet50"] and "fast_max_abs_diff" in speed["pairs"][0]
-    mfu = json.loads((tmp_path / "gpu_mfu.json").read_text())["mfu"]
-    assert mfu["model"] == "deeplabv3_resnet101" and mfu["train"]["tflop_per_call"] > 0
+    mfu = json.loads((tmp_path / "gpu_mfu.json").read_text())["mfu"]  # fp32, and bf16 where the CPU runs it
+    assert [m["dtype"] for m in mfu] == ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
+    assert all(m["model"] == "deeplabv3_resnet101" and m["train"]["tflop_per_call"] > 0 for m in mfu)
