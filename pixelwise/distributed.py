@@ -49,6 +49,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+class StopVote:
+    """Ranks agree on when to stop without a blocking collective at every step.
+
+    Each call all-reduces this rank's flag asynchronously and answers with the vote of the call before,
+    so every rank stops after the same step, one step after a rank raised its flag, and no rank waits
+    for the device or the others at each step. With one process the flag is the answer, at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        if not is_initialized():
+            return flag
+        decided = self.settle()
+        t = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        return decided
+
+    def settle(self) -> bool:
+        """Wait for the vote in flight (before any other collective, or at the end); True if it says stop."""
+        if self.pending is None:
+            return False
+        work, t = self.pending
+        self.pending = None
+        work.wait()
+        return bool(t.item())
+
+
 def any_true(flag: bool, device: torch.device | None = None) -> bool:
     """True on every rank if `flag` is true on any rank: ranks agree on when to stop."""
     if not is_initialized():

@@ -59,16 +59,32 @@ WORKER = textwrap.dedent("""
 
     nn.parallel.DistributedDataParallel = Recording
     overrides, resume, stop_at = json.loads(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]) or None
+    signal_at = int(sys.argv[4])  # rank 1 alone sends itself SIGINT during this step (0: never)
     cfg = load_config(None, overrides)
     with distributed.launched("cpu"):
         rank, world = distributed.rank(), distributed.world_size()
+        if signal_at and rank == 1:
+            import signal
+            from pixelwise.engine import training
+
+            step = training.optimizer_step
+
+            def signalled_step(run):
+                lr = step(run)
+                if run.state.step == signal_at:
+                    signal.raise_signal(signal.SIGINT)
+                return lr
+
+            training.optimizer_step = signalled_step
         result = train(cfg, resume=resume, stop_at_step=stop_at)
         torch.save(ddp_modules[-1].module.state_dict(), f"{cfg.output.dir}/rank{rank}_of_{world}.pt")
         print(json.dumps({"rank": rank, "step": result["step"], "interrupted": result["interrupted"]}))
 """)
 
 
-def _torchrun(tmp_path: Path, overrides: list[str], *, resume: bool = False, stop_at: int = 0) -> list[dict]:
+def _torchrun(
+    tmp_path: Path, overrides: list[str], *, resume: bool = False, stop_at: int = 0, signal_at: int = 0
+) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
@@ -83,6 +99,7 @@ def _torchrun(tmp_path: Path, overrides: list[str], *, resume: bool = False, sto
         json.dumps(overrides),
         str(int(resume)),
         str(stop_at),
+        str(signal_at),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -143,10 +160,24 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
     assert train_steps == list(range(1, 9))
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # rank 1 alone is interrupted in step 2; the ranks vote without a blocking collective per step, so
+    # both stop after step 3 (the vote is read one step later), checkpoint once and resume to the end
+    ddp = [*COMMON, "data.batch_size=2", f"output.dir={tmp_path / 'ddp'}"]
+    first = _torchrun(tmp_path, ddp, signal_at=2)
+    assert [(r["rank"], r["step"], r["interrupted"]) for r in first] == [(0, 3, True), (1, 3, True)]
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["step"] == 3
+    second = _torchrun(tmp_path, ddp, resume=True)
+    assert [(r["step"], r["interrupted"]) for r in second] == [(8, False), (8, False)]
+
+
 def test_single_process_helpers_are_no_ops():
     assert not dist.is_initialized()
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert distributed.any_true(True) and not distributed.any_true(False)
+    vote = distributed.StopVote(torch.device("cpu"))
+    assert vote(True) and not vote(False) and not vote.settle()  # one process: the flag itself, at once
     distributed.barrier()
     with distributed.launched("cpu"):
         assert not dist.is_initialized()

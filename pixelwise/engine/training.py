@@ -463,7 +463,7 @@ def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) ->
         dynamic_ncols=True,
     )
     t_log, images_since, loss_sum, micro = time.perf_counter(), 0, 0.0, 0
-    losses = PendingLosses()
+    losses, vote = PendingLosses(), distributed.StopVote(run.device)
     with bar:
         for images, targets in epoch_loader(run):
             images = images.to(run.device, non_blocking=True, memory_format=memory_format)
@@ -487,14 +487,23 @@ def train_epoch(run: Run, stop: StopRequest, stop_at_step: int | None = None) ->
                 record = {"kind": "train", "epoch": state.epoch + 1, "step": state.step, "loss": step_loss.item()}
                 run.log(record | {"lr": lr, "images_per_s": speed, "precision": run.precision})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            if distributed.any_true(bool(stop.signal) or state.step == stop_at_step, run.device):  # DDP: all stop
-                losses.check(run)  # the checkpoint written on the way out must hold finite weights
-                return False
+            # DDP: a signal reaches the ranks at different steps; the vote stops them all after the same one
+            if state.step == stop_at_step or vote(bool(stop.signal)):
+                return _stop_here(run, losses, vote)
             if checkpoint:
                 losses.check(run)
                 run.checkpoint()
+    if vote.settle():  # a rank was signalled during the epoch's last step
+        return _stop_here(run, losses, vote)
     losses.check(run)  # before the epoch's validation and checkpoint
     return True
+
+
+def _stop_here(run: Run, losses: PendingLosses, vote: distributed.StopVote) -> bool:
+    """The loop stops after this step: settle the vote in flight and check the losses before the checkpoint."""
+    vote.settle()
+    losses.check(run)  # the checkpoint written on the way out must hold finite weights
+    return False
 
 
 class PendingLosses:
