@@ -82,6 +82,10 @@ def test_train_writes_every_output(tmp_path):
     final = json.loads((out / "metrics.json").read_text())
     assert final["scores"]["miou"] == pytest.approx(meta.extra["val_miou"])  # metrics.json scores the best weights
     assert set(final["scores"]["per_class_iou"]) == set(meta.classes)
+    last_val = [r for r in log if r["kind"] == "val"][-1]  # the log keeps every validation's per-class IoU
+    assert list(last_val["per_class_iou"]) == meta.classes
+    present = [v for v in last_val["per_class_iou"].values() if v is not None]
+    assert sum(present) / len(present) == pytest.approx(last_val["miou"])
     ckpt = torch.load(out / "last.pt", weights_only=True)  # plain tensors and containers only
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2
     assert '<img src="samples.png"' in (out / "report.html").read_text()

@@ -273,9 +273,9 @@ def metrics_record(result: EvalResult, classes: Sequence[str], spec: InferenceSp
     scores = {}
     for key, value in result.scores.items():
         if key in _PER_CLASS:
-            scores[_PER_CLASS[key]] = dict(zip(classes, (_nan_to_none(v) for v in value), strict=True))
+            scores[_PER_CLASS[key]] = dict(zip(classes, (nan_to_none(v) for v in value), strict=True))
         else:
-            scores[key] = _nan_to_none(value)
+            scores[key] = nan_to_none(value)
     return {
         "version": METRICS_VERSION,
         **source,
@@ -325,7 +325,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
 _SUMMARY_KEYS = ("pixel_acc", "mean_acc", "miou", "fwiou", "mean_dice", "boundary_f1", "num_pixels")
 
 
-def _nan_to_none(value: Any) -> Any:
+def nan_to_none(value: Any) -> Any:
     """NaN -> None: JSON has no NaN (a class absent from prediction and ground truth)."""
     return None if isinstance(value, float) and math.isnan(value) else value
 

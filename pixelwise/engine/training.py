@@ -39,6 +39,7 @@ from pixelwise.engine.evaluation import (
     dataset_metrics,
     evaluate,
     metrics_record,
+    nan_to_none,
     read_metrics,
     weights_source,
 )
@@ -632,6 +633,8 @@ def validate(run: Run) -> dict[str, Any]:
     s = result.scores
     record = {name: s[name] for name in PIXEL_SCORES}
     record.update(s.get("isbi_challenge", {}))  # v_rand, v_info, pixel_error and their thresholds
+    # per class too, so a run's log can show which classes learn when (null: a class absent from val)
+    record["per_class_iou"] = {c: nan_to_none(v) for c, v in zip(data["classes"], s["per_class_iou"], strict=True)}
     run.log({"kind": "val", "epoch": run.state.epoch, "step": run.state.step, **record})
     if run.tensorboard is not None:  # per-class IoU and example predictions
         run.tensorboard.validation(s, data, result.samples, run.state.step)
