@@ -107,16 +107,17 @@ PRETRAINED: dict[str, Pretrained] = {
         model="unet",
         tag="isbi2012",
         file="unet_isbi2012.safetensors",
-        sha256="83cdfd5ae651d18861386d9ca0bd53db961427718a0337555839a59ffc4b4970",
+        sha256="b9fff4dcd929c90a464d50822e120df6e0cb1ceb65fcc313193c12bfb6434c3f",
         recipe="U-Net (Ronneberger et al., MICCAI 2015), the paper's network (valid convs, depth 4, 64 base "
         "channels, 31.0 M parameters) from scratch on ISBI 2012 slices 0..24: config isbi2012/unet, border "
         "weight map (w0 10, sigma 5), elastic deformation, flips, +-10 degree rotation, one 388x388 output tile "
         "a step, AdamW 1e-4 constant, bf16 autocast, 2150 steps in 112 min on 2 CPU cores, the best of the "
-        "every-100-steps validations by V_Rand (step 1700); stored as fp16",
+        "every-100-steps validations by V_Rand (step 1700); stored with int8 conv weights (a scale per output "
+        "channel; 31 MB instead of 62 in fp16: argmax agreement with the fp32 weights 99.94%)",
         metrics={
             "split": "ISBI 2012 slices 25..29 (held out), whole 512x512 slices, the challenge's scores",
-            "v_rand": 0.9786,
-            "v_info": 0.9789,
+            "v_rand": 0.979,
+            "v_info": 0.9792,
             "pixel_error": 0.0508,
         },
     ),

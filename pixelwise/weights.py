@@ -26,6 +26,11 @@ from pixelwise.inference import IMAGENET_MEAN, IMAGENET_STD
 from pixelwise.palette import default_palette
 
 FORMAT_VERSION = "1"  # bump when the metadata layout changes
+# int8 storage: a weight W stored as int8 Q with one float32 scale per output channel, W = Q * scale;
+# the header lists those tensors, each scale sits beside its tensor under this suffix (not a module name:
+# a file read by a pixelwise without int8 support fails its strict load instead of loading raw int8)
+INT8_SCALE = "#int8_scale"
+_INT8_MIN_NUMEL = 4096  # smaller tensors (biases, norms, tiny convs) gain nothing and stay floating
 
 
 @dataclass
@@ -58,11 +63,14 @@ def save_weights(
     std: tuple[float, float, float] = IMAGENET_STD,
     ignore_index: int = 255,
     extra: dict[str, Any] | None = None,
+    int8: bool = False,
 ) -> None:
     """Write `model`'s state dict and its metadata to a `.safetensors` file, atomically.
 
     `model_kwargs` must be JSON-serialisable: they are passed back to the builder on load
     (without `num_classes`, which comes from `classes`, and without `weights_backbone`).
+    `int8` stores every conv/linear weight of 4096 values or more as int8 with a scale per output
+    channel (symmetric; about a quarter of fp32, half of fp16); `load_weights` restores float tensors.
     """
     from safetensors.torch import save_file
 
@@ -82,8 +90,51 @@ def save_weights(
         raise UserError(f"model_kwargs/extra for {path} must be JSON-serialisable: {e}") from None
     # safetensors refuses shared storage; contiguous clones make tied or sliced tensors safe to store
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if int8:
+        state, header["int8"] = quantize_int8(state)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """`state` with its large weights (dim >= 2, >= 4096 values) as int8 and a float32 scale per output
+    channel beside each (key + INT8_SCALE), and the JSON list of the quantized keys for the header."""
+    out, keys = {}, []
+    for k, v in state.items():
+        if v.is_floating_point() and v.dim() >= 2 and v.numel() >= _INT8_MIN_NUMEL:
+            w = v.float()
+            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp(min=1e-12) / 127.0
+            out[k] = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE] = scale.flatten()  # (C_out,)
+            keys.append(k)
+        else:
+            out[k] = v
+    return out, json.dumps(keys)
+
+
+def dequantize_int8(state: dict[str, torch.Tensor], keys: list[str], path: Path) -> dict[str, torch.Tensor]:
+    """The float tensors of a file written with int8 storage (`keys`: the header's list)."""
+    for k in keys:
+        q, scale = state.get(k), state.pop(k + INT8_SCALE, None)
+        if q is None or scale is None or q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+            raise UserError(f"{path}: int8 tensor {k!r} or its scale is missing or malformed; the file is damaged")
+        state[k] = q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
+    return state
+
+
+def _int8_keys(path: Path) -> list[str]:
+    """The header's list of int8-stored tensors (empty for float storage)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        listed = (f.metadata() or {}).get("int8")
+    try:
+        keys = json.loads(listed) if listed else []
+    except ValueError:
+        keys = None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise UserError(f"{path}: damaged pixelwise metadata (the int8 list); re-save the weights with pixelwise")
+    return keys
 
 
 def meta_for(
@@ -342,6 +393,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         state = load_file(str(path), device="cpu")
     except Exception as e:
         raise UserError(f"{path}: cannot read the tensors ({_short(e)}); the file is damaged") from None
+    state = dequantize_int8(state, _int8_keys(path), path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -400,6 +452,8 @@ def _check_shapes(path: Path, meta: WeightsMeta) -> None:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors raises several types for a damaged file
         raise UserError(f"{path}: cannot read the tensors ({_short(e)}); the file is damaged") from None
+    for k in _int8_keys(path):  # an int8 tensor has its float shape; its scale is no model tensor
+        stored.pop(k + INT8_SCALE, None)
     # a strict load of shape-only tensors: the model's own checks, old key names (models.anatomy) included
     try:
         skeleton.load_state_dict({k: torch.empty(shape, device="meta") for k, shape in stored.items()})

@@ -190,7 +190,7 @@ def test_the_shipped_camvid_file_keeps_its_keys_and_gives_the_logits_it_gave_bef
 
 def test_the_shipped_isbi_unet_loads_by_name_and_draws_membranes():
     """The second built-in model: the paper's U-Net (valid convs, 64 base channels, 31.0 M parameters)
-    trained on ISBI 2012 slices 0..24, stored in fp16; on a crop of held-out slice 27 its labels match
+    trained on ISBI 2012 slices 0..24, stored with int8 conv weights; on a crop of held-out slice 27 its labels match
     the membrane/cell truth on most pixels."""
     entry = PRETRAINED["unet_isbi2012"]
     model = get_model("unet", weights="isbi2012")

@@ -50,6 +50,40 @@ def test_weights_round_trip(tmp_path):
     assert not loaded.training
 
 
+def test_int8_storage_round_trip_is_smaller_and_close(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pixelwise.models import get_model
+    from pixelwise.weights import INT8_SCALE
+
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 16, "depth": 2, "padding": "same"}
+    model = get_model("unet", num_classes=3, **kwargs).eval()
+    paths = {"float": tmp_path / "f.safetensors", "int8": tmp_path / "q.safetensors"}
+    for name, path in paths.items():
+        save_weights(path, model, model_name="unet", model_kwargs=kwargs, classes=["a", "b", "c"], int8=name == "int8")
+    assert paths["int8"].stat().st_size < 0.35 * paths["float"].stat().st_size  # fp32 -> int8, small ones kept
+    with safe_open(str(paths["int8"]), framework="pt") as f:
+        keys = json.loads(f.metadata()["int8"])
+        assert keys and all(f.get_tensor(k).dtype == torch.int8 for k in keys)
+        header = f.metadata()
+    assert all(model.state_dict()[k].numel() >= 4096 for k in keys)  # small tensors stay floating
+    loaded, _ = load_weights(paths["int8"])
+    for k, v in model.state_dict().items():  # each weight within half a quantisation step of its channel's scale
+        step = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True) / 127 if k in keys else 0
+        assert ((loaded.state_dict()[k] - v).abs() <= step / 2 + 1e-7).all(), k
+    x = torch.randn(1, 3, 32, 32)
+    assert (loaded(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.99
+    state = load_file(str(paths["int8"]))  # a scale lost: one line naming the file and the tensor
+    del state[keys[0] + INT8_SCALE]
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=header)
+    with pytest.raises(UserError, match=r"bad\.safetensors: .*" + keys[0].replace(".", r"\.")):
+        load_weights(tmp_path / "bad.safetensors")
+
+
 def test_weights_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         read_weights_meta(tmp_path / "missing.safetensors")
