@@ -389,17 +389,20 @@ def _bench_inference(models: dict[str, nn.Module], x: torch.Tensor, args: argpar
     if fast_here:
         entry["ratio_fast"] = paired_ratio(times["ours_fast"], times["peer_fast"])
         entry["fast_speedup_ours"] = paired_ratio(times["ours_fast"], times["ours"])
+    progress(_summary(entry))
+    return entry
+
+
+def _summary(entry: dict) -> str:
+    """One progress line: images/s of ours and the peer, their ratio, and the bf16 ratios when measured."""
     stats = entry["times"]
-    progress(
+    line = (
         f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
         f"img/s, ratio {entry['ratio']:.3f}"
-        + (
-            f"; bf16 ours/peer fp32 {entry['ratio_bf16_vs_peer']:.3f}, ours/peer bf16 {entry['ratio_bf16']:.3f}"
-            if bf16_here
-            else ""
-        )
     )
-    return entry
+    if "ratio_bf16" in entry:
+        line += f"; bf16 ours/peer fp32 {entry['ratio_bf16_vs_peer']:.3f}, ours/peer bf16 {entry['ratio_bf16']:.3f}"
+    return line
 
 
 def _ratios(times: dict[str, list[float]], items: int, bf16: bool) -> dict:
@@ -428,16 +431,7 @@ def _bench_train(ours: nn.Module, peer: nn.Module, x, y, args: argparse.Namespac
     ours.eval()
     peer.eval()
     entry = {"batch": x.shape[0]} | _ratios(times, x.shape[0], args.bf16)
-    stats = entry["times"]
-    progress(
-        f"  -> ours {stats['ours']['items_per_s']:.3f} img/s, peer {stats['peer']['items_per_s']:.3f} "
-        f"img/s, ratio {entry['ratio']:.3f}"
-        + (
-            f"; bf16 ours/peer fp32 {entry['ratio_bf16_vs_peer']:.3f}, ours/peer bf16 {entry['ratio_bf16']:.3f}"
-            if args.bf16
-            else ""
-        )
-    )
+    progress(_summary(entry))
     return entry
 
 
