@@ -65,6 +65,7 @@ class Timers:
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.in_epoch = False
+        self.depth = 0  # timed parts running now: a part called inside another counts to the outer one
 
     def add(self, phase: str, seconds: float) -> None:
         self.totals[phase] += seconds
@@ -73,10 +74,13 @@ class Timers:
 
     def wrap(self, fn, phase: str):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            if self.depth:  # e.g. the log line validation writes: validation's time
+                return fn(*args, **kwargs)
+            self.depth, t0 = 1, time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.depth = 0
                 self.add(phase, time.perf_counter() - t0)
 
         return wrapper
@@ -101,7 +105,9 @@ class Timers:
                 self.loader = loader
 
             def __iter__(self):
-                it = iter(self.loader)
+                t0 = time.perf_counter()
+                it = iter(self.loader)  # starts the workers, if any
+                timers.add("loader: next batch", time.perf_counter() - t0)
                 while True:
                     t0 = time.perf_counter()
                     try:
@@ -149,9 +155,11 @@ def run_child(code: Path, threads: int, quick: bool) -> dict:
     """One demo run of the code under `code` in a fresh interpreter."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         path = os.pathsep.join([str(code), str(Path(__file__).parent)])
-        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
+        env = {**os.environ, "PYTHONPATH": path}
         cmd = [sys.executable, __file__, "--child", f.name, "--threads", str(threads)] + (["--quick"] if quick else [])
-        subprocess.run(cmd, env=env, check=True, cwd=code, stdout=subprocess.DEVNULL)
+        done = subprocess.run(cmd, env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:  # the demo's progress bars are dropped, its errors are not
+            raise SystemExit(f"the demo run of {code} failed:\n{done.stderr[-3000:]}")
         return json.loads(Path(f.name).read_text())
 
 

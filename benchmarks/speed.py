@@ -67,12 +67,17 @@ NUM_CLASSES = 11  # CamVid's classes: the size of the head does not matter at th
 # Pass --peak-tflops for any other device.
 CUDA_PEAK_TFLOPS = 790.0
 # FLOPs per cycle and core: fp32 on 2 AVX-512 FMA units (16 lanes, 2 FLOPs a lane); bf16 on the AMX tile unit
-# (TDPBF16PS: 16 x 16 x 32 multiply-adds every 16 cycles = 512 a cycle, 2 FLOPs each)
-CPU_FLOPS_PER_CYCLE = {"fp32": 2 * 16 * 2, "bf16": 512 * 2}
+# (TDPBF16PS: 16 x 16 x 32 multiply-adds every 16 cycles = 512 a cycle, 2 FLOPs each), or without AMX on the
+# AVX512-BF16 dot product (VDPBF16PS: 32 multiply-adds a 512-bit lane set, 2 units)
+CPU_FLOPS_PER_CYCLE = {"fp32": 2 * 16 * 2, "fp32_avx2": 2 * 8 * 2, "bf16_amx": 512 * 2, "bf16_avx512": 2 * 32 * 2}
 
 
 def cpu_clock_ghz() -> float | None:
-    """The CPU clock /proc/cpuinfo states (a VM's nominal clock), or None where it is not stated."""
+    """The CPU's maximum clock (sysfs), else the clock /proc/cpuinfo states (a VM's nominal one); None if neither."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+    except (OSError, ValueError):
+        pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("cpu MHz"):
@@ -82,12 +87,24 @@ def cpu_clock_ghz() -> float | None:
     return None
 
 
-def cpu_peak_tflops(dtype: str, cores: int) -> float | None:
-    """Derived peak of `cores` cores of this CPU in `dtype` ("fp32" or "bf16"): cores x clock x FLOPs a cycle."""
-    ghz = cpu_clock_ghz()
-    if ghz is None or (dtype == "bf16" and not cpu_has_native_bf16()):
-        return None
-    return cores * ghz * CPU_FLOPS_PER_CYCLE[dtype] / 1000
+def cpu_unit(dtype: str) -> str | None:
+    """The key of CPU_FLOPS_PER_CYCLE this CPU runs `dtype` on, or None where no peak is known (e.g. Arm bf16)."""
+    if dtype == "fp32":
+        capability = torch.backends.cpu.get_cpu_capability()
+        return "fp32" if capability.startswith("AVX512") else "fp32_avx2" if capability == "AVX2" else None
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16_amx" if amx else "bf16_avx512" if avx512_bf16 else None
+
+
+def cpu_peak_tflops(dtype: str, cores: int) -> tuple[float | None, str]:
+    """Derived peak of `cores` cores of this CPU in `dtype` ("fp32" or "bf16"): cores x clock x FLOPs a
+    cycle, and how it was derived; None where the clock or the unit is not known."""
+    ghz, unit = cpu_clock_ghz(), cpu_unit(dtype)
+    if ghz is None or unit is None:
+        return None, "unknown for this CPU: give --peak-tflops"
+    flops = CPU_FLOPS_PER_CYCLE[unit]
+    return cores * ghz * flops / 1000, f"{cores} cores x {ghz:g} GHz x {flops} FLOPs a cycle ({unit})"
 
 
 class Logits(nn.Module):
@@ -445,13 +462,7 @@ def bench_mfu(args: argparse.Namespace, device: torch.device, dtype: str) -> dic
     elif device.type == "cuda":
         peak, peak_source = CUDA_PEAK_TFLOPS, "H100 bf16 dense (BENCHMARKS.md)"
     else:
-        peak, ghz = cpu_peak_tflops(dtype, args.threads), cpu_clock_ghz()
-        unit = "AMX-BF16 tile unit" if bf16 else "2 AVX-512 FMA units"
-        peak_source = (
-            f"{args.threads} cores x {ghz:g} GHz x {CPU_FLOPS_PER_CYCLE[dtype]} FLOPs a cycle ({unit})"
-            if peak
-            else "unknown"
-        )
+        peak, peak_source = cpu_peak_tflops(dtype, args.threads)
     progress(f"[mfu] deeplabv3_resnet101 {s}x{s} batch {b} {dtype} on {device}, peak {peak} TFLOP/s")
     torch.manual_seed(0)
     model = get_model("deeplabv3_resnet101", num_classes=21).to(device)
@@ -614,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak-tflops",
         type=float,
         default=None,
-        help="device peak for MFU (default 790 on CUDA: H100 bf16 dense; on a CPU derived per dtype: threads x "
-        "clock x FLOPs a cycle, 64 fp32 on AVX-512, 1024 bf16 on AMX)",
+        help="device peak for MFU, used for every dtype measured (default 790 on CUDA: H100 bf16 dense; on a "
+        "CPU derived per dtype: threads x clock x FLOPs a cycle, 64 fp32 on AVX-512, 1024 bf16 on AMX, 128 on "
+        "AVX512-BF16 without AMX)",
     )
     return p
 
@@ -683,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             share = f" = {mf[k]['mfu']:.1%}" if mf[k]["mfu"] is not None else " (peak unknown)"
             print(
                 f"MFU {k}: deeplabv3_resnet101 {mf['size']}x{mf['size']} b{mf['batch']} {mf['dtype']}: "
-                f"{mf[k]['achieved_tflops']:.3f} TFLOP/s of {mf['peak_tflops']:.3g} ({mf['peak_source']}){share}"
+                f"{mf[k]['achieved_tflops']:.3f} TFLOP/s; peak {mf['peak_tflops'] or 0:.3g} "
+                f"({mf['peak_source']}){share}"
             )
     print(f"wrote {path}")
     worst = min((r["inference"][k]["ratio"] for r in results for k in r["inference"]), default=math.nan)

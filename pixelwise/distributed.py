@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,28 +55,44 @@ class StopVote:
 
     Each call all-reduces this rank's flag asynchronously and answers with the vote of the call before,
     so every rank stops after the same step, one step after a rank raised its flag, and no rank waits
-    for the device or the others at each step. With one process the flag is the answer, at once.
+    for the device or the others at each step (on CUDA the host waits at most for the step before).
+    With one process the flag is the answer, at once.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+        self.pending: tuple[Any, torch.Tensor] | None = None  # (what to wait for, the vote on the host)
 
     def __call__(self, flag: bool) -> bool:
         if not is_initialized():
             return flag
         decided = self.settle()
-        t = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
-        self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        if dist.get_backend() != "nccl":  # gloo: CPU tensors, the collective runs on gloo's own threads
+            t = torch.tensor([int(flag)])
+            self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+            return decided
+        # NCCL: a fill kernel (a tensor from host data would sync the stream), the all-reduce ordered on the
+        # stream by wait(), then a non-blocking copy to pinned memory and an event: settle() waits for that
+        # event alone, which comes before the next step's kernels, so the host stays a step ahead
+        t = torch.full((1,), int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: the stream waits, not the host
+        host = torch.empty(1, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (event, host)
         return decided
 
     def settle(self) -> bool:
         """Wait for the vote in flight (before any other collective, or at the end); True if it says stop."""
         if self.pending is None:
             return False
-        work, t = self.pending
+        waitable, t = self.pending
         self.pending = None
-        work.wait()
+        if isinstance(waitable, torch.cuda.Event):
+            waitable.synchronize()
+        else:
+            waitable.wait()
         return bool(t.item())
 
 

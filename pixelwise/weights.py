@@ -69,8 +69,9 @@ def save_weights(
 
     `model_kwargs` must be JSON-serialisable: they are passed back to the builder on load
     (without `num_classes`, which comes from `classes`, and without `weights_backbone`).
-    `int8` stores every conv/linear weight of 4096 values or more as int8 with a scale per output
-    channel (symmetric; about a quarter of fp32, half of fp16); `load_weights` restores float tensors.
+    `int8` stores every floating tensor of 2 or more dimensions and 4096 values or more (the conv and
+    linear weights) as int8 with one scale per slice along dim 0 (a conv's output channels; symmetric;
+    about a quarter of fp32, half of fp16); `load_weights` restores float tensors.
     """
     from safetensors.torch import save_file
 
@@ -101,8 +102,12 @@ def quantize_int8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     channel beside each (key + INT8_SCALE), and the JSON list of the quantized keys for the header."""
     out, keys = {}, []
     for k, v in state.items():
+        if k + INT8_SCALE in state:
+            raise ArgumentError("state", k + INT8_SCALE, "is a name int8 storage needs for the scale of " + k)
         if v.is_floating_point() and v.dim() >= 2 and v.numel() >= _INT8_MIN_NUMEL:
             w = v.float()
+            if not bool(torch.isfinite(w).all()):
+                raise ArgumentError("state", k, "holds NaN or infinite values, which int8 cannot store")
             scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp(min=1e-12) / 127.0
             out[k] = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
             out[k + INT8_SCALE] = scale.flatten()  # (C_out,)
@@ -116,7 +121,14 @@ def dequantize_int8(state: dict[str, torch.Tensor], keys: list[str], path: Path)
     """The float tensors of a file written with int8 storage (`keys`: the header's list)."""
     for k in keys:
         q, scale = state.get(k), state.pop(k + INT8_SCALE, None)
-        if q is None or scale is None or q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+        if (
+            q is None
+            or scale is None
+            or q.dtype != torch.int8
+            or q.dim() == 0
+            or scale.dtype != torch.float32
+            or scale.shape != q.shape[:1]
+        ):
             raise UserError(f"{path}: int8 tensor {k!r} or its scale is missing or malformed; the file is damaged")
         state[k] = q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
     return state

@@ -77,11 +77,14 @@ def test_int8_storage_round_trip_is_smaller_and_close(tmp_path):
         assert ((loaded.state_dict()[k] - v).abs() <= step / 2 + 1e-7).all(), k
     x = torch.randn(1, 3, 32, 32)
     assert (loaded(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.99
-    state = load_file(str(paths["int8"]))  # a scale lost: one line naming the file and the tensor
-    del state[keys[0] + INT8_SCALE]
-    save_file(state, str(tmp_path / "bad.safetensors"), metadata=header)
-    with pytest.raises(UserError, match=r"bad\.safetensors: .*" + keys[0].replace(".", r"\.")):
-        load_weights(tmp_path / "bad.safetensors")
+    for damage in ("lost", "float16", "complex64"):  # a scale lost or of another type: one line naming the tensor
+        state = load_file(str(paths["int8"]))
+        scale = state.pop(keys[0] + INT8_SCALE)
+        if damage != "lost":
+            state[keys[0] + INT8_SCALE] = scale.to(getattr(torch, damage))
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata=header)
+        with pytest.raises(UserError, match=r"bad\.safetensors: .*" + keys[0].replace(".", r"\.")):
+            load_weights(tmp_path / "bad.safetensors")
 
 
 def test_weights_errors_name_the_file(tmp_path):

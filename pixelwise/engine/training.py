@@ -519,24 +519,30 @@ class PendingLosses:
         self.entries: list[tuple[torch.Tensor, int, int, int, int]] = []  # loss, step, epoch, first, count
 
     def add(self, loss: torch.Tensor, run: Run, micro: int, batch: int) -> None:
-        state = run.state
-        first = state.step_in_epoch * run.samples_per_step + micro * batch
+        state, world = run.state, distributed.world_size()
+        # this process's micro-batch in the epoch's order: DDP rank r takes every world-th sample from r
+        first = state.step_in_epoch * run.samples_per_step + micro * batch * world + distributed.rank()
         self.entries.append((loss, state.step, state.epoch, first, batch))
 
     def check(self, run: Run) -> None:
-        """UserError naming the step and samples of the first non-finite loss since the last check."""
+        """UserError naming the step and samples of the first non-finite loss since the last check (under
+        DDP on every process, which all check at the same steps: none is left waiting in a collective)."""
         if not self.entries:
             return
         values = torch.stack([e[0] for e in self.entries]).tolist()  # one device sync for all
         entries, self.entries = self.entries, []
-        for value, (_, step, epoch, first, count) in zip(values, entries, strict=True):
-            if not math.isfinite(value):
-                raise UserError(
-                    f"loss is {value} at step {step + 1} (epoch {epoch + 1}, batch of data set indices "
-                    f"{run.state.perm[first : first + count].tolist()}); training stopped and "
-                    f"{run.out / 'last.pt'} still holds the last good state: lower train.lr, set "
-                    "train.grad_clip or check those images"
-                )
+        bad = next(((v, e) for v, e in zip(values, entries, strict=True) if not math.isfinite(v)), None)
+        if not distributed.any_true(bad is not None, run.device):
+            return
+        stop = f"training stopped and {run.out / 'last.pt'} still holds the last good state"
+        if bad is None:
+            raise UserError(f"a loss on another process is not finite (its message names the step); {stop}")
+        value, (_, step, epoch, first, count) = bad
+        indices = run.state.perm[first : first + count * distributed.world_size() : distributed.world_size()]
+        raise UserError(
+            f"loss is {value} at step {step + 1} (epoch {epoch + 1}, batch of data set indices "
+            f"{indices.tolist()}); {stop}: lower train.lr, set train.grad_clip or check those images"
+        )
 
 
 def backward(run: Run, images: torch.Tensor, targets: torch.Tensor, micro: int) -> torch.Tensor:
@@ -579,7 +585,12 @@ def optimizer_step(run: Run) -> float:
 def _interrupted(run: Run, stop: StopRequest, stop_at_step: int | None) -> dict[str, Any]:
     """Checkpoint where the loop stopped and report it."""
     run.checkpoint()
-    why = f"{stop.signal} received" if stop.signal else f"stop_at_step={stop_at_step} reached"
+    if stop.signal:
+        why = f"{stop.signal} received"
+    elif run.state.step == stop_at_step:
+        why = f"stop_at_step={stop_at_step} reached"
+    else:
+        why = "a stop signal on another process"  # DDP: the ranks voted to stop
     print(
         f"{why}: wrote {run.out / 'last.pt'} at epoch {run.state.epoch + 1}, step {run.state.step}; "
         "continue with --resume"
