@@ -126,3 +126,20 @@ def test_sync_batchnorm_ddp_under_torchrun_equals_one_process(tmp_path):
     assert ddp_state.keys() == reference.state_dict().keys()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(ddp_state[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_stop_vote_over_nccl_answers_one_step_later(tmp_path):
+    """distributed.StopVote's NCCL path (fill, all-reduce on the stream, non-blocking copy, event) in a
+    one-process NCCL group: each call answers with the vote before it."""
+    import torch.distributed as dist
+
+    from pixelwise.distributed import StopVote
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        vote = StopVote(torch.device("cuda"))
+        assert [vote(True), vote(False), vote(False)] == [False, True, False]
+        vote(True)
+        assert vote.settle() and not vote.settle()
+    finally:
+        dist.destroy_process_group()

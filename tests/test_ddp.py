@@ -193,3 +193,14 @@ def test_world_size_without_rendezvous_is_one_clear_error(monkeypatch):
     with pytest.raises(UserError, match="torchrun --nproc-per-node"):
         with distributed.launched("cpu"):
             pass
+
+
+def test_stop_vote_over_gloo_answers_one_step_later(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        vote = distributed.StopVote(torch.device("cpu"))
+        assert [vote(True), vote(False), vote(False)] == [False, True, False]
+        vote(True)
+        assert vote.settle() and not vote.settle()
+    finally:
+        dist.destroy_process_group()
