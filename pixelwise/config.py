@@ -69,7 +69,9 @@ class DataConfig:
     flip: bool = True  # random left-right flips keep street and object semantics
     rotation: float = 0.0  # random rotation up to +-N degrees; off: the photo papers do not rotate
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; off: none of the papers jitter
-    elastic: bool = False  # elastic deformation: the U-Net paper's key augmentation for EM, off for photos
+    # elastic deformation, the U-Net paper's key augmentation for EM (off for photos): true or "grid" the paper's
+    # 3x3 grid of displacements (std 10 px, bicubic); "smooth" torchvision's smoothed field (Simard et al. 2003)
+    elastic: bool | str = False
     mean: list[float] = field(default_factory=lambda: _imagenet("mean"))  # ImageNet: the backbones' statistics
     std: list[float] = field(default_factory=lambda: _imagenet("std"))  # ImageNet, as mean
     batch_size: int = 8  # fits a 256x256 crop of the larger models in a few GB
@@ -472,9 +474,13 @@ def _check_data(dc: DataConfig, need: Callable[[bool, str], None]) -> None:
         max(dc.crop_size, default=0) <= MAX_SIDE,
         f"data.crop_size={dc.crop_size} is larger than {MAX_SIDE} pixels a side; give the training crop",
     )
+    need(
+        dc.elastic in (True, False, "grid", "smooth"),
+        f'data.elastic={dc.elastic!r} is unknown; give true (the paper\'s 3x3 grid), "grid", "smooth" or false',
+    )
     need(  # torchvision's ElasticTransform blurs its field with a 41-pixel kernel, reflect-padded by 20
-        not dc.elastic or min(dc.crop_size) > 20,
-        f"data.crop_size={dc.crop_size} is too small for data.elastic=true; give crops larger than 20 pixels",
+        dc.elastic != "smooth" or min(dc.crop_size) > 20,
+        f"data.crop_size={dc.crop_size} is too small for data.elastic=smooth; give crops larger than 20 pixels",
     )
     need(
         len(dc.scale_range) == 2 and 0 < dc.scale_range[0] <= dc.scale_range[1],

@@ -8,6 +8,7 @@ from torchvision import tv_tensors
 from pixelwise.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    GridElastic,
     RandomScale,
     eval_transforms,
     train_transforms,
@@ -32,6 +33,7 @@ def _pair(h=40, w=56, values=(0, 3, 7)):
         {"scale_range": (0.37, 1.9)},
         {"scale_range": None, "rotation": 33.0},
         {"scale_range": (0.6, 1.4), "elastic": True},
+        {"scale_range": (0.6, 1.4), "elastic": "smooth"},
         {"scale_range": (0.5, 2.0), "rotation": 20.0, "elastic": True, "color_jitter": 0.3},
     ],
 )
@@ -86,3 +88,32 @@ def test_eval_transforms_normalise_exactly():
     assert np.allclose(img[:, 0, 0].numpy(), expected, atol=1e-6) and m.dtype == torch.int64
     with pytest.raises(ValueError, match="std > 0"):
         eval_transforms(mean=(0.5,), std=(0.0,))
+
+
+def test_grid_elastic_is_the_papers_3x3_grid_of_10_pixel_displacements():
+    """Each output pixel's source, read off a mask of pixel ids: displacements have a 10-pixel standard
+    deviation at the grid's points, vary smoothly between them, and the image moves with the mask."""
+    h = w = 65  # grid points at pixels 0, 32 and 64
+    ids = tv_tensors.Mask(torch.arange(h * w).view(h, w))
+    image = tv_tensors.Image((3 * (ids % w)).to(torch.uint8).expand(3, h, w).clone())  # 3 x its column
+    elastic = GridElastic({tv_tensors.Image: [0, 0, 0], tv_tensors.Mask: -1})
+    torch.manual_seed(0)
+    at_centre, steps = [], []
+    for _ in range(300):
+        img, src = elastic(image, ids)
+        inside = src >= 0
+        # one warp for both: the bilinear image's column within half a pixel of the mask's nearest one (away
+        # from the border, where the image blends in its fill)
+        rows, cols = src // w, src % w
+        core = inside & (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
+        assert ((img[0].float() / 3 - cols).abs()[core] <= 0.5 + 1 / 6 + 1e-3).all()  # + uint8 rounding / 3
+        dx = cols - torch.arange(w)[None, :]  # the source column minus the output's
+        if inside[32, 32]:
+            at_centre.append(float(dx[32, 32]))
+        both = inside[:, 1:] & inside[:, :-1]  # neighbours' displacements differ by rounding, not jumps
+        steps.append(int((dx[:, 1:] - dx[:, :-1])[both].abs().max()))
+    assert 8.5 < torch.tensor(at_centre).std() < 11.5 and max(steps) <= 3
+    torch.manual_seed(5)
+    a = elastic(image, ids)[1]
+    torch.manual_seed(5)
+    assert torch.equal(a, elastic(image, ids)[1])  # the global RNG, seeded per sample by the loader

@@ -680,9 +680,12 @@ def test_isbi_training_validates_with_the_challenge_scores(tmp_path):
     assert final["isbi_challenge"]["v_rand"] == pytest.approx(val[0]["v_rand"])
 
 
-def test_elastic_deformation_needs_a_crop_its_blur_fits():
-    with pytest.raises(UserError, match=r"data\.crop_size=\[20, 20\] is too small for data\.elastic=true"):
-        load_config(None, ["data.elastic=true", "data.crop_size=[20, 20]"])
+def test_elastic_deformation_kinds_and_the_crop_the_smooth_one_needs():
+    with pytest.raises(UserError, match=r"data\.crop_size=\[20, 20\] is too small for data\.elastic=smooth"):
+        load_config(None, ["data.elastic=smooth", "data.crop_size=[20, 20]"])
+    assert load_config(None, ["data.elastic=true", "data.crop_size=[20, 20]"]).data.elastic is True  # the grid
+    with pytest.raises(UserError, match=r"data\.elastic='warp' is unknown; give true"):
+        load_config(None, ["data.elastic=warp"])
 
 
 def test_weights_record_the_synthetic_geometry_evaluate_scores(tmp_path):

@@ -15,6 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from pixelwise.errors import ArgumentError
 from pixelwise.inference import IMAGENET_MEAN, IMAGENET_STD
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -64,6 +65,42 @@ class RandomScale:
         return f"RandomScale(scale_range={self.scale_range})"
 
 
+class GridElastic:
+    """The U-Net paper's elastic deformation (Ronneberger et al. 2015, Sec. 3.1): "random displacement
+    vectors on a coarse 3 by 3 grid [...] sampled from a Gaussian distribution with 10 pixels standard
+    deviation. Per-pixel displacements are then computed using bicubic interpolation."
+
+    The grid's points sit on the image's corners, edge midpoints and centre; the image is resampled
+    bilinearly, the mask with NEAREST, and pixels pulled from outside the image get `fill`.
+
+    Shape:
+        (C, H, W), (H, W) -> same shapes.
+    """
+
+    def __init__(self, fill: dict[type, int | list[int]], grid: int = 3, std: float = 10.0) -> None:
+        self.fill, self.grid, self.std = fill, grid, float(std)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> Pair:
+        h, w = image.shape[-2:]
+        coarse = torch.randn(1, 2, self.grid, self.grid) * self.std  # (1, 2, g, g): x and y, in pixels
+        field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+        # to grid_sample's units: the image spans [-1, 1], so a pixel is 2 / size
+        displacement = torch.stack([field[0, 0] * (2.0 / w), field[0, 1] * (2.0 / h)], -1)[None]  # (1, H, W, 2)
+        image = F.elastic(image, displacement, interpolation=v2.InterpolationMode.BILINEAR, fill=self._fill(image))
+        mask = F.elastic(mask, displacement, fill=self._fill(mask))
+        return image, mask
+
+    def _fill(self, x: torch.Tensor) -> list[float]:
+        value = self.fill[tv_tensors.Mask if isinstance(x, tv_tensors.Mask) else tv_tensors.Image]
+        return [float(v) for v in value] if isinstance(value, list) else [float(value)]
+
+    def __repr__(self) -> str:
+        return f"GridElastic(grid={self.grid}, std={self.std})"
+
+
+ELASTIC_KINDS = ("grid", "smooth")  # the paper's 3x3 grid; torchvision's smoothed random field (Simard et al.)
+
+
 class ToFloatNormalize:
     """uint8 image -> float32 in [0, 1] -> `(x - mean) / std`; the mask becomes int64.
 
@@ -97,7 +134,7 @@ def train_transforms(
     flip: bool = True,
     color_jitter: float = 0.0,
     rotation: float = 0.0,
-    elastic: bool = False,
+    elastic: bool | str = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     ignore_index: int = 255,
@@ -110,7 +147,9 @@ def train_transforms(
         flip: random horizontal flip with probability 0.5.
         color_jitter: brightness/contrast/saturation strength (0 = off); hue moves by a quarter of it.
         rotation: random rotation in [-rotation, rotation] degrees (0 = off).
-        elastic: U-Net's elastic deformation (Ronneberger et al. 2015, §3.1) via `v2.ElasticTransform`.
+        elastic: U-Net's elastic deformation (Ronneberger et al. 2015, §3.1): "grid" (or True) the paper's
+            3x3 grid of displacements (`GridElastic`), "smooth" torchvision's smoothed random field
+            (`v2.ElasticTransform`, alpha 50, sigma 5); False for none.
         mean, std: normalisation, per channel, on the [0, 1] scale.
         ignore_index: label written where padding or a warp leaves no pixel.
 
@@ -132,9 +171,12 @@ def train_transforms(
                 brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=min(0.5, color_jitter / 4)
             )
         )
-    if elastic:
-        # torchvision's smoothed random field (Simard et al. 2003), standing in for the paper's 3x3 grid
+    if elastic is True or elastic == "grid":
+        steps.append(GridElastic(fill))
+    elif elastic == "smooth":  # torchvision's smoothed random field (Simard et al. 2003)
         steps.append(v2.ElasticTransform(alpha=50.0, sigma=5.0, fill=fill))
+    elif elastic is not False:
+        raise ArgumentError("elastic", elastic, f"must be true, false or one of {ELASTIC_KINDS}")
     steps.append(ToFloatNormalize(mean, std))
     return Compose(steps)
 
