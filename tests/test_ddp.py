@@ -163,13 +163,12 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     # rank 1 alone is interrupted in step 2; the ranks vote without a blocking collective per step, so
-    # both stop after step 3 (the vote is read one step later), checkpoint once and resume to the end
+    # both stop after step 3 (the vote is read one step later) and one checkpoint is written (resuming
+    # from such a checkpoint is the test above)
     ddp = [*COMMON, "data.batch_size=2", f"output.dir={tmp_path / 'ddp'}"]
     first = _torchrun(tmp_path, ddp, signal_at=2)
     assert [(r["rank"], r["step"], r["interrupted"]) for r in first] == [(0, 3, True), (1, 3, True)]
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["step"] == 3
-    second = _torchrun(tmp_path, ddp, resume=True)
-    assert [(r["step"], r["interrupted"]) for r in second] == [(8, False), (8, False)]
 
 
 def test_single_process_helpers_are_no_ops():
