@@ -394,6 +394,9 @@ def _finite(x: float, where: str) -> float:
 # Validation scores, each higher-is-better, that eval.best_metric may name: every validation logs the pixel
 # ones; a data set's own come from engine.dataset_metrics (ISBI 2012's challenge scores)
 PIXEL_SCORES = ("miou", "pixel_acc", "mean_acc")
+# data.elastic's kinds besides true (= "grid") and false: the U-Net paper's 3x3 grid of displacements
+# (data.transforms.GridElastic); torchvision's smoothed random field (Simard et al. 2003)
+ELASTIC_KINDS = ("grid", "smooth")
 DATASET_SCORES = {"isbi2012": ("v_rand", "v_info")}
 
 
@@ -475,7 +478,7 @@ def _check_data(dc: DataConfig, need: Callable[[bool, str], None]) -> None:
         f"data.crop_size={dc.crop_size} is larger than {MAX_SIDE} pixels a side; give the training crop",
     )
     need(
-        dc.elastic in (True, False, "grid", "smooth"),
+        dc.elastic in (True, False, *ELASTIC_KINDS),
         f'data.elastic={dc.elastic!r} is unknown; give true (the paper\'s 3x3 grid), "grid", "smooth" or false',
     )
     need(  # torchvision's ElasticTransform blurs its field with a 41-pixel kernel, reflect-padded by 20

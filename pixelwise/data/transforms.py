@@ -15,6 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from pixelwise.config import ELASTIC_KINDS
 from pixelwise.errors import ArgumentError
 from pixelwise.inference import IMAGENET_MEAN, IMAGENET_STD
 
@@ -96,9 +97,6 @@ class GridElastic:
 
     def __repr__(self) -> str:
         return f"GridElastic(grid={self.grid}, std={self.std})"
-
-
-ELASTIC_KINDS = ("grid", "smooth")  # the paper's 3x3 grid; torchvision's smoothed random field (Simard et al.)
 
 
 class ToFloatNormalize:
