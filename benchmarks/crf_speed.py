@@ -47,10 +47,12 @@ from common import (
     write_results,
 )
 
+from pixelwise import crf_compiled
 from pixelwise.crf import CRF_PRESETS, crf_kwargs, dense_crf
 
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 NUM_CLASSES = 11
+TENSOR = "pixelwise_tensor"  # the same dense_crf with the tensor lattice (what runs without numba, and on CUDA)
 
 
 def load_inputs(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], str]:
@@ -108,6 +110,23 @@ def pydensecrf_refine(image: np.ndarray, probs: np.ndarray, params: dict) -> np.
     return np.asarray(crf.inference(params["iterations"])).reshape(k, h, w)
 
 
+def tensor_path(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with pixelwise's tensor lattice (PIXELWISE_CRF_COMPILED=0) instead of the compiled one."""
+
+    def run() -> object:
+        previous = os.environ.get("PIXELWISE_CRF_COMPILED")
+        os.environ["PIXELWISE_CRF_COMPILED"] = "0"
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["PIXELWISE_CRF_COMPILED"]
+            else:
+                os.environ["PIXELWISE_CRF_COMPILED"] = previous
+
+    return run
+
+
 def with_cpu_time(fn: Callable[[], object], sink: list[float]) -> Callable[[], object]:
     """``fn`` that also appends the process CPU seconds of every call to ``sink``."""
 
@@ -152,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise SystemExit("pydensecrf is not installed: pip install -e '.[bench]' (package pydensecrf2)") from None
 
+    # where numba compiles the lattice (pixelwise.crf_compiled), the tensor implementation is timed too
+    compiled = device.type == "cpu" and crf_compiled.available()
+    contenders = ("pixelwise", "pydensecrf", TENSOR) if compiled else ("pixelwise", "pydensecrf")
+    progress(f"pixelwise's CPU lattice: {'compiled (numba)' if compiled else 'tensor operations'}")
     images, probs, source = load_inputs(max(batch, 1))
     progress(f"inputs: {source}, {NUM_CLASSES} classes, {images[0].shape[1]}x{images[0].shape[0]}")
     image_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, H, W)
@@ -164,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
             ref = pydensecrf_refine(images[0], probs[0], params)
             ours_q = dense_crf(probs_t[:1], image_t[:1], **params)[0].cpu().numpy()
             agreement = float((ours_q.argmax(0) == ref.argmax(0)).mean())
-            cpu: dict[str, list[float]] = {"pixelwise": [], "pydensecrf": []}
+            cpu: dict[str, list[float]] = {name: [] for name in contenders}
             fns = {
                 "pixelwise": with_cpu_time(lambda p=params: dense_crf(probs_t[:1], image_t[:1], **p), cpu["pixelwise"]),
                 "pydensecrf": with_cpu_time(
                     lambda p=params: pydensecrf_refine(images[0], probs[0], p), cpu["pydensecrf"]
                 ),
             }
+            if TENSOR in contenders:
+                fns[TENSOR] = with_cpu_time(
+                    tensor_path(lambda p=params: dense_crf(probs_t[:1], image_t[:1], **p)), cpu[TENSOR]
+                )
             progress(f"{preset}, {iterations} iterations, 1 image: label agreement {agreement:.5f}")
             times = time_alternating(fns, reps=reps, warmup=1, device=device, log=progress)
             results.append(_case(preset, iterations, 1, times, cpu, agreement))
@@ -178,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if batch > 1:
         params = crf_kwargs(presets[0], iterations=args.iterations[-1])
-        cpu = {"pixelwise": [], "pydensecrf": []}
+        cpu = {name: [] for name in ("pixelwise", "pydensecrf")}
         fns = {
             "pixelwise": with_cpu_time(lambda: dense_crf(probs_t[:batch], image_t[:batch], **params), cpu["pixelwise"]),
             "pydensecrf": with_cpu_time(
@@ -198,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "pixelwise s/img",
         "pydensecrf s/img",
         "ours/peer time",
+        "tensor path/peer time",
         "pixelwise cpu s/img",
         "pydensecrf cpu s/img",
         "label agreement",
@@ -246,11 +274,13 @@ def _case(
     """One measured case as JSON: per-call summaries, per-image medians and the ratio ours/peer."""
     warm = len(cpu["pixelwise"]) - len(times["pixelwise"])  # drop the warm-up calls' CPU times
     case = {"preset": preset, "iterations": iterations, "batch": batch, "label_agreement": agreement}
-    for name in ("pixelwise", "pydensecrf"):
+    for name in times:
         case[name] = summarize(times[name], items=batch)
         case[name]["median_s_per_image"] = case[name]["median_s"] / batch
         case[name]["cpu_median_s_per_image"] = statistics.median(cpu[name][warm:]) / batch
     case["time_ratio_ours_over_peer"] = case["pixelwise"]["median_s"] / case["pydensecrf"]["median_s"]
+    if TENSOR in times:
+        case["time_ratio_tensor_over_peer"] = case[TENSOR]["median_s"] / case["pydensecrf"]["median_s"]
     return case
 
 
@@ -263,6 +293,7 @@ def _row(case: dict) -> list:
         ours["median_s_per_image"],
         peer["median_s_per_image"],
         case["time_ratio_ours_over_peer"],
+        case.get("time_ratio_tensor_over_peer"),
         ours["cpu_median_s_per_image"],
         peer["cpu_median_s_per_image"],
         None if case["label_agreement"] is None else f"{100 * case['label_agreement']:.2f}%",

@@ -26,7 +26,7 @@ MISSING_EXTRA = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
-    "pydensecrf": "crf",
+    "numba": "crf",  # pixelwise.crf_compiled imports it guarded; the hint is for anything that would not
     "huggingface_hub": "hub",
     "timm": "timm",
     "tensorboard": "tensorboard",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -43,6 +44,9 @@ from pixelwise.errors import ArgumentError, UserError
 PROB_FLOOR = 1e-5
 # the separable smoothness kernel is cut where exp(-r^2 / 2 sigma^2) < 3.4e-4 of its peak
 _TRUNCATE_SIGMAS = 4.0
+# compiled (pixelwise.crf_compiled), the smoothness kernel is a 2-D lattice from this theta_gamma on,
+# an exact convolution below (there the lattice has more vertices than pixels and costs more)
+_LATTICE_MIN_SXY = 2.0
 # pixels refined at once on a CPU: one 480x360 image, or a batch of small ones (see dense_crf)
 _CPU_CHUNK_PIXELS = 2**18
 
@@ -406,7 +410,7 @@ class _LatticeKernel:
     """``weight * D^-1/2 K D^-1/2`` with the permutohedral K and ``D = diag(K 1)`` (NORMALIZE_SYMMETRIC)."""
 
     def __init__(self, features: torch.Tensor, group: torch.Tensor, weight: float) -> None:
-        self.lattice = PermutohedralLattice(features, group)
+        self.lattice = _lattice_class(features.device)(features, group)
         ones = torch.ones(features.shape[0], 1, device=features.device)
         norm = torch.rsqrt(self.lattice.filter(ones)[:, 0] + 1e-20)  # (P,)
         self.lattice.set_point_scale(norm, norm * weight)
@@ -415,6 +419,22 @@ class _LatticeKernel:
     def accumulate(self, out: torch.Tensor, values: torch.Tensor) -> None:
         """out += kernel @ values, both (P, K)."""
         self.lattice.filter(values, out=out)
+
+
+def _compiled(device: torch.device) -> Any:
+    """`pixelwise.crf_compiled` where it serves ``device`` (a CPU, numba installed, PIXELWISE_CRF_COMPILED
+    not 0), else None: the tensor implementation runs (CPU and CUDA)."""
+    if device.type != "cpu" or os.environ.get("PIXELWISE_CRF_COMPILED", "1") == "0":
+        return None
+    from pixelwise import crf_compiled  # imports numba (~1 s): only when a CRF runs on a CPU
+
+    return crf_compiled if crf_compiled.available() else None
+
+
+def _lattice_class(device: torch.device) -> type:
+    """The permutohedral lattice for ``device``: numba's `CompiledLattice` or `PermutohedralLattice`."""
+    compiled = _compiled(device)
+    return PermutohedralLattice if compiled is None else compiled.CompiledLattice
 
 
 def exact_gaussian_filter(features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -480,6 +500,10 @@ class _GridGaussianKernel:
             grid = values.new_zeros(b * h * w, c)
             grid[self.flat_valid] = values
             values = grid
+        compiled = _compiled(values.device)
+        if compiled is not None:
+            x = compiled.separable_blur(values.view(b, h, w, c), self.taps).view(b * h * w, c)
+            return x if self.flat_valid is None else x[self.flat_valid]
         r = self.taps.numel() // 2
         x = values.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
         x = F.conv2d(x, self.taps.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)  # along W
@@ -494,6 +518,9 @@ class _GridGaussianKernel:
 
 def _exp_normalize_(x: torch.Tensor) -> torch.Tensor:
     """In place: rows of exp(x), each divided by its sum (a softmax without the max, for bounded x)."""
+    compiled = _compiled(x.device)
+    if compiled is not None and x.dtype == torch.float32 and x.is_contiguous():
+        return compiled.exp_normalize_(x)  # torch's sum over a row of 11 is slow on a CPU
     x.exp_()
     x /= x.sum(1, keepdim=True)
     return x
@@ -591,17 +618,8 @@ def _mean_field(
     **kernel_params: object,
 ) -> torch.Tensor:
     """`dense_crf` on checked inputs, one chunk of the batch."""
-    b, k, h, w = probs.shape
-    device = probs.device
-    pixels = probs.float().permute(0, 2, 3, 1)  # (B, H, W, K)
-    if ignore_mask is None:
-        valid = torch.ones(b, h, w, dtype=torch.bool, device=device)
-        p = pixels.reshape(b * h * w, k)  # (P, K)
-    else:
-        valid = ~ignore_mask.to(device=device, dtype=torch.bool)
-        p = pixels[valid]  # (P, K)
-    p = p.clamp(min=PROB_FLOOR, max=1.0)  # pydensecrf's unary_from_softmax clips the same way
-    q = p / p.sum(1, keepdim=True)
+    p, valid = _points(probs, ignore_mask)  # (P, K), (B, H, W)
+    q = _normalize_rows(p)
     logp = torch.log(p)  # -U
     if iterations > 0 and p.shape[0] > 0:
         kernels = _build_kernels(image, valid, **kernel_params)
@@ -627,11 +645,46 @@ def _mean_field(
             if not stable:
                 logits -= logits.amax(1, keepdim=True)
             q = _exp_normalize_(logits)
+    return _images(q, probs, ignore_mask)
+
+
+def _points(probs: torch.Tensor, ignore_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CRF's pixels: their probabilities clipped as pydensecrf's unary_from_softmax clips them,
+    (P, K) float32 pixel-major, and the (B, H, W) mask of the pixels that take part."""
+    b, k, h, w = probs.shape
+    device = probs.device
+    compiled = _compiled(device)
+    if ignore_mask is None:
+        valid = torch.ones(b, h, w, dtype=torch.bool, device=device)
+        if compiled is not None:  # one pass instead of a transposing copy and a clamp
+            return compiled.to_points(probs, PROB_FLOOR), valid
+        p = probs.float().permute(0, 2, 3, 1).reshape(b * h * w, k)
+    else:
+        valid = ~ignore_mask.to(device=device, dtype=torch.bool)
+        p = probs.float().permute(0, 2, 3, 1)[valid]
+    p = p.clamp(min=PROB_FLOOR, max=1.0)
+    return (p.contiguous() if compiled is not None else p), valid  # the compiled loops read rows
+
+
+def _normalize_rows(p: torch.Tensor) -> torch.Tensor:
+    """``p`` (P, K) with every row divided by its sum, as a new tensor."""
+    compiled = _compiled(p.device)
+    if compiled is not None and p.is_contiguous():
+        return compiled.normalize_rows_(p.clone())
+    return p / p.sum(1, keepdim=True)
+
+
+def _images(q: torch.Tensor, probs: torch.Tensor, ignore_mask: torch.Tensor | None) -> torch.Tensor:
+    """The refined pixels ``q`` (P, K) back as (B, K, H, W) in ``probs``' dtype; ignored pixels keep ``probs``."""
+    b, k, h, w = probs.shape
+    compiled = _compiled(q.device)
+    if ignore_mask is None and compiled is not None and q.is_contiguous():
+        return compiled.to_images(q, (b, k, h, w)).to(probs.dtype)
     if ignore_mask is None:
         pixels = q.view(b, h, w, k)
     else:
-        pixels = pixels.clone()
-        pixels[valid] = q
+        pixels = probs.float().permute(0, 2, 3, 1).clone()
+        pixels[~ignore_mask.to(device=q.device, dtype=torch.bool)] = q
     return pixels.permute(0, 3, 1, 2).to(probs.dtype, memory_format=torch.contiguous_format)  # (B, K, H, W)
 
 
@@ -658,10 +711,13 @@ def _build_kernels(
             _ExactKernel(xy / gaussian_sxy, group, gaussian_weight),
             _ExactKernel(bilateral, group, bilateral_weight),
         )
-    return (
-        _GridGaussianKernel(valid, gaussian_sxy, gaussian_weight),
-        _LatticeKernel(bilateral, group, bilateral_weight),
-    )
+    if _compiled(valid.device) is not None and gaussian_sxy >= _LATTICE_MIN_SXY:
+        # compiled, a 2-D lattice costs 3 vertices per pixel where the exact convolution costs 2 x 8
+        # gaussian_sxy taps; it is pydensecrf's own approximation (docs/crf.md)
+        smoothness = _LatticeKernel(xy / gaussian_sxy, group, gaussian_weight)
+    else:
+        smoothness = _GridGaussianKernel(valid, gaussian_sxy, gaussian_weight)
+    return smoothness, _LatticeKernel(bilateral, group, bilateral_weight)
 
 
 def _check_inputs(probs: object, image: object, ignore_mask: object, compat: object, filtering: object) -> None:

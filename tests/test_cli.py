@@ -62,7 +62,7 @@ def test_every_extra_has_its_one_line_error():
     [
         ("fastapi.responses", "serve"),
         ("onnxruntime", "onnx"),
-        ("pydensecrf.densecrf", "crf"),
+        ("numba", "crf"),
         ("huggingface_hub", "hub"),
         ("tensorboard", "tensorboard"),
         ("timm", "timm"),
