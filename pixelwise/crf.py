@@ -10,7 +10,9 @@ with p the pixel position and I its RGB colour. Mean-field inference replaces th
 pairs by Gaussian filtering: the appearance kernel (5-D features x, y, r, g, b) is filtered with the
 permutohedral lattice (Adams, Baek & Davis, "Fast High-Dimensional Filtering Using the Permutohedral
 Lattice", Eurographics 2010); the smoothness kernel (2-D, on the pixel grid) with a separable,
-truncated exact Gaussian convolution, which is exact where pydensecrf is approximate and cheaper.
+truncated exact Gaussian convolution, which is exact where pydensecrf is approximate and cheaper in
+tensor operations. On a CPU with numba installed, `pixelwise.crf_compiled` runs the same algorithm
+as compiled loops (there the smoothness kernel is a 2-D lattice, as pydensecrf's, from theta_gamma 2 on).
 
 Conventions follow pydensecrf (the Python binding of Krähenbühl's densecrf v2), so that the two give
 the same labels: features are ``x / sxy``, ``rgb / srgb`` and the kernel ``exp(-|f_i - f_j|^2 / 2)``;
