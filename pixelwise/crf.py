@@ -520,10 +520,10 @@ class _GridGaussianKernel:
 
 def _exp_normalize_(x: torch.Tensor) -> torch.Tensor:
     """In place: rows of exp(x), each divided by its sum (a softmax without the max, for bounded x)."""
+    x.exp_()  # torch's, vectorised, also on the compiled path: numba's loops call the C library's expf
     compiled = _compiled(x.device)
     if compiled is not None and x.dtype == torch.float32 and x.is_contiguous():
-        return compiled.exp_normalize_(x)  # torch's sum over a row of 11 is slow on a CPU
-    x.exp_()
+        return compiled.normalize_rows_(x)  # torch's sum over a row of 11 is slow on a CPU
     x /= x.sum(1, keepdim=True)
     return x
 

@@ -1,16 +1,18 @@
-"""The permutohedral lattice compiled with numba: densecrf's hash-table build and a fused filter, on CPU.
+"""The dense CRF's CPU loops compiled with numba: densecrf's hash-table lattice build and a fused filter.
 
 The same lattice as `pixelwise.crf.PermutohedralLattice` (Adams, Baek & Davis 2010, following
 densecrf's permutohedral.cpp step by step), but built the way densecrf builds it: every point's
-enclosing simplex in one parallel pass, its vertices found in an open-addressing hash table (one
-pass, skipping the table when a point lies in the same simplex as the point before it, which in
-raster order is most of them), and the blur neighbours looked up in parallel. Filtering is one
-compiled call: a splat into one private lattice per thread, the d+1 blurs, and the slice added
-straight into the output. On a CPU this replaces ~150 tensor operations and 8 sparse products by a
-few loops over the points (see docs/crf.md, "Speed"); on CUDA the tensor implementation runs.
+enclosing simplex in one parallel pass, then open-addressing hash tables: one lookup per point finds
+its simplex (none when it shares the previous point's), and only a simplex seen for the first time
+looks up its d+1 vertices; the blur neighbours are looked up in parallel. Filtering is one compiled
+call: a splat into one private lattice per thread, the d+1 blurs, and the slice added straight into
+the output. Beside the lattice: the exact separable Gaussian blur, the (B, K, H, W) <-> (pixels, K)
+layout changes and the row normalisation, each one pass. On a CPU this replaces ~150 tensor
+operations and 8 sparse products per lattice by a few loops over the points (docs/crf.md, "Speed");
+on CUDA the tensor implementation runs.
 
 numba is optional (the ``crf`` extra): `available()` says whether this module can be used; the
-first call compiles the loops (a few seconds) and caches them on disk.
+first call compiles the loops (~30 s on 2 cores) and numba caches them on disk.
 """
 
 from __future__ import annotations
@@ -417,12 +419,6 @@ def normalize_rows_(x: torch.Tensor) -> torch.Tensor:
     with _parallel():
         _normalize_rows(x.numpy())
     return x
-
-
-def exp_normalize_(x: torch.Tensor) -> torch.Tensor:
-    """In place: rows of exp(x) (P, C) float32, each divided by its sum."""
-    x.exp_()  # torch's vectorised exp; numba's loops call the C library's expf per element
-    return normalize_rows_(x)  # torch's sum over rows of a (P, 11) tensor is slow on a CPU
 
 
 def to_points(images: torch.Tensor, floor: float) -> torch.Tensor:
