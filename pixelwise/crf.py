@@ -31,6 +31,7 @@ import dataclasses
 import math
 import numbers
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -713,13 +714,40 @@ def _build_kernels(
             _ExactKernel(xy / gaussian_sxy, group, gaussian_weight),
             _ExactKernel(bilateral, group, bilateral_weight),
         )
-    if _compiled(valid.device) is not None and gaussian_sxy >= _LATTICE_MIN_SXY:
+    return _smoothness_kernel(valid, xy, group, gaussian_sxy, gaussian_weight), _LatticeKernel(
+        bilateral, group, bilateral_weight
+    )
+
+
+def _smoothness_kernel(
+    valid: torch.Tensor, xy: torch.Tensor, group: torch.Tensor, sxy: float, weight: float
+) -> _LatticeKernel | _GridGaussianKernel:
+    """The smoothness kernel over the valid pixels. It depends on the pixel grid alone, not on the
+    image, so with every pixel valid the last one built is used again for a grid of the same size:
+    the images of a data set (and the chunks of a batch, see `dense_crf`) share it."""
+    compiled = _compiled(valid.device) is not None
+    key = (tuple(valid.shape), str(valid.device), float(sxy), float(weight), compiled)
+    everywhere = bool(valid.all())
+    with _SMOOTHNESS_LOCK:
+        if everywhere and key in _SMOOTHNESS_CACHE:
+            return _SMOOTHNESS_CACHE[key]
+    if compiled and sxy >= _LATTICE_MIN_SXY:
         # compiled, a 2-D lattice costs 3 vertices per pixel where the exact convolution costs 2 x 8
         # gaussian_sxy taps; it is pydensecrf's own approximation (docs/crf.md)
-        smoothness = _LatticeKernel(xy / gaussian_sxy, group, gaussian_weight)
+        kernel = _LatticeKernel(xy / sxy, group, weight)
     else:
-        smoothness = _GridGaussianKernel(valid, gaussian_sxy, gaussian_weight)
-    return smoothness, _LatticeKernel(bilateral, group, bilateral_weight)
+        kernel = _GridGaussianKernel(valid, sxy, weight)
+    if everywhere:
+        with _SMOOTHNESS_LOCK:
+            _SMOOTHNESS_CACHE.clear()  # one grid kept: a 480x360 lattice holds ~10 MB
+            _SMOOTHNESS_CACHE[key] = kernel
+    return kernel
+
+
+# the last smoothness kernel built over a whole grid (see _smoothness_kernel); kernels are read-only
+# once built, and the compiled lattice's scratch buffers are used under crf_compiled's lock
+_SMOOTHNESS_CACHE: dict[tuple, Any] = {}
+_SMOOTHNESS_LOCK = threading.Lock()
 
 
 def _check_inputs(probs: object, image: object, ignore_mask: object, compat: object, filtering: object) -> None:

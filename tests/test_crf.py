@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pixelwise import crf as crf_module
 from pixelwise import crf_compiled
 from pixelwise.crf import (
     CRF_PRESETS,
@@ -269,6 +270,32 @@ def test_batch_equals_images_one_by_one(backend):
     batched = dense_crf(probs, image, **SMALL)
     for i in range(3):
         assert torch.allclose(batched[i : i + 1], dense_crf(probs[i : i + 1], image[i : i + 1], **SMALL), atol=1e-5)
+
+
+@pytest.mark.parametrize("sxy", [1.5, 3.0])  # the separable convolution; the compiled path's 2-D lattice
+def test_smoothness_kernel_is_built_once_per_grid(backend, sxy, monkeypatch):
+    # it depends on the pixel grid alone: images of one size share it, and the results are unchanged
+    built = []
+    real = crf_module._GridGaussianKernel, crf_module._LatticeKernel
+    monkeypatch.setattr(crf_module, "_GridGaussianKernel", lambda *a: built.append("grid") or real[0](*a))
+    monkeypatch.setattr(crf_module, "_LatticeKernel", lambda *a: built.append("lattice") or real[1](*a))
+    params = {**SMALL, "gaussian_sxy": sxy}
+    crf_module._SMOOTHNESS_CACHE.clear()
+    probs, image = random_probs(2, 4, 18, 22, 11), smooth_image(2, 18, 22, 11)
+    first = dense_crf(probs[:1], image[:1], **params)
+    second = dense_crf(probs[1:], image[1:], **params)  # another image of the same size
+    assert len(built) == 3  # smoothness once, appearance per image
+    crf_module._SMOOTHNESS_CACHE.clear()
+    assert torch.equal(second, dense_crf(probs[1:], image[1:], **params))  # as if built for it
+    assert torch.equal(first, dense_crf(probs[:1], image[:1], **params))
+    built.clear()
+    dense_crf(probs[:1], image[:1], **{**params, "gaussian_weight": 1.0})  # other parameters: built anew
+    dense_crf(probs[:1, :, :17], image[:1, :, :17], **params)  # another grid
+    ignore = torch.zeros(1, 18, 22, dtype=torch.bool)
+    ignore[:, 3:5, 4:9] = True
+    dense_crf(probs[:1], image[:1], **params, ignore_mask=ignore)  # pixels left out: not the whole grid
+    dense_crf(probs[:1], image[:1], **params, ignore_mask=ignore)
+    assert len(built) == 8
 
 
 def test_ignore_mask_padding_equals_the_cropped_image(backend):
