@@ -4,7 +4,9 @@ The workload of DeepLab's post-processing on CamVid: one 480x360 RGB image, 11 c
 made from the validation ground truth (softmax of 2 * one-hot + N(0, 1) noise; synthetic blobs when
 ``../shared/data/camvid`` is absent). For every parameter preset and for 5 and 10 mean-field
 iterations both run the same full job (lattice build + inference) alternating A B A B after
-warm-up, with the same thread count; pydensecrf itself is single-threaded. The batch case refines
+warm-up, with the same thread count; pydensecrf itself is single-threaded. dense_crf keeps the
+smoothness kernel of the last image size, as for the next image of a data set; the "first of its
+size" column times it with that kernel forgotten before every call (`pixelwise.crf.clear_cache`). The batch case refines
 16 different images: one ``dense_crf`` call on a (16, 11, 360, 480) batch against 16 pydensecrf
 calls, reported per image.
 
@@ -48,11 +50,14 @@ from common import (
 )
 
 from pixelwise import crf_compiled
-from pixelwise.crf import CRF_PRESETS, crf_kwargs, dense_crf
+from pixelwise.crf import CRF_PRESETS, clear_cache, crf_kwargs, dense_crf
 
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 NUM_CLASSES = 11
 TENSOR = "pixelwise_tensor"  # the same dense_crf with the tensor lattice (what runs without numba, and on CUDA)
+# dense_crf keeps the smoothness kernel of the last image size (the next image of a data set reuses it);
+# this contender forgets it before every call: the first image of its size
+COLD = "pixelwise_first"
 
 
 def load_inputs(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], str]:
@@ -127,6 +132,16 @@ def tensor_path(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def first_of_its_size(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run after `pixelwise.crf.clear_cache`: nothing kept from an earlier image of the same size."""
+
+    def run() -> object:
+        clear_cache()
+        return fn()
+
+    return run
+
+
 def with_cpu_time(fn: Callable[[], object], sink: list[float]) -> Callable[[], object]:
     """``fn`` that also appends the process CPU seconds of every call to ``sink``."""
 
@@ -173,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # where numba compiles the lattice (pixelwise.crf_compiled), the tensor implementation is timed too
     compiled = device.type == "cpu" and crf_compiled.available()
-    contenders = ("pixelwise", "pydensecrf", TENSOR) if compiled else ("pixelwise", "pydensecrf")
+    contenders = ("pixelwise", COLD, "pydensecrf") + ((TENSOR,) if compiled else ())
     progress(f"pixelwise's CPU lattice: {'compiled (numba)' if compiled else 'tensor operations'}")
     images, probs, source = load_inputs(max(batch, 1))
     progress(f"inputs: {source}, {NUM_CLASSES} classes, {images[0].shape[1]}x{images[0].shape[0]}")
@@ -194,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                     lambda p=params: pydensecrf_refine(images[0], probs[0], p), cpu["pydensecrf"]
                 ),
             }
+            fns[COLD] = with_cpu_time(
+                first_of_its_size(lambda p=params: dense_crf(probs_t[:1], image_t[:1], **p)), cpu[COLD]
+            )
             if TENSOR in contenders:
                 fns[TENSOR] = with_cpu_time(
                     tensor_path(lambda p=params: dense_crf(probs_t[:1], image_t[:1], **p)), cpu[TENSOR]
@@ -225,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "pixelwise s/img",
         "pydensecrf s/img",
         "ours/peer time",
+        "first of its size/peer",
         "tensor path/peer time",
         "pixelwise cpu s/img",
         "pydensecrf cpu s/img",
@@ -279,6 +298,8 @@ def _case(
         case[name]["median_s_per_image"] = case[name]["median_s"] / batch
         case[name]["cpu_median_s_per_image"] = statistics.median(cpu[name][warm:]) / batch
     case["time_ratio_ours_over_peer"] = case["pixelwise"]["median_s"] / case["pydensecrf"]["median_s"]
+    if COLD in times:
+        case["time_ratio_first_of_size_over_peer"] = case[COLD]["median_s"] / case["pydensecrf"]["median_s"]
     if TENSOR in times:
         case["time_ratio_tensor_over_peer"] = case[TENSOR]["median_s"] / case["pydensecrf"]["median_s"]
     return case
@@ -293,6 +314,7 @@ def _row(case: dict) -> list:
         ours["median_s_per_image"],
         peer["median_s_per_image"],
         case["time_ratio_ours_over_peer"],
+        case.get("time_ratio_first_of_size_over_peer"),
         case.get("time_ratio_tensor_over_peer"),
         ours["cpu_median_s_per_image"],
         peer["cpu_median_s_per_image"],

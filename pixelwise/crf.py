@@ -27,6 +27,7 @@ Typical use from logits and a uint8 image::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import numbers
@@ -723,13 +724,14 @@ def _smoothness_kernel(
     valid: torch.Tensor, xy: torch.Tensor, group: torch.Tensor, sxy: float, weight: float
 ) -> _LatticeKernel | _GridGaussianKernel:
     """The smoothness kernel over the valid pixels. It depends on the pixel grid alone, not on the
-    image, so with every pixel valid the last one built is used again for a grid of the same size:
-    the images of a data set (and the chunks of a batch, see `dense_crf`) share it."""
+    image, so with every pixel valid it is kept and used again for a grid of the same size and
+    parameters: the images of a data set (and the chunks of a batch, see `dense_crf`) share it."""
     compiled = _compiled(valid.device) is not None
     key = (tuple(valid.shape), str(valid.device), float(sxy), float(weight), compiled)
     everywhere = bool(valid.all())
     with _SMOOTHNESS_LOCK:
         if everywhere and key in _SMOOTHNESS_CACHE:
+            _SMOOTHNESS_CACHE.move_to_end(key)
             return _SMOOTHNESS_CACHE[key]
     if compiled and sxy >= _LATTICE_MIN_SXY:
         # compiled, a 2-D lattice costs 3 vertices per pixel where the exact convolution costs 2 x 8
@@ -739,15 +741,24 @@ def _smoothness_kernel(
         kernel = _GridGaussianKernel(valid, sxy, weight)
     if everywhere:
         with _SMOOTHNESS_LOCK:
-            _SMOOTHNESS_CACHE.clear()  # one grid kept: a 480x360 lattice holds ~10 MB
             _SMOOTHNESS_CACHE[key] = kernel
+            while len(_SMOOTHNESS_CACHE) > _SMOOTHNESS_KEPT:
+                _SMOOTHNESS_CACHE.popitem(last=False)  # the least recently used
     return kernel
 
 
-# the last smoothness kernel built over a whole grid (see _smoothness_kernel); kernels are read-only
-# once built, and the compiled lattice's scratch buffers are used under crf_compiled's lock
-_SMOOTHNESS_CACHE: dict[tuple, Any] = {}
+# the smoothness kernels last used over a whole grid (see _smoothness_kernel), at most _SMOOTHNESS_KEPT
+# (a 480x360 lattice holds ~10 MB); kernels are read-only once built, and the compiled lattice's
+# scratch buffers are used under crf_compiled's lock
+_SMOOTHNESS_KEPT = 4
+_SMOOTHNESS_CACHE: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _SMOOTHNESS_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget the smoothness kernels kept for the last image sizes (~10 MB each for 480x360)."""
+    with _SMOOTHNESS_LOCK:
+        _SMOOTHNESS_CACHE.clear()
 
 
 def _check_inputs(probs: object, image: object, ignore_mask: object, compat: object, filtering: object) -> None:

@@ -280,12 +280,12 @@ def test_smoothness_kernel_is_built_once_per_grid(backend, sxy, monkeypatch):
     monkeypatch.setattr(crf_module, "_GridGaussianKernel", lambda *a: built.append("grid") or real[0](*a))
     monkeypatch.setattr(crf_module, "_LatticeKernel", lambda *a: built.append("lattice") or real[1](*a))
     params = {**SMALL, "gaussian_sxy": sxy}
-    crf_module._SMOOTHNESS_CACHE.clear()
+    crf_module.clear_cache()
     probs, image = random_probs(2, 4, 18, 22, 11), smooth_image(2, 18, 22, 11)
     first = dense_crf(probs[:1], image[:1], **params)
     second = dense_crf(probs[1:], image[1:], **params)  # another image of the same size
     assert len(built) == 3  # smoothness once, appearance per image
-    crf_module._SMOOTHNESS_CACHE.clear()
+    crf_module.clear_cache()
     assert torch.equal(second, dense_crf(probs[1:], image[1:], **params))  # as if built for it
     assert torch.equal(first, dense_crf(probs[:1], image[:1], **params))
     built.clear()
@@ -296,6 +296,8 @@ def test_smoothness_kernel_is_built_once_per_grid(backend, sxy, monkeypatch):
     dense_crf(probs[:1], image[:1], **params, ignore_mask=ignore)  # pixels left out: not the whole grid
     dense_crf(probs[:1], image[:1], **params, ignore_mask=ignore)
     assert len(built) == 8
+    dense_crf(probs[:1], image[:1], **params)  # the first grid's kernel is still kept
+    assert len(built) == 9
 
 
 def test_ignore_mask_padding_equals_the_cropped_image(backend):
