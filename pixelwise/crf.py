@@ -635,10 +635,11 @@ def _mean_field(
         if stable:
             logp = logp - shift
         mu = None if compat is None else 0.5 * (compat + compat.T)  # pydensecrf symmetrises mu too
-        for _ in range(iterations):
+        spare = [torch.empty_like(logp), torch.empty_like(logp)]  # the update's two buffers, taken in turn
+        for i in range(iterations):
             if mu is None:
                 # Potts: -sum_l' (1 - [l = l']) m_l' = m_l + const, and the constant cancels
-                logits = logp.clone()
+                logits = spare[i % 2].copy_(logp)  # not q's buffer, which the kernels read
                 for kernel in kernels:
                     kernel.accumulate(logits, q)
             else:
