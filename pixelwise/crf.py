@@ -622,10 +622,10 @@ def _mean_field(
     **kernel_params: object,
 ) -> torch.Tensor:
     """`dense_crf` on checked inputs, one chunk of the batch."""
-    p, valid = _points(probs, ignore_mask)  # (P, K), (B, H, W)
-    q = _normalize_rows(p)
+    p, valid = _points(probs, ignore_mask)  # (P, K), (B, H, W): a tensor of its own
     logp = torch.log(p)  # -U
-    if iterations > 0 and p.shape[0] > 0:
+    q = _normalize_rows_(p)  # p itself is not needed any more
+    if iterations > 0 and q.shape[0] > 0:
         kernels = _build_kernels(image, valid, **kernel_params)
         # With the Potts model the message m_i(l) = sum_m w_m sum_j k_m(i, j) Q_j(l) lies in
         # [0, s_i] with s_i the kernels' row sums (Q sums to 1), so log p - s <= logits - s <= 0:
@@ -654,7 +654,7 @@ def _mean_field(
 
 
 def _points(probs: torch.Tensor, ignore_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CRF's pixels: their probabilities clipped as pydensecrf's unary_from_softmax clips them,
+    """The CRF's pixels: their probabilities clipped as pydensecrf's unary_from_softmax clips them (a new tensor),
     (P, K) float32 pixel-major, and the (B, H, W) mask of the pixels that take part."""
     b, k, h, w = probs.shape
     device = probs.device
@@ -671,12 +671,12 @@ def _points(probs: torch.Tensor, ignore_mask: torch.Tensor | None) -> tuple[torc
     return (p.contiguous() if compiled is not None else p), valid  # the compiled loops read rows
 
 
-def _normalize_rows(p: torch.Tensor) -> torch.Tensor:
-    """``p`` (P, K) with every row divided by its sum, as a new tensor."""
+def _normalize_rows_(p: torch.Tensor) -> torch.Tensor:
+    """In place: every row of ``p`` (P, K) divided by its sum."""
     compiled = _compiled(p.device)
     if compiled is not None and p.is_contiguous():
-        return compiled.normalize_rows_(p.clone())
-    return p / p.sum(1, keepdim=True)
+        return compiled.normalize_rows_(p)
+    return p.div_(p.sum(1, keepdim=True))
 
 
 def _images(q: torch.Tensor, probs: torch.Tensor, ignore_mask: torch.Tensor | None) -> torch.Tensor:
