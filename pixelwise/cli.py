@@ -109,7 +109,7 @@ def inference_spec(args: argparse.Namespace, extra: dict, dtype: object) -> obje
         crf = None
         if args.crf:
             base = (
-                CRFParams.preset(args.crf_preset)
+                CRFParams.preset(args.crf_preset or "deeplab_vgg")  # the help's default, not preset(None)
                 if args.crf_preset or "crf" not in extra
                 else CRFParams.from_dict(extra["crf"])
             )
