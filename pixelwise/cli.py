@@ -145,9 +145,9 @@ def _add_large_option(p: argparse.ArgumentParser) -> None:
         "--large",
         choices=LARGE_KINDS,
         default=LARGE_KINDS[0],
-        help=f"an image above {MAX_WHOLE_PIXELS} pixels (2048x1024): {LARGE_KINDS[0]} (default) a window over it "
-        "in chunks, memory bounded by the window; or downscale it to that size, infer it as asked (--mode "
-        "multiscale and --crf included) and upsample the scores back, memory bounded by that size",
+        help=f"an image above {MAX_WHOLE_PIXELS} pixels (2048x1024). {LARGE_KINDS[0]} (default): slide a window "
+        "over it in chunks, memory bounded by the window; downscale: infer it downscaled to that size as asked "
+        "(--mode multiscale and --crf included) and upsample the scores back, memory bounded by that size",
     )
 
 

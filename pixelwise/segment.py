@@ -175,9 +175,9 @@ def _linear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Ten
 
 
 def upsampled_labels(scores: torch.Tensor, size: tuple[int, int], num_classes: int) -> np.ndarray:
-    """argmax over classes of `scores` upsampled bilinearly to `size` (align_corners=False, the labels of
-    `F.interpolate(...).argmax(1)`), one strip of output rows at a time: the full-resolution scores are
-    never held whole, only about 5 x `STRIP_VALUES` float32 of one strip.
+    """argmax over classes of `scores` upsampled bilinearly to `size` (`F.interpolate(align_corners=False)`'s
+    taps; its scores to float32 rounding), one strip of output rows at a time: the full-resolution scores
+    are never held whole, only about 5 x `STRIP_VALUES` float32 of one strip.
 
     Shape:
         (1, K, h, w) -> (H, W) for `size` = (H, W).
