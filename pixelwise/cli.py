@@ -109,7 +109,7 @@ def inference_spec(args: argparse.Namespace, extra: dict, dtype: object) -> obje
         crf = None
         if args.crf:
             base = (
-                CRFParams.preset(args.crf_preset)
+                CRFParams.preset(args.crf_preset or "deeplab_vgg")  # the help's default, not preset(None)
                 if args.crf_preset or "crf" not in extra
                 else CRFParams.from_dict(extra["crf"])
             )
@@ -136,6 +136,19 @@ def _window(args: argparse.Namespace, extra: dict) -> tuple[int, int] | None:
     from pixelwise.segment import default_window
 
     return default_window(extra)
+
+
+def _add_large_option(p: argparse.ArgumentParser) -> None:
+    from pixelwise.segment import LARGE_KINDS, MAX_WHOLE_PIXELS
+
+    p.add_argument(
+        "--large",
+        choices=LARGE_KINDS,
+        default=LARGE_KINDS[0],
+        help=f"an image above {MAX_WHOLE_PIXELS} pixels (2048x1024). {LARGE_KINDS[0]} (default): slide a window "
+        "over it in chunks, memory bounded by the window; downscale: infer it downscaled to that size as asked "
+        "(--mode multiscale and --crf included) and upsample the scores back, memory bounded by that size",
+    )
 
 
 def _add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -251,6 +264,7 @@ def _add_weights_commands(sub: Any) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--side-by-side", action="store_true", help="overlays show the image and the overlay side by side")
     _add_inference_options(p)
+    _add_large_option(p)
 
     p = sub.add_parser("init-weights", help="write a weights file without training")
     p.add_argument("model", help="model name (see `pixelwise models`)")
@@ -280,6 +294,7 @@ def _add_weights_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     _add_precision_option(p)
+    _add_large_option(p)
 
 
 def _add_gallery_command(sub: Any) -> None:

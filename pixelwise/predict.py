@@ -6,7 +6,8 @@ Every file is written atomically. Inputs are checked before any work: a missing 
 folder or two inputs with the same stem stop the run with one line. A file that cannot be read
 stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
 An image above 2048x1024 pixels is inferred by sliding window in chunks (`pixelwise.segment`), so
-memory is bounded by the window whatever the image size; the summary line says how many were.
+memory is bounded by the window whatever the image size, or with `--large downscale` at 2048x1024
+pixels and upsampled back; the summary line says how many were.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from pixelwise.data.imageio import read_image
     from pixelwise.evaluate import write_bad_files
     from pixelwise.inference import resolve_device, resolve_dtype
-    from pixelwise.segment import MAX_WHOLE_PIXELS, default_window, segment_image
+    from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
     from pixelwise.weights import load_weights
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -77,13 +78,13 @@ def predict_command(args: argparse.Namespace) -> int:
         )
     spec = inference_spec(args, meta.extra, dtype)
     bad: list[tuple[str, str]] = []
-    written = slid = 0
+    written = big = 0
     # the bar is shown on terminals only and cleared on exit, so an error stays a single clean line
     with tqdm(files, desc="predict", unit="image", leave=False, disable=None) as bar:
         for path in bar:
             try:
                 image = read_image(path)  # (H, W, 3) uint8
-                # above MAX_WHOLE_PIXELS by sliding window in chunks: memory O(window), not O(image)
+                # above MAX_WHOLE_PIXELS by sliding window in chunks (memory O(window), not O(image)) or downscaled
                 labels = segment_image(
                     model,
                     image,
@@ -92,23 +93,28 @@ def predict_command(args: argparse.Namespace) -> int:
                     std=meta.std,
                     num_classes=meta.num_classes,
                     default_win=default_window(meta.extra),
+                    max_whole_pixels=MAX_WHOLE_PIXELS,
+                    large=args.large,
                     name=str(path),
                 )  # (H, W)
             except UserError as e:
+                if isinstance(e, NeedsWholeImage):  # the library's words name large="downscale", the user's a flag
+                    e = UserError(e.message("infer it downscaled (--large downscale)"))
                 if not args.skip_bad:
-                    raise
+                    raise e from None
                 bad.append((str(path), str(e)))
                 continue
-            slid += args.mode == "whole" and labels.size > MAX_WHOLE_PIXELS
+            big += labels.size > MAX_WHOLE_PIXELS and (args.mode == "whole" or args.large == "downscale")
             _write(out, path.stem, image, labels, meta, alpha=args.alpha, side_by_side=args.side_by_side)
             written += 1
     if bad:
         write_bad_files(out, bad)
     if written == 0:
         raise UserError(f"none of the {len(files)} inputs could be read; see {out / 'bad_files.txt'}")
+    how_large = "downscaled to that size" if args.large == "downscale" else "by sliding window"
     print(
         f"wrote {written} masks to {out / 'masks'} and overlays to {out / 'overlays'}"
-        + (f"; {slid} images above {MAX_WHOLE_PIXELS} pixels were inferred by sliding window" if slid else "")
+        + (f"; {big} images above {MAX_WHOLE_PIXELS} pixels were inferred {how_large}" if big else "")
         + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else "")
     )
     return 0

@@ -2,7 +2,8 @@
 
 `predict` and `serve` both go through `segment_image`, which runs `pixelwise.engine.segment` (the
 one scoring path) for images the model handles whole. An image of at most `MAX_WHOLE_PIXELS` is inferred
-as asked (whole image by default, as before). A larger one is inferred by sliding window, in chunks:
+as asked (whole image by default, as before). A larger one is, by default (`large="slide"`), inferred
+by sliding window, in chunks:
 
 * the window is the one asked for (`--window`), else the training crop stored in the weights, else
   512 x 512; the stride is 2/3 of it (`predict_logits`' default);
@@ -15,31 +16,64 @@ as asked (whole image by default, as before). A larger one is inferred by slidin
 
 Peak memory is then one window's activations plus about 2K float32 per pixel of one chunk span (at
 most 4 x stride + window on a side), plus what is O(image) by nature: the uint8 image and labels.
-Multi-scale inference and the dense CRF need the whole image's scores at once, so above the limit
-they are refused with a one-line error. A valid-convolution U-Net (overlap-tile, whose tiles do not
-overlap) is tiled by `predict_logits` over the whole image, holding K float32 per pixel.
+Multi-scale inference and the dense CRF need the whole image's scores at once, so when sliding they
+are refused above the limit with a one-line error. A valid-convolution U-Net (overlap-tile, whose tiles
+do not overlap) is tiled by `predict_logits` over the whole image, holding K float32 per pixel.
+
+`large="downscale"` (`--large downscale`) trades resolution for context and the whole-image methods
+instead: the uint8 image is resized (Pillow's antialiased bilinear) to the largest size of its aspect
+ratio with at most `max_whole_pixels` pixels, inferred there as asked (multi-scale and CRF included),
+and its scores are brought back by bilinear upsampling (`F.interpolate(align_corners=False)`'s taps)
+one strip of output rows at a time, each strip reduced to labels at once. Peak memory is then that of
+an image at the limit plus about 5 x `STRIP_VALUES` float32 for a strip, and the uint8 image and labels.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from pixelwise.engine.evaluation import InferenceSpec
-from pixelwise.errors import UserError
+from pixelwise.errors import ArgumentError, UserError
 from pixelwise.inference import window_starts
 
 # a Cityscapes frame (2048 x 1024) or a 1080p photo is still inferred whole, as it was trained
 MAX_WHOLE_PIXELS = 2048 * 1024
 DEFAULT_WINDOW = (512, 512)  # when the weights record no training crop
+# how an image above MAX_WHOLE_PIXELS is inferred; the first is the default (`--large`, `ServeLimits.large`)
+LARGE_KINDS: tuple[str, ...] = ("slide", "downscale")
+STRIP_VALUES = 2**21  # full-resolution float32 scores of one upsampled strip (K x rows x W): 8 MiB
 
 
 class NeedsWholeImage(UserError):
-    """Multi-scale inference or the CRF asked for on an image above the whole-image limit."""
+    """Multi-scale inference or the CRF asked for on an image above the whole-image limit, when sliding.
+
+    `message(fix)` words the way out as a front end offers it (`--large downscale` on the command line).
+    """
+
+    def __init__(self, name: str, size: tuple[int, int], limit: int, what: str) -> None:
+        self.name, self.size, self.limit, self.what = name, size, limit, what
+        super().__init__(self.message('infer it downscaled (large="downscale")'))
+
+    def message(self, fix: str) -> str:
+        """The one-line error with `fix` as the first way out, e.g. "infer it downscaled (--large downscale)"."""
+        h, w = self.size
+        return (
+            f"{self.name}: {w}x{h} = {h * w} pixels is more than the {self.limit} that {self.what} "
+            f"handles by sliding window in bounded memory; {fix} or leave {self.what} out"
+        )
+
+
+def check_large(large: str) -> None:
+    """ArgumentError unless `large` is one of `LARGE_KINDS`."""
+    if large not in LARGE_KINDS:
+        raise ArgumentError("large", large, f"choose one of {', '.join(LARGE_KINDS)} for images above the limit")
 
 
 def default_window(extra: dict) -> tuple[int, int]:
@@ -60,33 +94,34 @@ def segment_image(
     num_classes: int,
     default_win: tuple[int, int] = DEFAULT_WINDOW,
     max_whole_pixels: int = MAX_WHOLE_PIXELS,
+    large: str = LARGE_KINDS[0],
     name: str = "image",
 ) -> np.ndarray:
     """Class labels of an RGB image as `spec` asks; above `max_whole_pixels` by chunked sliding window
-    (module docstring). `default_win` is the window used when the image is too large for whole-image
-    inference and `spec` gives none.
+    (`large="slide"`) or downscaled to that size and upsampled back (`large="downscale"`; module
+    docstring). `default_win` is the window used when the image is slid and `spec` gives none.
 
     Shape:
         (H, W, 3) uint8 -> (H, W) uint8 (int32 above 256 classes).
     """
-    from pixelwise.engine import segment
     from pixelwise.inference import model_device
 
+    check_large(large)
     h, w = image.shape[:2]
-    large = h * w > max_whole_pixels
-    if large and (spec.mode == "multiscale" or spec.crf is not None):
+    above = h * w > max_whole_pixels
+    if above and large == "downscale":
+        small = downscale(image, downscaled_size(h, w, max_whole_pixels))  # (h', w', 3) uint8
+        scores = _whole_scores(model, small, spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, h', w')
+        return upsampled_labels(scores, (h, w), num_classes)
+    if above and (spec.mode == "multiscale" or spec.crf is not None):
         what = "multi-scale inference" if spec.mode == "multiscale" else "the dense CRF"
-        raise NeedsWholeImage(
-            f"{name}: {w}x{h} = {h * w} pixels is more than the {max_whole_pixels} that {what} "
-            f"handles in bounded memory; downscale the image or leave {what} out"
-        )
-    if large:
+        raise NeedsWholeImage(name, (h, w), max_whole_pixels, what)
+    if above:
         window = spec.window or default_win
         spec = replace(spec, mode="slide", window=window, stride=spec.stride if spec.window else None)
-    if not large or _overlap_tiled(model):
-        device = model_device(model)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) uint8
-        return _labels(segment(model, x, spec, mean=mean, std=std, num_classes=num_classes), num_classes)[0]
+    if not above or _overlap_tiled(model):
+        scores = _whole_scores(model, image, spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, H, W)
+        return _labels(scores, num_classes)[0]
     return _chunked_slide(
         model,
         image,
@@ -99,6 +134,66 @@ def segment_image(
         flip=spec.flip,
         num_classes=num_classes,
     )
+
+
+def _whole_scores(model: nn.Module, image: np.ndarray, spec: InferenceSpec, **kwargs) -> torch.Tensor:
+    """`engine.segment` as `spec` asks on an (h, w, 3) uint8 array (`kwargs`: mean, std, num_classes):
+    float32 scores (1, K, h, w)."""
+    from pixelwise.engine import segment
+    from pixelwise.inference import model_device
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
+    return segment(model, x.to(model_device(model)), spec, **kwargs)
+
+
+def downscaled_size(h: int, w: int, max_pixels: int) -> tuple[int, int]:
+    """The largest (h', w') of h x w's aspect ratio with h' * w' <= max_pixels, each side at least 1."""
+    scale = math.sqrt(max_pixels / (h * w))
+    small_h, small_w = max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
+    if h >= w:  # rounding can only overshoot by a hair; the longer side gives it back
+        return min(small_h, max_pixels // small_w), small_w
+    return small_h, min(small_w, max_pixels // small_h)
+
+
+def downscale(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pillow's antialiased bilinear resize of a uint8 RGB image, in uint8 (no float copy of the image).
+    (H, W, 3) -> (h, w, 3) for `size` = (h, w)."""
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.array(resized)  # writable, as torch.from_numpy wants
+
+
+def _linear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Bilinear resizing along one axis as `F.interpolate(align_corners=False)` computes it: for each
+    output index the input indices i0, i1 (i0 + 1, clamped at the edge) and their weights 1 - t, t."""
+    scale = float(np.float32(n_in) / np.float32(n_out))  # PyTorch's float32 scale
+    # the source index rounded once, as PyTorch's fused multiply-add does (exact in float64 first)
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).float().clamp(min=0)  # (n_out,)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    t = (src - i0).clamp(0, 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0.to(device), i1.to(device), (1 - t).to(device), t.to(device)
+
+
+def upsampled_labels(scores: torch.Tensor, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """argmax over classes of `scores` upsampled bilinearly to `size` (`F.interpolate(align_corners=False)`'s
+    taps; its scores to float32 rounding), one strip of output rows at a time: the full-resolution scores
+    are never held whole, only about 5 x `STRIP_VALUES` float32 of one strip.
+
+    Shape:
+        (1, K, h, w) -> (H, W) for `size` = (H, W).
+    """
+    (_, k, h, w), (out_h, out_w) = scores.shape, size
+    y0, y1, wy0, wy1 = _linear_taps(h, out_h, scores.device)
+    x0, x1, wx0, wx1 = _linear_taps(w, out_w, scores.device)
+    labels = np.empty(size, np.uint8 if num_classes <= 256 else np.int32)
+    rows = max(1, STRIP_VALUES // (k * out_w))
+    for r0 in range(0, out_h, rows):
+        r = slice(r0, min(r0 + rows, out_h))
+        top, bottom = scores[:, :, y0[r]], scores[:, :, y1[r]]  # (1, K, rows, w)
+        top = top[..., x0] * wx0 + top[..., x1] * wx1  # (1, K, rows, W)
+        bottom = bottom[..., x0] * wx0 + bottom[..., x1] * wx1  # (1, K, rows, W)
+        labels[r] = _labels(top * wy0[r, None] + bottom * wy1[r, None], num_classes)[0]  # (rows, W)
+    return labels
 
 
 def _overlap_tiled(model: nn.Module) -> bool:

@@ -19,6 +19,7 @@ from pixelwise.engine.state import CHECKPOINT_VERSION, read_checkpoint
 from pixelwise.errors import ArgumentError, UserError, translated
 from pixelwise.inference import DEEPLAB_SCALES, MODES
 from pixelwise.losses import LOSSES
+from pixelwise.segment import LARGE_KINDS
 from pixelwise.train import train
 
 TINY_CAMVID = [
@@ -133,6 +134,9 @@ def test_cli_and_config_choices_come_from_the_registries():
     assert allowed["loss.name"] == tuple(LOSSES) and allowed["eval.mode"] == MODES
     assert allowed["crf.preset"] == tuple(CRF_PRESETS)
     assert set(INFERENCE_FLAGS) >= {"mode", "window", "stride", "scales"}
+    for command in ("predict", "serve"):
+        large = _choices(parser, command, "--large")
+        assert tuple(large.choices) == LARGE_KINDS and large.default == LARGE_KINDS[0] == "slide"
 
 
 def test_library_errors_name_arguments_and_front_ends_name_flags_and_keys():

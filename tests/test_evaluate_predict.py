@@ -279,3 +279,33 @@ def test_predict_slides_an_image_above_the_whole_image_limit(tmp_path, weights, 
     x = normalize(torch.from_numpy(image).permute(2, 0, 1)[None], meta.mean, meta.std)
     expected = predict_logits(model, x, mode="slide", window=(512, 512), batch_size=1).argmax(1)[0].numpy()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "masks" / "wide.png")), expected)
+
+
+@pytest.mark.parametrize(("flags", "what"), [(["--crf"], "the dense CRF"), (["--mode", "multiscale"], "multi-scale")])
+def test_predict_large_downscale_runs_what_sliding_refuses_above_the_limit(
+    tmp_path, weights, capsys, monkeypatch, flags, what
+):
+    """Multi-scale and the CRF above the whole-image limit were a dead end (`downscale the image`): with
+    --large downscale they run on the image downscaled to the limit; sliding still refuses, naming the flag."""
+    import pixelwise.segment as seg
+    from pixelwise.crf import CRFParams
+    from pixelwise.engine import InferenceSpec
+    from pixelwise.weights import load_weights
+
+    monkeypatch.setattr(seg, "MAX_WHOLE_PIXELS", 600)  # a 30x40 image is "large"; read by predict at run time
+    image = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "big.png")
+    base = ["predict", "--weights", weights, tmp_path / "big.png", "--device", "cpu", "--precision", "fp32", *flags]
+    rc, _, err = _run(capsys, *base, "--out", tmp_path / "slid")
+    _one_line_error(rc, err, "big.png: 40x30 = 1200 pixels", what, "infer it downscaled (--large downscale)")
+    assert 'large="downscale"' not in err  # the library's words stay in the library
+    rc, stdout, err = _run(capsys, *base, "--out", tmp_path / "o", "--large", "downscale")
+    assert rc == 0, err
+    assert "1 images above 600 pixels were inferred downscaled to that size" in stdout
+    model, meta = load_weights(weights)
+    crf = CRFParams.preset("deeplab_vgg") if "--crf" in flags else None
+    spec = InferenceSpec(mode="multiscale" if "--mode" in flags else "whole", crf=crf)
+    expected = seg.segment_image(
+        model, image, spec, mean=meta.mean, std=meta.std, num_classes=11, max_whole_pixels=600, large="downscale"
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "masks" / "big.png")), expected)

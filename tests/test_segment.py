@@ -1,6 +1,7 @@
 """Bounded-memory inference (`pixelwise.segment`): a large image is slid in chunks whose labels equal one
 sliding window over the whole image, bit for bit, while the model and the score maps only ever see a
-window and a chunk span."""
+window and a chunk span; or, with `large="downscale"`, inferred at the limit (multi-scale and CRF
+included) and upsampled back in strips whose labels equal one `F.interpolate` + argmax."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
 from pixelwise import segment as seg
 from pixelwise.crf import CRFParams
-from pixelwise.engine import InferenceSpec
-from pixelwise.errors import UserError
+from pixelwise.engine import InferenceSpec, segment
+from pixelwise.errors import ArgumentError, UserError
 from pixelwise.inference import normalize, predict_logits
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -103,3 +106,68 @@ def test_whole_image_only_methods_are_refused_above_the_limit(kwargs, words):
         run(Context().eval(), image(30, 40), max_whole_pixels=1000, name="big.png", **kwargs)
     message = str(e.value)
     assert "\n" not in message and message.startswith("big.png: 40x30 = 1200 pixels") and words in message
+    assert 'infer it downscaled (large="downscale")' in message  # the way out, in the library's words
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size"), [(5, 7, (23, 31)), (31, 47, (200, 300)), (3, 100, (13, 401)), (9, 12, (9, 12))]
+)
+def test_strip_upsampling_equals_one_interpolate_then_argmax(monkeypatch, h, w, size):
+    monkeypatch.setattr(seg, "STRIP_VALUES", 5 * size[1] * 3)  # strips of 3 rows, the last one shorter
+    scores = torch.randn(1, 5, h, w, generator=torch.Generator().manual_seed(h))
+    got = seg.upsampled_labels(scores, size, num_classes=5)
+    whole = F.interpolate(scores, size=size, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(got, whole)
+    assert got.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "limit"), [(150, 170, 2000), (30, 40, 1199), (1, 10**7, 2048 * 1024), (4000, 3000, 2048 * 1024)]
+)
+def test_downscaled_size_is_the_largest_of_the_aspect_ratio_within_the_limit(h, w, limit):
+    small_h, small_w = seg.downscaled_size(h, w, limit)
+    assert small_h * small_w <= limit < (small_h + 1) * (small_w + 1)
+    assert small_h <= h and small_w <= w and abs(small_h / small_w - h / w) <= max(1 / small_w, h / w / small_h)
+
+
+def downscaled_reference(model: nn.Module, img: np.ndarray, size, spec: InferenceSpec) -> np.ndarray:
+    """`engine.segment` on Pillow's bilinear resize to `size`, then one `F.interpolate` back and argmax."""
+    small = np.array(Image.fromarray(img).resize(size[::-1], Image.Resampling.BILINEAR))
+    scores = segment(model, torch.from_numpy(small).permute(2, 0, 1)[None], spec, mean=MEAN, std=STD, num_classes=4)
+    return F.interpolate(scores, size=img.shape[:2], mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"mode": "multiscale", "scales": (0.5, 1.0)}, {"crf": CRFParams(iterations=2)}, {"flip": True}],
+    ids=["whole", "multiscale", "crf", "flip"],
+)
+def test_downscale_infers_at_most_the_limit_as_asked_and_answers_at_full_size(monkeypatch, kwargs):
+    """`large="downscale"` runs what sliding refuses above the limit, on the image downscaled to it."""
+    monkeypatch.setattr(seg, "STRIP_VALUES", 4 * 170 * 10)  # 10 rows of full-resolution scores at a time
+    strips = []
+    labels = seg._labels
+
+    def recording(logits, num_classes):
+        strips.append(tuple(logits.shape))
+        return labels(logits, num_classes)
+
+    monkeypatch.setattr(seg, "_labels", recording)
+    model = Context().eval()
+    img = image(150, 170)
+    got = run(model, img, max_whole_pixels=2000, large="downscale", **kwargs)
+    assert got.shape == (150, 170) and got.dtype == np.uint8
+    assert max(h * w for h, w in model.seen) <= 2000  # the model never sees more than the limit
+    assert (42, 47) in model.seen  # 150 x 170 downscaled to the largest 1974 pixels of its shape
+    assert strips == [(1, 4, 10, 170)] * 15  # full-resolution scores: one strip of 10 rows at a time
+    spec = InferenceSpec(**{"mode": "whole", **kwargs})
+    np.testing.assert_array_equal(got, downscaled_reference(model, img, (42, 47), spec))
+    model.seen.clear()
+    run(model, image(40, 50), max_whole_pixels=2000, large="downscale")
+    assert model.seen == [(40, 50)]  # at most the limit: whole, as asked, never resized
+
+
+def test_an_unknown_large_kind_names_the_argument():
+    with pytest.raises(ArgumentError) as info:
+        run(Context().eval(), image(8, 8), large="shrink")
+    assert info.value.argument == "large" and "slide, downscale" in str(info.value)

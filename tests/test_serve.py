@@ -147,6 +147,7 @@ def test_model_health_and_page(client):
     assert info["model"] == "red_vs_green" and info["classes"] == ["green", "red"]
     assert info["palette"] == [[0, 255, 0], [255, 0, 0]] and info["num_classes"] == 2
     assert info["limits"]["max_pixels"] == ServeLimits().max_pixels
+    assert info["limits"]["large"] == "slide"  # images above max_whole_pixels are slid unless served otherwise
     assert info["precision"] == "fp32"  # create_app's default; `pixelwise serve` resolves --precision auto
     assert client.get("/healthz").json() == {"status": "ok", "queued": 0}
     page = client.get("/")
@@ -186,6 +187,35 @@ def test_too_many_pixels_and_bombs_are_413_before_decoding(client):
     _assert_error(client.post("/v1/segment", files=upload(png_header_only(5000, 4000))), 413, "5000x4000", "16000000")
     # 40000 x 40000: Pillow refuses it at open
     _assert_error(client.post("/v1/segment", files=upload(png_header_only(40000, 40000))), 413)
+
+
+def test_crf_above_the_whole_image_limit_is_413_when_sliding_and_runs_downscaled_on_request():
+    """`--large downscale` lets `?crf=1` run on an image above `max_whole_pixels`, at that size."""
+    from pixelwise.crf import CRFParams
+    from pixelwise.engine import InferenceSpec
+    from pixelwise.segment import segment_image
+
+    img = rg_image(h=12, w=16, red_cols=6)  # 192 pixels, above the 100 of the limit
+    with TestClient(create_app(RedVsGreen(), RG_META, limits=ServeLimits(max_whole_pixels=100))) as c:
+        r = c.post("/v1/segment?crf=1", files=upload(png_bytes(img)))
+        _assert_error(r, 413, "16x12 = 192 pixels", "dense CRF", "send it downscaled (or serve with --large downscale)")
+    limits = ServeLimits(max_whole_pixels=100, large="downscale")
+    with TestClient(create_app(RedVsGreen(), RG_META, limits=limits)) as c:
+        assert c.get("/v1/model").json()["limits"]["large"] == "downscale"
+        r = c.post("/v1/segment?crf=1", files=upload(png_bytes(img)))
+        assert r.status_code == 200, r.text
+    spec = InferenceSpec(crf=CRFParams.preset("deeplab_vgg"))  # the service's CRF for weights that record none
+    expected = segment_image(
+        RedVsGreen(),
+        img,
+        spec,
+        mean=RG_META.mean,
+        std=RG_META.std,
+        num_classes=2,
+        max_whole_pixels=100,
+        large="downscale",
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), expected)  # full size: 12 x 16
 
 
 def test_wrong_content_types_are_415(client):
@@ -349,6 +379,24 @@ def test_cli_port_in_use_and_unreadable_weights_are_one_line_errors(unet_weights
         assert main(["serve", "--weights", str(weights), "--port", "0"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and str(weights) in err
+
+
+def test_cli_large_reaches_the_service(unet_weights, monkeypatch):
+    import uvicorn
+
+    from pixelwise.cli import main
+
+    served = []
+
+    def run(self, sockets):  # instead of serving: record the app's limits and let go of the port
+        served.append(self.config.app.state.limits)
+        for sock in sockets:
+            sock.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    argv = ["serve", "--weights", str(unet_weights), "--port", "0", "--device", "cpu"]
+    assert main([*argv, "--large", "downscale"]) == 0 and main(argv) == 0
+    assert [limits.large for limits in served] == ["downscale", "slide"]
 
 
 def _rss_kib(pid: int, field: str) -> int:

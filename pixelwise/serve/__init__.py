@@ -61,14 +61,14 @@ def server_config(app) -> uvicorn.Config:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """`pixelwise serve --weights W.safetensors [--host H --port P --device D]`."""
+    """`pixelwise serve --weights W.safetensors [--host H --port P --device D --large slide|downscale]`."""
     # OMP_WAIT_POLICY=PASSIVE is set by pixelwise.cli before torch loads: spinning OpenMP threads stole
     # the cores from decoding and encoding (a busy 2-core machine: 0.5 s instead of 14 ms a request).
     import uvicorn
 
     from pixelwise.inference import resolve_device, resolve_dtype
     from pixelwise.precision import precision_name
-    from pixelwise.serve.app import create_app
+    from pixelwise.serve.app import ServeLimits, create_app
     from pixelwise.weights import load_weights
 
     if not 0 <= args.port <= 65535:
@@ -83,7 +83,7 @@ def serve_command(args: argparse.Namespace) -> int:
             "images; serve weights of a 3-channel model"
         )
     sock = bind_socket(args.host, args.port)  # before uvicorn, so a busy port is one clear line
-    app = create_app(model, meta, device=device, dtype=dtype)
+    app = create_app(model, meta, device=device, dtype=dtype, limits=ServeLimits(large=args.large))
     host, port = sock.getsockname()[:2]
     print(
         f"pixelwise serve: {meta.model_name} ({meta.num_classes} classes) on http://{host}:{port}/ "

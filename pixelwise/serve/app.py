@@ -44,7 +44,14 @@ from pixelwise.data.imageio import FORMAT_NAMES, ImageFormatError, ImageTooLarge
 from pixelwise.errors import UserError
 from pixelwise.palette import index_png_bytes, overlay
 from pixelwise.precision import precision_name
-from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
+from pixelwise.segment import (
+    LARGE_KINDS,
+    MAX_WHOLE_PIXELS,
+    NeedsWholeImage,
+    check_large,
+    default_window,
+    segment_image,
+)
 from pixelwise.weights import WeightsMeta
 
 FORMATS = ("png", "json", "overlay")
@@ -62,6 +69,7 @@ class ServeLimits:
     body_timeout: float = 60.0  # 20 MiB in 60 s is 350 kB/s: a slow phone link, not a client that trickles
     max_connections: int = 512  # open sockets; one more evicts the longest-idle one (see serve/protocol.py)
     max_whole_pixels: int = MAX_WHOLE_PIXELS  # larger images are slid in chunks: memory O(window), not O(image)
+    large: str = LARGE_KINDS[0]  # "downscale": larger images are inferred at max_whole_pixels, CRF allowed
 
 
 class ApiError(Exception):
@@ -192,10 +200,13 @@ class Segmenter:
         dtype: torch.dtype | None = None,
         crf: CRFParams | None = None,
         max_whole_pixels: int = MAX_WHOLE_PIXELS,
+        large: str = LARGE_KINDS[0],
     ):
-        """`crf`: the CRF of `?crf=1`; default the one recorded in the weights, else DeepLab's (VGG)."""
+        """`crf`: the CRF of `?crf=1`; default the one recorded in the weights, else DeepLab's (VGG).
+        `large`: how an image above `max_whole_pixels` is inferred (`pixelwise.segment.LARGE_KINDS`)."""
         from pixelwise.engine import InferenceSpec
 
+        check_large(large)  # at start-up, not at the first large upload
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.meta = meta
@@ -204,11 +215,12 @@ class Segmenter:
         self.plain = InferenceSpec(dtype=dtype)  # whole-image inference, autocast dtype (None = fp32)
         self.refined = InferenceSpec(dtype=dtype, crf=crf)
         self.max_whole_pixels = max_whole_pixels
+        self.large = large
         self.window = default_window(meta.extra)
 
     def __call__(self, image: np.ndarray, *, crf: bool = False) -> np.ndarray:
         """RGB uint8 ``(H, W, 3)`` -> class indices ``(H, W)``: whole-image inference up to `max_whole_pixels`,
-        above it by sliding window in chunks (`pixelwise.segment`), so memory is bounded by the window."""
+        above it by sliding window in chunks or downscaled (`pixelwise.segment`), so memory stays bounded."""
         try:
             return segment_image(
                 self.model,
@@ -219,10 +231,11 @@ class Segmenter:
                 num_classes=self.meta.num_classes,
                 default_win=self.window,
                 max_whole_pixels=self.max_whole_pixels,
+                large=self.large,
                 name="uploaded image",
             )
         except NeedsWholeImage as e:
-            raise ApiError(413, str(e)) from None
+            raise ApiError(413, e.message("send it downscaled (or serve with --large downscale)")) from None
 
 
 # the page's scripts and styles are inline; it talks to this service only
@@ -261,7 +274,9 @@ def create_app(
     """The service for one model and its weights metadata (see the module docstring for the API);
     `dtype` is the autocast dtype of inference (None = fp32)."""
     limits = limits or ServeLimits()
-    segmenter = Segmenter(model, meta, device=device, dtype=dtype, max_whole_pixels=limits.max_whole_pixels)
+    segmenter = Segmenter(
+        model, meta, device=device, dtype=dtype, max_whole_pixels=limits.max_whole_pixels, large=limits.large
+    )
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelwise-infer")
     page = resources.files("pixelwise.serve").joinpath("static/index.html").read_bytes()
     admitted = 0  # requests between admission and answer; the event loop is the only writer
@@ -369,6 +384,7 @@ def _model_info(meta: WeightsMeta, segmenter: Segmenter, limits: ServeLimits) ->
             "max_pixels": limits.max_pixels,
             "max_queue": limits.max_queue,
             "max_whole_pixels": limits.max_whole_pixels,
+            "large": limits.large,
             "window": list(segmenter.window),
         },
     }
