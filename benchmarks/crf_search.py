@@ -4,7 +4,8 @@ held-aside training images, then one evaluation on val with and without the chos
 DeepLab (ICLR 2015, Sec. 4.1) fixed w2 = 3 and theta_gamma = 3 and searched w1, theta_alpha and
 theta_beta by mean IoU on a small held-out set; here the held-aside set is every `--every`-th image of
 CamVid train (the model has seen them, so the search favours what the CRF adds over confident scores;
-val stays untouched until the last step). Scores are computed once per image; only the CRF reruns.
+val stays untouched until the last step). The network's scores come from the engine (`engine.segment`)
+once per image and are kept; only the CRF reruns, so the scoring loop here is its own.
 
     python benchmarks/crf_search.py --weights segnet_basic_camvid --data ../shared/data/camvid
 
@@ -25,9 +26,9 @@ from common import ROOT, add_common_args, format_table, machine_info, set_thread
 
 from pixelwise.crf import dense_crf
 from pixelwise.data import build_dataset, raw_transforms
-from pixelwise.inference import normalize, predict_logits
+from pixelwise.engine import InferenceSpec, segment
 from pixelwise.metrics import BoundaryF1, ConfusionMatrix
-from pixelwise.precision import autocast, resolve_precision
+from pixelwise.precision import resolve_precision
 from pixelwise.weights import load_weights
 
 GRID = {"bilateral_weight": [3.0, 5.0], "bilateral_sxy": [30.0, 60.0, 100.0], "bilateral_srgb": [3.0, 6.0]}
@@ -36,17 +37,16 @@ FIXED = {"gaussian_weight": 3.0, "gaussian_sxy": 3.0}  # DeepLab's w2 and theta_
 
 
 def scores(weights: str, data: str, split: str, indices: list[int] | None) -> list[tuple]:
-    """(probabilities (1, K, H, W), uint8 image (1, 3, H, W), labels (1, H, W)) for each chosen image."""
+    """(probabilities (1, K, H, W), uint8 image (1, 3, H, W), labels (1, H, W)) for each chosen image: the
+    engine's scores (`engine.segment`, whole image, precision auto), as `pixelwise evaluate` computes them."""
     model, meta = load_weights(weights)
-    dtype = resolve_precision("auto", torch.device("cpu"))
+    spec = InferenceSpec(dtype=resolve_precision("auto", torch.device("cpu")))
     ds = build_dataset("camvid", data, split, transforms=raw_transforms())
     out = []
-    with torch.no_grad():
-        for i in indices if indices is not None else range(len(ds)):
-            image, mask = ds[i]  # (3, H, W) uint8, (H, W)
-            with autocast(torch.device("cpu"), dtype):
-                logits = predict_logits(model, normalize(image[None], meta.mean, meta.std))
-            out.append((logits.float().softmax(1), image[None], mask[None]))
+    for i in indices if indices is not None else range(len(ds)):
+        image, mask = ds[i]  # (3, H, W) uint8, (H, W)
+        logits = segment(model, image[None], spec, mean=meta.mean, std=meta.std)  # (1, K, H, W) float32
+        out.append((logits.softmax(1), image[None], mask[None]))
     return out
 
 

@@ -10,8 +10,9 @@ Experiments (the built-in configs ``reproduce/*`` in ``pixelwise/configs/``, tra
 - ``isbi2012_unet``: U-Net on ISBI 2012 (Ronneberger et al., MICCAI 2015; paper, challenge test set:
   Rand error 0.0382, pixel error 0.0611), trained on slices 0..24, scored on 25..29.
 
-CamVid is scored on val (the test split is held out), at the training scale: each val image is
-resized to the scale the network was trained at, the logits are upsampled bilinearly to 360x480 and
+CamVid is scored on val (the test split is held out) by the shared engine (``pixelwise.engine.evaluate``,
+multi-scale mode with the one training scale): each val image is resized to the scale the network was
+trained at (antialiased, as training resized it), the logits are upsampled bilinearly to 360x480 and
 G (global pixel accuracy), C (mean class accuracy), mIoU and BF (boundary F1, 0.75% of the diagonal)
 are computed at full resolution against the original labels.
 
@@ -42,11 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from common import RESULTS_DIR, ROOT, format_table, machine_info, progress, set_threads, write_results
 
 from pixelwise.config import Config, config_to_dict, load_config
-from pixelwise.metrics import BoundaryF1, ConfusionMatrix
 
 
 @dataclass(frozen=True)
@@ -117,34 +116,29 @@ def _num_classes(cfg: dict) -> int:
     return {"camvid": 11, "isbi2012": 2}[cfg["data"]["dataset"]]
 
 
-@torch.no_grad()
-def evaluate_camvid(model: torch.nn.Module, cfg: Config, scale: float) -> dict[str, float]:
-    """G, C, mIoU, BF (percent) on CamVid val: inference at ``scale``, scoring at 360x480."""
-    from pixelwise.data import build_dataset
-    from pixelwise.data.transforms import eval_transforms
+def evaluate_camvid(model: torch.nn.Module, cfg: Config, scale: float) -> dict[str, Any]:
+    """G, C, mIoU, BF (percent) on CamVid val, scored by the engine as `pixelwise evaluate --mode multiscale
+    --scales <scale>` scores it: inference at ``scale`` (the input shrunk antialiased, as training scaled
+    it), logits upsampled bilinearly to 360x480 and scored there."""
+    from pixelwise.data import build_dataset, raw_transforms
+    from pixelwise.engine import InferenceSpec, evaluate
 
-    tf = eval_transforms(mean=cfg.data.mean, std=cfg.data.std)
-    ds = build_dataset("camvid", cfg.data.root, "val", transforms=tf)
-    cm = ConfusionMatrix(ds.num_classes, ignore_index=ds.ignore_index)
-    bf = BoundaryF1(ds.num_classes, ignore_index=ds.ignore_index)
-    for i in range(len(ds)):
-        image, mask = ds[i]
-        h, w = image.shape[-2:]
-        x = image.unsqueeze(0)  # (1, 3, H, W)
-        if scale != 1.0:
-            size = [max(1, round(h * scale)), max(1, round(w * scale))]
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (1, 3, sH, sW)
-        logits = model(x)
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)  # (1, K, H, W)
-        pred = logits.argmax(1)  # (1, H, W)
-        cm.update(pred, mask.unsqueeze(0))
-        bf.update(pred, mask.unsqueeze(0))
-    s = cm.compute()
+    ds = build_dataset("camvid", cfg.data.root, "val", transforms=raw_transforms())
+    spec = InferenceSpec() if scale == 1.0 else InferenceSpec(mode="multiscale", scales=(scale,))
+    s = evaluate(
+        model,
+        ds,
+        spec,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        num_classes=ds.num_classes,
+        ignore_index=ds.ignore_index,
+    ).scores
     return {
         "G": 100 * s["pixel_acc"],
         "C": 100 * s["mean_acc"],
         "mIoU": 100 * s["miou"],
-        "BF": 100 * bf.compute()["boundary_f1"],
+        "BF": 100 * s["boundary_f1"],
         "per_class_iou": dict(zip(ds.classes, [100 * v for v in s["per_class_iou"]], strict=True)),
     }
 

@@ -207,8 +207,9 @@ def predict_logits(
         image: normalised float images on the model's device.
         mode: "whole" (one pass), "slide" (windows of `window` every `stride`, overlaps averaged;
             images smaller than the window are zero-padded, i.e. with the mean colour) or
-            "multiscale" (each of `scales`: resize bilinearly, predict — sliding when `window` is
-            given — and resize the logits back; the maps are averaged).
+            "multiscale" (each of `scales`: resize bilinearly, antialiased when shrinking as training's
+            random scaling is, predict — sliding when `window` is given — and resize the logits back;
+            the maps are averaged).
         window: (H, W) window for slide (and optionally multiscale); for a valid-convolution U-Net
             the input tile, rounded up to a legal size.
         stride: (H, W) window step; default 2/3 of the window (1/3 overlap).
@@ -246,8 +247,13 @@ def predict_logits(
     total = None
     for s in scales:
         size = (max(1, round(h * s)), max(1, round(w * s)))
+        # antialiased when shrinking: training's RandomScale (pixelwise/data/transforms.py) shrinks images with
+        # antialiased bilinear, so a test scale below 1 shows the network images made the way it learnt from;
+        # growing stays plain bilinear (torch's antialias filter is then the same triangle, up to rounding)
         x = (
-            image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            image
+            if size == (h, w)
+            else F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
         )  # (B, C, sH, sW)
         y = with_flip(x)
         if y.shape[-2:] != (h, w):

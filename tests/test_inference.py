@@ -15,15 +15,17 @@ def _pointwise(k=4):
 
 
 class _Recorder(nn.Module):
-    """Pointwise model that records the batch sizes it is called with."""
+    """Pointwise model that records the inputs (and their batch sizes) it is called with."""
 
     def __init__(self):
         super().__init__()
         self.conv = _pointwise()
         self.batches = []
+        self.inputs = []
 
     def forward(self, x):
         self.batches.append(x.shape[0])
+        self.inputs.append(x)
         return self.conv(x)
 
 
@@ -74,21 +76,44 @@ def test_flip_and_multiscale_average():
 
     flipped = predict_logits(LeftRamp(), x, flip=True)
     assert torch.allclose(flipped, torch.full_like(flipped, 0.5), atol=1e-6)
-    # multiscale = mean of per-scale logits resized back bilinearly
+    # multiscale = mean of per-scale logits resized back bilinearly (the input shrunk antialiased)
     ms = predict_logits(model, x, mode="multiscale", scales=[0.5, 1.5])
     manual = (
         sum(
             F.interpolate(
-                model(F.interpolate(x, size=s, mode="bilinear", align_corners=False)),
+                model(F.interpolate(x, size=s, mode="bilinear", align_corners=False, antialias=aa)),
                 size=(20, 30),
                 mode="bilinear",
                 align_corners=False,
             )
-            for s in [(10, 15), (30, 45)]
+            for s, aa in [((10, 15), True), ((30, 45), False)]
         )
         / 2
     )
     assert ms.shape == (1, 4, 20, 30) and torch.allclose(ms, manual, atol=1e-6)
+
+
+def test_multiscale_shrinks_the_input_as_training_scales_it():
+    """A test scale below 1 shows the network the image RandomScale would make at that scale (antialiased
+    bilinear); above 1 the input is grown plain bilinear; the logits come back bilinearly either way."""
+    from torchvision import tv_tensors
+
+    from pixelwise.data.transforms import RandomScale
+
+    model = _Recorder()
+    x = torch.randn(1, 3, 20, 30)
+    half = predict_logits(model, x, mode="multiscale", scales=[0.5])
+    trained, _ = RandomScale((0.5, 0.5))(tv_tensors.Image(x[0]), tv_tensors.Mask(torch.zeros(20, 30)))
+    (seen,) = model.inputs
+    assert seen.shape == (1, 3, 10, 15) and torch.allclose(seen[0], trained, atol=1e-6)
+    plain = F.interpolate(x, size=(10, 15), mode="bilinear", align_corners=False)
+    assert not torch.allclose(seen, plain, atol=1e-2)  # the plain resize would differ: the check can fail
+    up = F.interpolate(model.conv(seen), size=(20, 30), mode="bilinear", align_corners=False)
+    assert torch.equal(half, up)
+
+    model.inputs.clear()
+    predict_logits(model, x, mode="multiscale", scales=[1.5])
+    assert torch.equal(model.inputs[0], F.interpolate(x, size=(30, 45), mode="bilinear", align_corners=False))
 
 
 def test_valid_unet_overlap_tile_matches_whole_image():
