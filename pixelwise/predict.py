@@ -55,11 +55,9 @@ def predict_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pixelwise.cli import inference_spec
-    from pixelwise.data.imageio import read_image
     from pixelwise.evaluate import write_bad_files
     from pixelwise.inference import resolve_device, resolve_dtype
-    from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
-    from pixelwise.weights import load_weights
+    from pixelwise.segment import MAX_WHOLE_PIXELS
 
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha {args.alpha}: give an opacity between 0 and 1")
@@ -69,13 +67,7 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file; give a folder")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
-    model, meta = load_weights(args.weights, device)
-    channels = int(meta.model_kwargs.get("in_channels", 3))
-    if channels != 3:
-        raise UserError(
-            f"{args.weights}: the model takes {channels}-channel input but predict feeds RGB images; "
-            "use weights of a 3-channel model"
-        )
+    model, meta = _load_rgb_model(args.weights, device)
     spec = inference_spec(args, meta.extra, dtype)
     bad: list[tuple[str, str]] = []
     written = big = 0
@@ -83,23 +75,8 @@ def predict_command(args: argparse.Namespace) -> int:
     with tqdm(files, desc="predict", unit="image", leave=False, disable=None) as bar:
         for path in bar:
             try:
-                image = read_image(path)  # (H, W, 3) uint8
-                # above MAX_WHOLE_PIXELS by sliding window in chunks (memory O(window), not O(image)) or downscaled
-                labels = segment_image(
-                    model,
-                    image,
-                    spec,
-                    mean=meta.mean,
-                    std=meta.std,
-                    num_classes=meta.num_classes,
-                    default_win=default_window(meta.extra),
-                    max_whole_pixels=MAX_WHOLE_PIXELS,
-                    large=args.large,
-                    name=str(path),
-                )  # (H, W)
+                image, labels = _segment_file(path, model, meta, spec, args.large)  # (H, W, 3), (H, W)
             except UserError as e:
-                if isinstance(e, NeedsWholeImage):  # the library's words name large="downscale", the user's a flag
-                    e = UserError(e.message("infer it downscaled (--large downscale)"))
                 if not args.skip_bad:
                     raise e from None
                 bad.append((str(path), str(e)))
@@ -118,6 +95,45 @@ def predict_command(args: argparse.Namespace) -> int:
         + (f"; skipped {len(bad)} bad files, listed in {out / 'bad_files.txt'}" if bad else "")
     )
     return 0
+
+
+def _load_rgb_model(weights: str, device: Any) -> tuple[Any, Any]:
+    """The model and metadata of ``--weights``, refused unless it takes 3-channel images."""
+    from pixelwise.weights import load_weights
+
+    model, meta = load_weights(weights, device)
+    channels = int(meta.model_kwargs.get("in_channels", 3))
+    if channels != 3:
+        raise UserError(
+            f"{weights}: the model takes {channels}-channel input but predict feeds RGB images; "
+            "use weights of a 3-channel model"
+        )
+    return model, meta
+
+
+def _segment_file(path: Path, model: Any, meta: Any, spec: Any, large: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image at ``path`` (H, W, 3) uint8 and its labels (H, W); above MAX_WHOLE_PIXELS by sliding
+    window in chunks (memory O(window), not O(image)) or downscaled, as ``--large`` says."""
+    from pixelwise.data.imageio import read_image
+    from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
+
+    image = read_image(path)
+    try:
+        labels = segment_image(
+            model,
+            image,
+            spec,
+            mean=meta.mean,
+            std=meta.std,
+            num_classes=meta.num_classes,
+            default_win=default_window(meta.extra),
+            max_whole_pixels=MAX_WHOLE_PIXELS,
+            large=large,
+            name=str(path),
+        )
+    except NeedsWholeImage as e:  # the library's words name large="downscale", the user's a flag
+        raise UserError(e.message("infer it downscaled (--large downscale)")) from None
+    return image, labels
 
 
 def _write(
