@@ -253,6 +253,20 @@ def test_multiscale_runs_each_scale_whole_unless_a_window_is_asked_for():
     assert inference_spec(parser.parse_args([*base, "--mode", "slide"]), crop, None).window == (240, 320)
 
 
+def test_crf_flag_takes_the_recorded_crf_else_the_helps_default_preset():
+    # `--crf` alone on weights that record no CRF used to die with "--crf-preset None: unknown CRF preset"
+    from pixelwise.cli import inference_spec
+    from pixelwise.crf import CRFParams
+
+    parser = build_parser()
+    base = ["predict", "--weights", "w", "x.png", "--out", "o", "--crf"]
+    assert inference_spec(parser.parse_args(base), {}, None).crf == CRFParams.preset("deeplab_vgg")
+    recorded = CRFParams.preset("deeplab_resnet").replace(iterations=3)
+    assert inference_spec(parser.parse_args(base), {"crf": recorded.to_dict()}, None).crf == recorded
+    named = parser.parse_args([*base, "--crf-preset", "pydensecrf", "--crf-iterations", "2"])
+    assert inference_spec(named, {"crf": recorded.to_dict()}, None).crf == CRFParams.preset("pydensecrf", iterations=2)
+
+
 def test_bad_file_reports_escape_names_and_a_run_of_only_bad_files_lists_them(tmp_path, capsys):
     from pixelwise.evaluate import write_bad_files
 
