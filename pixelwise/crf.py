@@ -740,18 +740,25 @@ def _smoothness_kernel(
         kernel = _LatticeKernel(xy / sxy, group, weight)
     else:
         kernel = _GridGaussianKernel(valid, sxy, weight)
-    if everywhere:
+    if everywhere and valid.numel() <= _SMOOTHNESS_MAX_POINTS:
         with _SMOOTHNESS_LOCK:
             _SMOOTHNESS_CACHE[key] = kernel
-            while len(_SMOOTHNESS_CACHE) > _SMOOTHNESS_KEPT:
+            while len(_SMOOTHNESS_CACHE) > _SMOOTHNESS_KEPT or _kept_points() > _SMOOTHNESS_MAX_POINTS:
                 _SMOOTHNESS_CACHE.popitem(last=False)  # the least recently used
     return kernel
 
 
-# the smoothness kernels last used over a whole grid (see _smoothness_kernel), at most _SMOOTHNESS_KEPT
-# (a 480x360 lattice holds ~10 MB); kernels are read-only once built, and the compiled lattice's
-# scratch buffers are used under crf_compiled's lock
+def _kept_points() -> int:
+    """Pixels of all the grids whose smoothness kernels are kept (the key's first item is (B, H, W))."""
+    return sum(math.prod(key[0]) for key in _SMOOTHNESS_CACHE)
+
+
+# the smoothness kernels last used over a whole grid (see _smoothness_kernel): at most _SMOOTHNESS_KEPT of
+# them, over at most _SMOOTHNESS_MAX_POINTS pixels in all (a 480x360 lattice holds ~10 MB, so ~0.5 GB at
+# most: a GPU batch goes through as one grid and is kept only below that); kernels are read-only once
+# built, and the compiled lattice's scratch buffers are used under crf_compiled's lock
 _SMOOTHNESS_KEPT = 4
+_SMOOTHNESS_MAX_POINTS = 2**23
 _SMOOTHNESS_CACHE: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _SMOOTHNESS_LOCK = threading.Lock()
 

@@ -298,6 +298,15 @@ def test_smoothness_kernel_is_built_once_per_grid(backend, sxy, monkeypatch):
     assert len(built) == 8
     dense_crf(probs[:1], image[:1], **params)  # the first grid's kernel is still kept
     assert len(built) == 9
+    monkeypatch.setattr(crf_module, "_SMOOTHNESS_MAX_POINTS", 18 * 22)  # room for one image's grid
+    dense_crf(probs, image, **params)  # a batch of two: beyond the pixels kept, built and not kept
+    dense_crf(probs, image, **params)
+    assert len(built) == 9 + 2 + 2
+    assert all(key[0][0] == 1 for key in crf_module._SMOOTHNESS_CACHE)  # only single-image grids kept
+    monkeypatch.setattr(crf_module, "_SMOOTHNESS_MAX_POINTS", 2 * 18 * 22)
+    for rows in (18, 16, 14):  # three grids, room for two: the least recently used goes
+        dense_crf(probs[:1, :, :rows], image[:1, :, :rows], **params)
+    assert [key[0] for key in crf_module._SMOOTHNESS_CACHE] == [(1, 16, 22), (1, 14, 22)]
 
 
 def test_ignore_mask_padding_equals_the_cropped_image(backend):
