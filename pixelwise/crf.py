@@ -522,12 +522,8 @@ class _GridGaussianKernel:
 
 def _exp_normalize_(x: torch.Tensor) -> torch.Tensor:
     """In place: rows of exp(x), each divided by its sum (a softmax without the max, for bounded x)."""
-    x.exp_()  # torch's, vectorised, also on the compiled path: numba's loops call the C library's expf
-    compiled = _compiled(x.device)
-    if compiled is not None and x.dtype == torch.float32 and x.is_contiguous():
-        return compiled.normalize_rows_(x)  # torch's sum over a row of 11 is slow on a CPU
-    x /= x.sum(1, keepdim=True)
-    return x
+    # torch's exp, vectorised, also on the compiled path: numba's loops call the C library's expf
+    return _normalize_rows_(x.exp_())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,8 +670,8 @@ def _points(probs: torch.Tensor, ignore_mask: torch.Tensor | None) -> tuple[torc
 def _normalize_rows_(p: torch.Tensor) -> torch.Tensor:
     """In place: every row of ``p`` (P, K) divided by its sum."""
     compiled = _compiled(p.device)
-    if compiled is not None and p.is_contiguous():
-        return compiled.normalize_rows_(p)
+    if compiled is not None and p.dtype == torch.float32 and p.is_contiguous():
+        return compiled.normalize_rows_(p)  # torch's sum over a row of 11 is slow on a CPU
     return p.div_(p.sum(1, keepdim=True))
 
 
