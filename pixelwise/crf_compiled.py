@@ -4,7 +4,8 @@ The same lattice as `pixelwise.crf.PermutohedralLattice` (Adams, Baek & Davis 20
 densecrf's permutohedral.cpp step by step), but built the way densecrf builds it: every point's
 enclosing simplex in one parallel pass, then open-addressing hash tables: one lookup per point finds
 its simplex (none when it shares the previous point's), and only a simplex seen for the first time
-looks up its d+1 vertices; the blur neighbours are looked up in parallel. Filtering is one compiled
+looks up its d+1 vertices, which the points then take in a parallel pass; the blur neighbours are
+looked up in parallel. Filtering is one compiled
 call: a splat into one private lattice per thread, the d+1 blurs, and the slice added straight into
 the output. Beside the lattice: the exact separable Gaussian blur, the (B, K, H, W) <-> (pixels, K)
 layout changes and the row normalisation, each one pass. On a CPU this replaces ~150 tensor
@@ -154,31 +155,41 @@ if numba is not None:
         return True
 
     @njit(cache=True)
-    def _insert_vertices(rem0, rank, group, offsets):  # pragma: no cover - compiled
-        """Every point's d+1 vertex ids into ``offsets`` (P, d+1); returns the vertices' keys (M, d+1)
-        and their hash table. A key is (group, the first d coordinates): groups never share a vertex.
-        Points of one simplex share its vertices, so the vertices are looked up once per simplex.
+    def _distinct_simplices(rem0, rank, group, simplex_of, firsts):  # pragma: no cover - compiled
+        """Numbers the simplices in order of first appearance: ``simplex_of`` (P,) gets every point's, ``firsts``
+        (>= U,) the first point of each; returns their count U."""
+        num_points = rem0.shape[0]
+        table = np.full(max(16, 1 << int(math.ceil(math.log2(2 * num_points + 1)))), -1, np.int64)
+        count = 0
+        for p in range(num_points):
+            if p > 0 and _same_simplex(rem0, rank, group, p, p - 1):  # common in raster order: no lookup
+                simplex_of[p] = simplex_of[p - 1]
+                continue
+            slot, fingerprint = _find_simplex(table, rem0, rank, group, p)
+            if table[slot] >= 0:
+                simplex_of[p] = simplex_of[table[slot] & 0xFFFFFFFF]
+                continue
+            table[slot] = fingerprint << 32 | p
+            simplex_of[p] = count
+            firsts[count] = p
+            count += 1
+        return count
+
+    @njit(cache=True)
+    def _insert_vertices(rem0, rank, group, firsts, corners):  # pragma: no cover - compiled
+        """The d+1 vertex ids of every simplex into ``corners`` (U, d+1), ``firsts`` (U,) giving a point of each;
+        returns the vertices' keys (M, d+1) and their hash table. A key is (group, the first d coordinates):
+        groups never share a vertex.
         """
-        num_points, d1 = rem0.shape
+        d1 = rem0.shape[1]
         d = d1 - 1
-        simplex_table = np.full(max(16, 1 << int(math.ceil(math.log2(2 * num_points + 1)))), -1, np.int64)
         capacity = 1024
         vertex_keys = np.empty((capacity, d1), np.int32)
         table = np.full(4096, -1, np.int64)
         count = 0
         key = np.empty(d1, np.int32)
-        for p in range(num_points):
-            if p > 0 and _same_simplex(rem0, rank, group, p, p - 1):  # common in raster order: no lookup
-                for k in range(d1):
-                    offsets[p, k] = offsets[p - 1, k]
-                continue
-            slot, fingerprint = _find_simplex(simplex_table, rem0, rank, group, p)
-            if simplex_table[slot] >= 0:
-                q = simplex_table[slot] & 0xFFFFFFFF
-                for k in range(d1):
-                    offsets[p, k] = offsets[q, k]
-                continue
-            simplex_table[slot] = fingerprint << 32 | p
+        for s in range(corners.shape[0]):
+            p = firsts[s]
             key[0] = group[p]
             for k in range(d1):
                 # vertex k: (d+1) rem0_i + canonical_k(rank_i), canonical_k(r) = k if r <= d - k else k - (d+1)
@@ -186,7 +197,7 @@ if numba is not None:
                     key[i + 1] = rem0[p, i] * d1 + k - (d1 if rank[p, i] > d - k else 0)
                 slot, fingerprint = _find_vertex(table, vertex_keys, key)
                 if table[slot] >= 0:
-                    offsets[p, k] = table[slot] & 0xFFFFFFFF
+                    corners[s, k] = table[slot] & 0xFFFFFFFF
                     continue
                 if count == capacity:
                     capacity *= 2
@@ -195,7 +206,7 @@ if numba is not None:
                     vertex_keys = grown
                 vertex_keys[count] = key
                 table[slot] = fingerprint << 32 | count
-                offsets[p, k] = count
+                corners[s, k] = count
                 count += 1
                 if 2 * count > table.size:
                     table = np.full(table.size * 2, -1, np.int64)
@@ -203,6 +214,14 @@ if numba is not None:
                         slot, fingerprint = _find_vertex(table, vertex_keys, vertex_keys[v])
                         table[slot] = fingerprint << 32 | v
         return vertex_keys[:count].copy(), table
+
+    @njit(cache=True, parallel=True)
+    def _point_vertices(simplex_of, corners, offsets):  # pragma: no cover - compiled
+        """``offsets`` (P, d+1): every point's vertex ids, those of its simplex."""
+        for p in prange(offsets.shape[0]):
+            s = simplex_of[p]
+            for k in range(offsets.shape[1]):
+                offsets[p, k] = corners[s, k]
 
     @njit(cache=True, parallel=True)
     def _neighbours(vertex_keys, table, threads):  # pragma: no cover - compiled
@@ -369,7 +388,11 @@ class CompiledLattice:
         self._offsets = np.empty((num_points, d + 1), np.int32)
         with _parallel() as threads:
             _simplices(f, np.empty((num_points, d + 1), np.float32), rem0, rank, self._weights)
-            vertex_keys, table = _insert_vertices(rem0, rank, g, self._offsets)
+            # the simplices first (most points share one with an earlier point), then their vertices
+            simplex_of, firsts = np.empty(num_points, np.int32), np.empty(num_points, np.int32)
+            corners = np.empty((_distinct_simplices(rem0, rank, g, simplex_of, firsts), d + 1), np.int32)
+            vertex_keys, table = _insert_vertices(rem0, rank, g, firsts, corners)
+            _point_vertices(simplex_of, corners, self._offsets)
             self._neighbours = _neighbours(vertex_keys, table, threads)
         self.num_vertices = vertex_keys.shape[0]
         self._buffers = None  # the filter's lattices, kept between calls (fresh memory costs page faults)
