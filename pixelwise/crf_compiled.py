@@ -470,9 +470,16 @@ _LOCK = threading.Lock()
 def _parallel() -> Iterator[int]:
     """Holds `_LOCK` with numba's thread count set to torch's (torch.set_num_threads governs the whole CRF)."""
     with _LOCK:
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        torch_threads = torch.get_num_threads()
+        threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
         numba.set_num_threads(threads)
-        yield threads
+        try:
+            yield threads
+        finally:
+            # numba's OpenMP layer, started by the first parallel loop, sets OpenMP's thread count to all
+            # cores, and torch reads that count: give torch back the one it was given
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
 
 
 def _as_numpy(x: torch.Tensor) -> np.ndarray:

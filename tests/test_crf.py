@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +182,22 @@ def test_compiled_separable_blur_is_the_convolution(sxy):
     x = F.conv2d(x, taps.view(1, 1, -1, 1).expand(5, 1, -1, 1), padding=(radius, 0), groups=5)
     assert torch.allclose(crf_compiled.separable_blur(grid, taps), x.permute(0, 2, 3, 1), atol=1e-5)
 
+
+
+@needs_numba
+def test_compiled_loops_leave_torchs_thread_count_alone():
+    # numba's OpenMP layer, started by its first parallel loop, sets OpenMP's thread count to every core,
+    # and torch reads that count; in a fresh process the layer starts inside the CRF
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from pixelwise.crf import crf_kwargs, dense_crf\n"
+        "dense_crf(torch.rand(1, 3, 8, 8), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), **crf_kwargs('pydensecrf'))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "PIXELWISE_CRF_COMPILED": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]
 
 # ------------------------------------------------------------------------------- mean field
 def direct_mean_field(
