@@ -183,7 +183,6 @@ def test_compiled_separable_blur_is_the_convolution(sxy):
     assert torch.allclose(crf_compiled.separable_blur(grid, taps), x.permute(0, 2, 3, 1), atol=1e-5)
 
 
-
 @needs_numba
 def test_compiled_loops_leave_torchs_thread_count_alone():
     # numba's OpenMP layer, started by its first parallel loop, sets OpenMP's thread count to every core,
@@ -198,6 +197,7 @@ def test_compiled_loops_leave_torchs_thread_count_alone():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1"]
+
 
 # ------------------------------------------------------------------------------- mean field
 def direct_mean_field(
