@@ -5,9 +5,8 @@ densecrf's permutohedral.cpp step by step), but built the way densecrf builds it
 enclosing simplex in one parallel pass, then open-addressing hash tables: one lookup per point finds
 its simplex (none when it shares the previous point's), and only a simplex seen for the first time
 looks up its d+1 vertices, which the points then take in a parallel pass; the blur neighbours are
-looked up in parallel. Filtering is one compiled
-call: a splat into one private lattice per thread, the d+1 blurs, and the slice added straight into
-the output. Beside the lattice: the exact separable Gaussian blur, the (B, K, H, W) <-> (pixels, K)
+looked up in parallel. Filtering is one compiled call: a splat into one private lattice per thread,
+the d+1 blurs, and the slice added straight into the output. Beside the lattice: the exact separable Gaussian blur, the (B, K, H, W) <-> (pixels, K)
 layout changes and the row normalisation, each one pass. On a CPU this replaces ~150 tensor
 operations and 8 sparse products per lattice by a few loops over the points (docs/crf.md, "Speed");
 on CUDA the tensor implementation runs.
