@@ -5,9 +5,9 @@ palette = the weights' class colours) and `OUT/overlays/x.png` (the colours blen
 Every file is written atomically. Inputs are checked before any work: a missing file, an empty
 folder or two inputs with the same stem stop the run with one line. A file that cannot be read
 stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
-An image above 2048x1024 pixels is inferred by sliding window in chunks (`pixelwise.segment`), so
-memory is bounded by the window whatever the image size, or with `--large downscale` at 2048x1024
-pixels and upsampled back; the summary line says how many were.
+An image above 2048x1024 pixels is inferred by sliding window one row of windows at a time
+(`pixelwise.segment`), so memory is bounded by the window's height times the image's width, or with
+`--large downscale` at 2048x1024 pixels and upsampled back; the summary line says how many were.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _load_rgb_model(weights: str, device: Any) -> tuple[Any, Any]:
 
 def _segment_file(path: Path, model: Any, meta: Any, spec: Any, large: str) -> tuple[np.ndarray, np.ndarray]:
     """The image at ``path`` (H, W, 3) uint8 and its labels (H, W); above MAX_WHOLE_PIXELS by sliding
-    window in chunks (memory O(window), not O(image)) or downscaled, as ``--large`` says."""
+    window (memory O(window height x image width), not O(image)) or downscaled, as ``--large`` says."""
     from pixelwise.data.imageio import read_image
     from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
 

@@ -1,24 +1,31 @@
-"""One image in, class labels out, in memory bounded by the window rather than the image.
+"""One image in, class labels out, in memory bounded by the window's height times the image's width.
 
 `predict` and `serve` both go through `segment_image`, which runs `pixelwise.engine.segment` (the
 one scoring path) for images the model handles whole. An image of at most `MAX_WHOLE_PIXELS` is inferred
 as asked (whole image by default, as before). A larger one is, by default (`large="slide"`), inferred
-by sliding window, in chunks:
+by sliding window, one row of windows at a time, each window run once:
 
 * the window is the one asked for (`--window`), else the training crop stored in the weights, else
   512 x 512; the stride is 2/3 of it (`predict_logits`' default);
-* the output is cut into chunks of `windows_per_chunk` strides per axis, and each chunk is computed
-  by `predict_logits(mode="slide")` on exactly the input span of the windows that cover it. That span's
-  own window grid is the whole image's grid there, so every pixel averages the same windows in the
-  same order: the labels equal those of one `predict_logits(mode="slide")` over the whole image, bit
-  for bit (tests/test_segment.py), and a flipped pass is chunked the same way in flipped coordinates;
-* windows run one at a time (`batch_size=1`).
+* the windows are those of one `predict_logits(mode="slide")` over the whole image, in its raster
+  order, each run alone (`batch_size=1`) by `engine.segment` on its own crop, normalised and, where the
+  image is smaller than the window, zero-padded as `_slide` pads the whole image;
+* their logits are summed into a strip of the image's full width and the window's height, from float32
+  zeros, with the count of windows per pixel, as `inference._slide` sums them. After a row of windows
+  the rows above the next row's start are covered by no later window: they are averaged (sum / count),
+  reduced to labels and rolled out of the strip, which keeps the overlap and zeroes the rest. Every
+  pixel sums the same windows in the same order as one slide over the whole image, so its scores and
+  labels equal that slide's bit for bit (tests/test_segment.py). With flip, a second strip sums the
+  flipped image's windows (its own grid, in its own coordinates: rows coincide under a horizontal flip)
+  and each finished row is `(y + yf) / 2` with `yf` flipped back, as `predict_logits(flip=True)` does.
 
-Peak memory is then one window's activations plus about 2K float32 per pixel of one chunk span (at
-most 4 x stride + window on a side), plus what is O(image) by nature: the uint8 image and labels.
-Multi-scale inference and the dense CRF need the whole image's scores at once, so when sliding they
-are refused above the limit with a one-line error. A valid-convolution U-Net (overlap-tile, whose tiles
-do not overlap) is tiled by `predict_logits` over the whole image, holding K float32 per pixel.
+Peak memory is then one window's activations plus the strips, window height x image width x (K + 1)
+float32 (twice with flip), plus up to about 4K float32 per pixel of the rows being reduced (at most a
+stride of them), plus what is O(image) by nature: the uint8 image and labels. The strip grows with the image's
+width: an image no taller than the window holds its whole scores, K + 1 float32 per pixel (2K + 2
+with flip). Multi-scale inference and the dense CRF need the whole image's scores at once, so when
+sliding they are refused above the limit with a one-line error. A valid-convolution U-Net (overlap-tile,
+whose tiles do not overlap) is tiled by `predict_logits` over the whole image, holding K float32 per pixel.
 
 `large="downscale"` (`--large downscale`) trades resolution for context and the whole-image methods
 instead: the uint8 image is resized (Pillow's antialiased bilinear) to the largest size of its aspect
@@ -97,9 +104,10 @@ def segment_image(
     large: str = LARGE_KINDS[0],
     name: str = "image",
 ) -> np.ndarray:
-    """Class labels of an RGB image as `spec` asks; above `max_whole_pixels` by chunked sliding window
-    (`large="slide"`) or downscaled to that size and upsampled back (`large="downscale"`; module
-    docstring). `default_win` is the window used when the image is slid and `spec` gives none.
+    """Class labels of an RGB image as `spec` asks; above `max_whole_pixels` by sliding window, one row
+    of windows at a time (`large="slide"`), or downscaled to that size and upsampled back
+    (`large="downscale"`; module docstring). `default_win` is the window used when the image is slid and
+    `spec` gives none.
 
     Shape:
         (H, W, 3) uint8 -> (H, W) uint8 (int32 above 256 classes).
@@ -122,7 +130,7 @@ def segment_image(
     if not above or _overlap_tiled(model):
         scores = _whole_scores(model, image, spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, H, W)
         return _labels(scores, num_classes)[0]
-    return _chunked_slide(
+    return _rolling_slide(
         model,
         image,
         mean=mean,
@@ -227,15 +235,35 @@ def _labels(logits: torch.Tensor, num_classes: int) -> np.ndarray:
     return logits.argmax(1).cpu().numpy().astype(np.uint8 if num_classes <= 256 else np.int32)
 
 
-def covering_span(length: int, window: int, stride: int, out0: int, out1: int) -> tuple[int, int]:
-    """The input span [in0, in1) of exactly the windows that cover output pixels [out0, out1)."""
-    starts = window_starts(length, window, stride)
-    first = next(j for j, s in enumerate(starts) if s + window > out0)
-    last = max(j for j, s in enumerate(starts) if s < out1)
-    return starts[first], min(starts[last] + window, length)
+class _Strip:
+    """Window logits summed over the rows of one row of windows, at the image's full width, as
+    `inference._slide` sums them: float32 from zero, one window at a time in raster order, with the
+    count of windows per pixel. Row 0 is the top of the current row of windows."""
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.total: torch.Tensor | None = None  # (1, K, rows, W), allocated at the first window (K is the model's)
+        self.count = torch.zeros(1, 1, rows, width, device=device)
+
+    def add(self, logits: torch.Tensor, x0: int) -> None:
+        """Add one window's logits (1, K, h, w) at rows 0..h, columns x0..x0 + w."""
+        if self.total is None:
+            self.total = torch.zeros(1, logits.shape[1], *self.count.shape[-2:], device=self.count.device)
+        h, w = logits.shape[-2:]
+        self.total[..., :h, x0 : x0 + w] += logits
+        self.count[..., :h, x0 : x0 + w] += 1
+
+    def pop(self, n: int) -> torch.Tensor:
+        """The average of the first `n` rows, which no later window covers, rolled out of the strip (the
+        rest moves up, zeros come in below). (1, K, rows, W) -> (1, K, n, W)."""
+        mean = self.total[..., :n, :] / self.count[..., :n, :]  # (1, K, n, W)
+        for t in (self.total, self.count):
+            keep = t.shape[-2] - n
+            t[..., :keep, :] = t[..., n:, :].clone()  # the overlap with the next row of windows
+            t[..., keep:, :] = 0
+        return mean
 
 
-def _chunked_slide(
+def _rolling_slide(
     model: nn.Module,
     image: np.ndarray,
     *,
@@ -243,41 +271,38 @@ def _chunked_slide(
     stride: tuple[int, int],
     flip: bool,
     num_classes: int,
-    windows_per_chunk: int = 3,
+    device: torch.device,
     **kwargs,
 ) -> np.ndarray:
-    """Sliding-window labels, one output chunk at a time (module docstring). (H, W, 3) -> (H, W)."""
+    """Sliding-window labels, one row of windows at a time, each window run once (module docstring).
+    `kwargs`: mean, std and dtype, as `_scores` takes them.
+
+    Shape:
+        (H, W, 3) uint8 -> (H, W).
+    """
     h, w = image.shape[:2]
     labels = np.empty((h, w), np.uint8 if num_classes <= 256 else np.int32)
-    flipped = image[:, ::-1]
-    step_y, step_x = windows_per_chunk * stride[0], windows_per_chunk * stride[1]
-    for y0 in range(0, h, step_y):
-        y1 = min(y0 + step_y, h)
-        a0, a1 = covering_span(h, window[0], stride[0], y0, y1)
-        for x0 in range(0, w, step_x):
-            x1 = min(x0 + step_x, w)
-            b0, b1 = covering_span(w, window[1], stride[1], x0, x1)
-            y = _scores(
-                model,
-                image[a0:a1, b0:b1],
-                mode="slide",
-                window=window,
-                stride=stride,
-                num_classes=num_classes,
-                **kwargs,
-            )[..., y0 - a0 : y1 - a0, x0 - b0 : x1 - b0]
-            if flip:  # the flipped image's own grid, in its own coordinates, as predict_logits(flip=True) runs it
-                f0, f1 = covering_span(w, window[1], stride[1], w - x1, w - x0)
-                yf = _scores(
+    # the flipped image is slid on its own window grid, in its own coordinates, as predict_logits(flip=True) does
+    views = [image, image[:, ::-1]] if flip else [image]
+    strips = [_Strip(min(window[0], h), w, device) for _ in views]
+    starts, columns = window_starts(h, window[0], stride[0]), window_starts(w, window[1], stride[1])
+    for top, end in zip(starts, [*starts[1:], h], strict=True):  # rows top..end are final after this row of windows
+        for view, strip in zip(views, strips, strict=True):
+            for x0 in columns:
+                crop = view[top : top + window[0], x0 : x0 + window[1]]  # zero-padded by _slide if smaller
+                y = _scores(
                     model,
-                    flipped[a0:a1, f0:f1],
+                    crop,
                     mode="slide",
                     window=window,
                     stride=stride,
                     num_classes=num_classes,
+                    device=device,
                     **kwargs,
-                )  # (1, K, a1 - a0, f1 - f0)
-                yf = yf[..., y0 - a0 : y1 - a0, w - x1 - f0 : w - x0 - f0].flip(-1)  # (1, K, y1 - y0, x1 - x0)
-                y = (y + yf) / 2
-            labels[y0:y1, x0:x1] = _labels(y, num_classes)[0]
+                )  # (1, K, wh, ww), less where the image is smaller than the window
+                strip.add(y, x0)
+        y = strips[0].pop(end - top)  # (1, K, end - top, W)
+        if flip:
+            y = (y + strips[1].pop(end - top).flip(-1)) / 2
+        labels[top:end] = _labels(y, num_classes)[0]
     return labels

@@ -251,7 +251,7 @@ def test_predict_bad_inputs(tmp_path, weights, capsys):
 @pytest.mark.slow
 def test_predict_slides_an_image_above_the_whole_image_limit(tmp_path, weights, capsys):
     """A 9400x9400 PNG was inferred whole and ended the run with an allocation traceback: above
-    MAX_WHOLE_PIXELS, predict slides the default window in chunks and says so."""
+    MAX_WHOLE_PIXELS, predict slides the default window and says so."""
     from pixelwise.segment import MAX_WHOLE_PIXELS
     from pixelwise.weights import load_weights
 

@@ -1,7 +1,8 @@
-"""Bounded-memory inference (`pixelwise.segment`): a large image is slid in chunks whose labels equal one
-sliding window over the whole image, bit for bit, while the model and the score maps only ever see a
-window and a chunk span; or, with `large="downscale"`, inferred at the limit (multi-scale and CRF
-included) and upsampled back in strips whose labels equal one `F.interpolate` + argmax."""
+"""Bounded-memory inference (`pixelwise.segment`): a large image is slid one row of windows at a time,
+each window run once, and its scores and labels equal one sliding window over the whole image, bit for
+bit, while the model only ever sees a window and the scores a strip of the window's height; or, with
+`large="downscale"`, inferred at the limit (multi-scale and CRF included) and upsampled back in strips
+whose labels equal one `F.interpolate` + argmax."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pixelwise import segment as seg
 from pixelwise.crf import CRFParams
 from pixelwise.engine import InferenceSpec, segment
 from pixelwise.errors import ArgumentError, UserError
-from pixelwise.inference import normalize, predict_logits
+from pixelwise.inference import normalize, predict_logits, window_starts
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -62,12 +63,66 @@ def run(
 
 @pytest.mark.parametrize(("h", "w", "window"), [(150, 170, (32, 40)), (97, 61, (20, 16)), (40, 300, (48, 30))])
 @pytest.mark.parametrize("flip", [False, True])
-def test_chunked_sliding_window_equals_one_slide_over_the_whole_image(h, w, window, flip):
+def test_sliding_window_labels_equal_one_slide_over_the_whole_image(h, w, window, flip):
     model = Context().eval()
     img = image(h, w)
     got = run(model, img, mode="slide", window=window, flip=flip, max_whole_pixels=100)
     np.testing.assert_array_equal(got, reference(model, img, window, flip=flip))
     assert got.dtype == np.uint8
+
+
+# (h, w, window, stride): sides not a multiple of the stride, one side below the window, no overlap
+# (stride = window: the strip rolls out whole), and stride 1/3 of the window (up to 9 windows a pixel)
+SHAPES = [
+    (150, 170, (32, 40), None),
+    (97, 61, (20, 16), None),
+    (40, 300, (48, 30), None),
+    (300, 20, (30, 48), None),
+    (90, 80, (24, 24), (24, 24)),
+    (50, 44, (24, 24), (8, 8)),
+]
+
+
+def slide(model: nn.Module, img: np.ndarray, spec: InferenceSpec, **kwargs) -> np.ndarray:
+    """`segment_image` above a 100-pixel limit: slid, whatever `spec.mode`."""
+    return seg.segment_image(model, img, spec, mean=MEAN, std=STD, num_classes=4, max_whole_pixels=100, **kwargs)
+
+
+@pytest.mark.parametrize(("h", "w", "window", "stride"), SHAPES)
+@pytest.mark.parametrize("flip", [False, True])
+def test_rolling_strip_scores_equal_one_slide_over_the_whole_image_bit_for_bit(monkeypatch, h, w, window, stride, flip):
+    """The averaged scores of the rows finished at each row of windows, stacked, are the scores of one
+    `predict_logits(mode="slide")`: every pixel sums the same windows in the same order."""
+    blocks = []
+    labels = seg._labels
+
+    def recording(logits, num_classes):
+        blocks.append(logits)
+        return labels(logits, num_classes)
+
+    monkeypatch.setattr(seg, "_labels", recording)
+    model = Context().eval()
+    img = image(h, w, seed=h)
+    got = slide(model, img, InferenceSpec(mode="slide", window=window, stride=stride, flip=flip))
+    x = normalize(torch.from_numpy(img).permute(2, 0, 1)[None], MEAN, STD)
+    scores = predict_logits(model, x, mode="slide", window=window, stride=stride, flip=flip, batch_size=1)
+    assert scores.std() > 0.1  # a model whose answer depends on the pixels
+    assert torch.equal(torch.cat(blocks, 2), scores)  # (1, K, H, W), bit for bit
+    np.testing.assert_array_equal(got, scores.argmax(1)[0].numpy())
+
+
+@pytest.mark.parametrize(("h", "w", "window", "stride"), SHAPES[:3] + SHAPES[-1:])
+@pytest.mark.parametrize("flip", [False, True])
+def test_every_window_of_the_whole_image_runs_once(h, w, window, stride, flip):
+    """The chunked slide ran a window once for every chunk it touched: ~2x the forward passes for the
+    default 2/3 stride. Now: the whole image's window grid, once (the flipped image's grid too with flip)."""
+    model = Context().eval()
+    spec = InferenceSpec(mode="slide", window=window, stride=stride, flip=flip)
+    slide(model, image(h, w), spec)
+    (wh, ww), (sy, sx) = window, spec.stride
+    windows = len(window_starts(max(h, wh), wh, sy)) * len(window_starts(max(w, ww), ww, sx))
+    assert len(model.seen) == windows * (2 if flip else 1)
+    assert set(model.seen) == {window}  # one window per forward pass, padded to the window where the image is smaller
 
 
 def test_a_large_image_in_whole_mode_is_slid_and_never_reaches_the_model_whole(monkeypatch):
@@ -84,9 +139,8 @@ def test_a_large_image_in_whole_mode_is_slid_and_never_reaches_the_model_whole(m
     img = image(300, 260)
     got = run(model, img, max_whole_pixels=200 * 200, default_win=(40, 40))
     np.testing.assert_array_equal(got, reference(model, img, (40, 40)))
-    stride = 27  # ceil(40 * 2 / 3)
     assert max(h * w for h, w in model.seen) <= 40 * 40  # the model sees one window at a time
-    assert max(max(s) for s in spans) <= 4 * stride + 40  # score maps of one chunk span, not of the image
+    assert max(max(s) for s in spans) <= 40  # score maps of one window, not of the image
     model.seen.clear()
     run(model, image(100, 100), max_whole_pixels=200 * 200, default_win=(40, 40))
     assert model.seen == [(100, 100)]  # at most the limit: whole, as asked

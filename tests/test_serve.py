@@ -646,8 +646,8 @@ print(json.dumps({"status": r.status_code, "body": r.json(), "base_mib": base, "
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
 def test_peak_memory_for_the_largest_accepted_image_is_bounded(tmp_path):
-    """A 4000x4000 PNG (exactly max_pixels) drove the service to 7.2 GB: it was inferred whole. Chunked
-    sliding windows keep the growth to a few hundred MiB for a model that needs ~2.5 GiB whole."""
+    """A 4000x4000 PNG (exactly max_pixels) drove the service to 7.2 GB: it was inferred whole. Sliding
+    windows keep the growth to a few hundred MiB for a model that needs ~2.5 GiB whole."""
     block = np.zeros((128, 128, 3), np.uint8)
     block[:64, :, 0], block[:, :64, 1], block[..., 2] = 200, 200, 50
     side = int(ServeLimits().max_pixels ** 0.5)
