@@ -6,10 +6,10 @@ enclosing simplex in one parallel pass, then open-addressing hash tables: one lo
 its simplex (none when it shares the previous point's), and only a simplex seen for the first time
 looks up its d+1 vertices, which the points then take in a parallel pass; the blur neighbours are
 looked up in parallel. Filtering is one compiled call: a splat into one private lattice per thread,
-the d+1 blurs, and the slice added straight into the output. Beside the lattice: the exact separable Gaussian blur, the (B, K, H, W) <-> (pixels, K)
-layout changes and the row normalisation, each one pass. On a CPU this replaces ~150 tensor
-operations and 8 sparse products per lattice by a few loops over the points (docs/crf.md, "Speed");
-on CUDA the tensor implementation runs.
+the d+1 blurs, and the slice added straight into the output. Beside the lattice: the exact separable
+Gaussian blur, the (B, K, H, W) <-> (pixels, K) layout changes and the row normalisation, each one
+pass. On a CPU this replaces ~150 tensor operations and 8 sparse products per lattice by a few loops
+over the points (docs/crf.md, "Speed"); on CUDA the tensor implementation runs.
 
 numba is optional (the ``crf`` extra): `available()` says whether this module can be used; the
 first call compiles the loops (~30 s on 2 cores) and numba caches them on disk.
