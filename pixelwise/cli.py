@@ -146,7 +146,7 @@ def _add_large_option(p: argparse.ArgumentParser) -> None:
         choices=LARGE_KINDS,
         default=LARGE_KINDS[0],
         help=f"an image above {MAX_WHOLE_PIXELS} pixels (2048x1024). {LARGE_KINDS[0]} (default): slide a window "
-        "over it one row of windows at a time, memory bounded by the window's height x the image's width; "
+        "over it one row of windows at a time, memory bounded by the window's height x a band of 16 strides; "
         "downscale: infer it downscaled to that size as asked (--mode multiscale and --crf included) and "
         "upsample the scores back, memory bounded by that size",
     )

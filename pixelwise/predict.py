@@ -6,7 +6,7 @@ Every file is written atomically. Inputs are checked before any work: a missing 
 folder or two inputs with the same stem stop the run with one line. A file that cannot be read
 stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
 An image above 2048x1024 pixels is inferred by sliding window one row of windows at a time
-(`pixelwise.segment`), so memory is bounded by the window's height times the image's width, or with
+(`pixelwise.segment`), so memory is bounded by the window's height times a band of at most 16 strides, or with
 `--large downscale` at 2048x1024 pixels and upsampled back; the summary line says how many were.
 """
 

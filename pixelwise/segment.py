@@ -1,29 +1,33 @@
-"""One image in, class labels out, in memory bounded by the window's height times the image's width.
+"""One image in, class labels out, in memory bounded by the window rather than the image.
 
 `predict` and `serve` both go through `segment_image`, which runs `pixelwise.engine.segment` (the
 one scoring path) for images the model handles whole. An image of at most `MAX_WHOLE_PIXELS` is inferred
 as asked (whole image by default, as before). A larger one is, by default (`large="slide"`), inferred
-by sliding window, one row of windows at a time, each window run once:
+by sliding window, one row of windows at a time, each window run once (but see bands below):
 
 * the window is the one asked for (`--window`), else the training crop stored in the weights, else
   512 x 512; the stride is 2/3 of it (`predict_logits`' default);
 * the windows are those of one `predict_logits(mode="slide")` over the whole image, in its raster
   order, each run alone (`batch_size=1`) by `engine.segment` on its own crop, normalised and, where the
   image is smaller than the window, zero-padded as `_slide` pads the whole image;
-* their logits are summed into a strip of the image's full width and the window's height, from float32
-  zeros, with the count of windows per pixel, as `inference._slide` sums them. After a row of windows
-  the rows above the next row's start are covered by no later window: they are averaged (sum / count),
-  reduced to labels and rolled out of the strip, which keeps the overlap and zeroes the rest. Every
-  pixel sums the same windows in the same order as one slide over the whole image, so its scores and
-  labels equal that slide's bit for bit (tests/test_segment.py). With flip, a second strip sums the
+* their logits are summed into a strip of the image's width (a band's, below) and the window's height,
+  from float32 zeros, with the count of windows per pixel, as `inference._slide` sums them. After a row
+  of windows the rows above the next row's start are covered by no later window: they are averaged (sum
+  / count), reduced to labels and rolled out of the strip, which keeps the overlap and zeroes the rest.
+  Every pixel sums the same windows in the same order as one slide over the whole image, so its scores
+  and labels equal that slide's bit for bit (tests/test_segment.py). With flip, a second strip sums the
   flipped image's windows (its own grid, in its own coordinates: rows coincide under a horizontal flip)
   and each finished row is `(y + yf) / 2` with `yf` flipped back, as `predict_logits(flip=True)` does.
 
-Peak memory is then one window's activations plus the strips, window height x image width x (K + 1)
+Peak memory is then one window's activations plus the strips, window height x band width x (K + 1)
 float32 (twice with flip), plus up to about 4K float32 per pixel of the rows being reduced (at most a
-stride of them), plus what is O(image) by nature: the uint8 image and labels. The strip grows with the image's
-width: an image no taller than the window holds its whole scores, K + 1 float32 per pixel (2K + 2
-with flip). Multi-scale inference and the dense CRF need the whole image's scores at once, so when
+stride of them), plus what is O(image) by nature: the uint8 image and labels. A band is the whole width
+up to `_BAND_STRIDES` (16) strides of output columns plus up to two windows (~6,500 pixels for a
+512-pixel window); a wider image is slid band by band, each band on the input span of exactly the
+windows that cover it (whose own grid is the whole image's there, so the scores stay bit-identical), and
+the windows on a band's border run for both bands: up to ~10% more forward passes in exchange for a
+bound independent of the width.
+Multi-scale inference and the dense CRF need the whole image's scores at once, so when
 sliding they are refused above the limit with a one-line error. A valid-convolution U-Net (overlap-tile,
 whose tiles do not overlap) is tiled by `predict_logits` over the whole image, holding K float32 per pixel.
 
@@ -235,6 +239,12 @@ def _labels(logits: torch.Tensor, num_classes: int) -> np.ndarray:
     return logits.argmax(1).cpu().numpy().astype(np.uint8 if num_classes <= 256 else np.int32)
 
 
+# output columns of one band of the rolling slide, in strides: the strips hold window height x (this many
+# strides + a window) scores whatever the image's width (an image up to ~16 strides wide is one band); the
+# windows on a band's border run once for each of the two bands they cover
+_BAND_STRIDES = 16
+
+
 class _Strip:
     """Window logits summed over the rows of one row of windows, at the image's full width, as
     `inference._slide` sums them: float32 from zero, one window at a time in raster order, with the
@@ -269,27 +279,64 @@ def _rolling_slide(
     *,
     window: tuple[int, int],
     stride: tuple[int, int],
-    flip: bool,
     num_classes: int,
-    device: torch.device,
     **kwargs,
 ) -> np.ndarray:
-    """Sliding-window labels, one row of windows at a time, each window run once (module docstring).
-    `kwargs`: mean, std and dtype, as `_scores` takes them.
+    """Sliding-window labels, one band of `_BAND_STRIDES` strides' columns at a time (a single band up to
+    that width), each band one row of windows at a time (module docstring). `kwargs`: flip, device,
+    mean, std and dtype.
 
     Shape:
         (H, W, 3) uint8 -> (H, W).
     """
     h, w = image.shape[:2]
     labels = np.empty((h, w), np.uint8 if num_classes <= 256 else np.int32)
-    # the flipped image is slid on its own window grid, in its own coordinates, as predict_logits(flip=True) does
-    views = [image, image[:, ::-1]] if flip else [image]
-    strips = [_Strip(min(window[0], h), w, device) for _ in views]
-    starts, columns = window_starts(h, window[0], stride[0]), window_starts(w, window[1], stride[1])
+    step = _BAND_STRIDES * stride[1]
+    for x0 in range(0, w, step):
+        columns = (x0, min(x0 + step, w))
+        labels[:, x0 : columns[1]] = _slide_band(
+            model, image, columns, window=window, stride=stride, num_classes=num_classes, **kwargs
+        )
+    return labels
+
+
+def covering_span(length: int, window: int, stride: int, out0: int, out1: int) -> tuple[int, int]:
+    """The input span [in0, in1) of exactly the windows that cover output pixels [out0, out1). Its own
+    window grid (`window_starts` over its length) is the whole length's grid there."""
+    starts = window_starts(length, window, stride)
+    first = next(j for j, s in enumerate(starts) if s + window > out0)
+    last = max(j for j, s in enumerate(starts) if s < out1)
+    return starts[first], min(starts[last] + window, length)
+
+
+def _slide_band(
+    model: nn.Module,
+    image: np.ndarray,
+    columns: tuple[int, int],
+    *,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    flip: bool,
+    num_classes: int,
+    device: torch.device,
+    **kwargs,
+) -> np.ndarray:
+    """Labels of the output columns [x0, x1) from the windows of the whole image's grid that cover them,
+    one row of windows at a time. (H, W, 3) uint8 -> (H, x1 - x0)."""
+    h, w = image.shape[:2]
+    x0, x1 = columns
+    b0, b1 = covering_span(w, window[1], stride[1], x0, x1)
+    views = [(image[:, b0:b1], x0 - b0)]  # (columns, where the band starts in them)
+    if flip:  # the flipped image is slid on its own grid, in its own coordinates, as predict_logits(flip=True) does
+        f0, f1 = covering_span(w, window[1], stride[1], w - x1, w - x0)
+        views.append((image[:, ::-1][:, f0:f1], w - x1 - f0))
+    strips = [_Strip(min(window[0], h), view.shape[1], device) for view, _ in views]
+    labels = np.empty((h, x1 - x0), np.uint8 if num_classes <= 256 else np.int32)
+    starts = window_starts(h, window[0], stride[0])
     for top, end in zip(starts, [*starts[1:], h], strict=True):  # rows top..end are final after this row of windows
-        for view, strip in zip(views, strips, strict=True):
-            for x0 in columns:
-                crop = view[top : top + window[0], x0 : x0 + window[1]]  # zero-padded by _slide if smaller
+        for (view, _), strip in zip(views, strips, strict=True):
+            for c in window_starts(view.shape[1], window[1], stride[1]):
+                crop = view[top : top + window[0], c : c + window[1]]  # zero-padded by _slide if smaller
                 y = _scores(
                     model,
                     crop,
@@ -300,9 +347,11 @@ def _rolling_slide(
                     device=device,
                     **kwargs,
                 )  # (1, K, wh, ww), less where the image is smaller than the window
-                strip.add(y, x0)
-        y = strips[0].pop(end - top)  # (1, K, end - top, W)
-        if flip:
-            y = (y + strips[1].pop(end - top).flip(-1)) / 2
+                strip.add(y, c)
+        y, *flipped = [
+            strip.pop(end - top)[..., at : at + x1 - x0] for (_, at), strip in zip(views, strips, strict=True)
+        ]
+        if flipped:
+            y = (y + flipped[0].flip(-1)) / 2
         labels[top:end] = _labels(y, num_classes)[0]
     return labels

@@ -111,6 +111,43 @@ def test_rolling_strip_scores_equal_one_slide_over_the_whole_image_bit_for_bit(m
     np.testing.assert_array_equal(got, scores.argmax(1)[0].numpy())
 
 
+@pytest.mark.parametrize(
+    ("h", "w", "window", "stride", "band"), [(30, 170, (24, 20), None, 2), (45, 203, (20, 24), (8, 8), 3)]
+)
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_wide_image_is_slid_band_by_band_with_the_same_scores(monkeypatch, h, w, window, stride, band, flip):
+    """Bands of `band` strides bound the strips by the band, not the image's width; each band runs on the
+    windows of the whole image's grid that cover it, so the scores stay those of one slide, bit for bit."""
+    blocks, widths = [], []
+    labels = seg._labels
+
+    def recording(logits, num_classes):
+        blocks.append(logits)
+        return labels(logits, num_classes)
+
+    strip = seg._Strip
+
+    def measured(rows, width, device):
+        widths.append(width)
+        return strip(rows, width, device)
+
+    monkeypatch.setattr(seg, "_labels", recording)
+    monkeypatch.setattr(seg, "_Strip", measured)
+    monkeypatch.setattr(seg, "_BAND_STRIDES", band)
+    model = Context().eval()
+    img = image(h, w, seed=w)
+    spec = InferenceSpec(mode="slide", window=window, stride=stride, flip=flip)
+    got = slide(model, img, spec)
+    x = normalize(torch.from_numpy(img).permute(2, 0, 1)[None], MEAN, STD)
+    scores = predict_logits(model, x, mode="slide", window=window, stride=stride, flip=flip, batch_size=1)
+    rows = len(window_starts(h, window[0], spec.stride[0]))  # blocks per band, top to bottom
+    bands = [torch.cat(blocks[i : i + rows], 2) for i in range(0, len(blocks), rows)]
+    assert len(bands) == -(-w // (band * spec.stride[1])) > 2
+    assert torch.equal(torch.cat(bands, 3), scores)  # (1, K, H, W), bit for bit
+    np.testing.assert_array_equal(got, scores.argmax(1)[0].numpy())
+    assert max(widths) <= band * spec.stride[1] + 2 * window[1]  # the strips: a band wide, not the image
+
+
 @pytest.mark.parametrize(("h", "w", "window", "stride"), SHAPES[:3] + SHAPES[-1:])
 @pytest.mark.parametrize("flip", [False, True])
 def test_every_window_of_the_whole_image_runs_once(h, w, window, stride, flip):
