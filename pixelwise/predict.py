@@ -6,8 +6,8 @@ Every file is written atomically. Inputs are checked before any work: a missing 
 folder or two inputs with the same stem stop the run with one line. A file that cannot be read
 stops the run too, unless `--skip-bad` lists it in `OUT/bad_files.txt` / `bad_files.json`.
 An image above 2048x1024 pixels is inferred by sliding window one row of windows at a time
-(`pixelwise.segment`), so memory is bounded by the window's height times a band of at most 16 strides, or with
-`--large downscale` at 2048x1024 pixels and upsampled back; the summary line says how many were.
+(`pixelwise.segment`), so memory is bounded by the window's height times a band of at most 16 strides,
+or with `--large downscale` at 2048x1024 pixels and upsampled back; the summary line says how many were.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _load_rgb_model(weights: str, device: Any) -> tuple[Any, Any]:
 
 def _segment_file(path: Path, model: Any, meta: Any, spec: Any, large: str) -> tuple[np.ndarray, np.ndarray]:
     """The image at ``path`` (H, W, 3) uint8 and its labels (H, W); above MAX_WHOLE_PIXELS by sliding
-    window (memory O(window height x image width), not O(image)) or downscaled, as ``--large`` says."""
+    window (memory O(window height x a band of 16 strides), not O(image)) or downscaled, as ``--large`` says."""
     from pixelwise.data.imageio import read_image
     from pixelwise.segment import MAX_WHOLE_PIXELS, NeedsWholeImage, default_window, segment_image
 

@@ -240,13 +240,13 @@ def _labels(logits: torch.Tensor, num_classes: int) -> np.ndarray:
 
 
 # output columns of one band of the rolling slide, in strides: the strips hold window height x (this many
-# strides + a window) scores whatever the image's width (an image up to ~16 strides wide is one band); the
+# strides + up to two windows) scores whatever the image's width (an image up to ~16 strides wide is one band); the
 # windows on a band's border run once for each of the two bands they cover
 _BAND_STRIDES = 16
 
 
 class _Strip:
-    """Window logits summed over the rows of one row of windows, at the image's full width, as
+    """Window logits summed over the rows of one row of windows, at the band's full width, as
     `inference._slide` sums them: float32 from zero, one window at a time in raster order, with the
     count of windows per pixel. Row 0 is the top of the current row of windows."""
 

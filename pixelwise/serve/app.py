@@ -68,7 +68,7 @@ class ServeLimits:
     header_timeout: float = 10.0  # a request head must be complete this long after the connection is idle
     body_timeout: float = 60.0  # 20 MiB in 60 s is 350 kB/s: a slow phone link, not a client that trickles
     max_connections: int = 512  # open sockets; one more evicts the longest-idle one (see serve/protocol.py)
-    max_whole_pixels: int = MAX_WHOLE_PIXELS  # larger images are slid: memory O(window height x width), not O(image)
+    max_whole_pixels: int = MAX_WHOLE_PIXELS  # larger images are slid: memory O(window height x band), not O(image)
     large: str = LARGE_KINDS[0]  # "downscale": larger images are inferred at max_whole_pixels, CRF allowed
 
 
