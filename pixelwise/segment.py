@@ -8,7 +8,7 @@ by sliding window, one row of windows at a time, each window run once (but see b
 * the window is the one asked for (`--window`), else the training crop stored in the weights, else
   512 x 512; the stride is 2/3 of it (`predict_logits`' default);
 * the windows are those of one `predict_logits(mode="slide")` over the whole image, in its raster
-  order, each run alone (`batch_size=1`) by `engine.segment` on its own crop, normalised and, where the
+  order, each run alone by `engine.segment` on its own crop (one forward pass), normalised and, where the
   image is smaller than the window, zero-padded as `_slide` pads the whole image;
 * their logits are summed into a strip of the image's width (a band's, below) and the window's height,
   from float32 zeros, with the count of windows per pixel, as `inference._slide` sums them. After a row
@@ -52,7 +52,7 @@ from PIL import Image
 
 from pixelwise.engine.evaluation import InferenceSpec
 from pixelwise.errors import ArgumentError, UserError
-from pixelwise.inference import window_starts
+from pixelwise.inference import model_device, window_starts
 
 # a Cityscapes frame (2048 x 1024) or a 1080p photo is still inferred whole, as it was trained
 MAX_WHOLE_PIXELS = 2048 * 1024
@@ -116,14 +116,12 @@ def segment_image(
     Shape:
         (H, W, 3) uint8 -> (H, W) uint8 (int32 above 256 classes).
     """
-    from pixelwise.inference import model_device
-
     check_large(large)
     h, w = image.shape[:2]
     above = h * w > max_whole_pixels
     if above and large == "downscale":
         small = downscale(image, downscaled_size(h, w, max_whole_pixels))  # (h', w', 3) uint8
-        scores = _whole_scores(model, small, spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, h', w')
+        scores = _scores(model, small, spec=spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, h', w')
         return upsampled_labels(scores, (h, w), num_classes)
     if above and (spec.mode == "multiscale" or spec.crf is not None):
         what = "multi-scale inference" if spec.mode == "multiscale" else "the dense CRF"
@@ -132,27 +130,15 @@ def segment_image(
         window = spec.window or default_win
         spec = replace(spec, mode="slide", window=window, stride=spec.stride if spec.window else None)
     if not above or _overlap_tiled(model):
-        scores = _whole_scores(model, image, spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, H, W)
+        scores = _scores(model, image, spec=spec, mean=mean, std=std, num_classes=num_classes)  # (1, K, H, W)
         return _labels(scores, num_classes)[0]
-    return _rolling_slide(
-        model,
-        image,
-        mean=mean,
-        std=std,
-        device=model_device(model),
-        dtype=spec.dtype,
-        window=spec.window,
-        stride=spec.stride,
-        flip=spec.flip,
-        num_classes=num_classes,
-    )
+    return _rolling_slide(model, image, spec, mean=mean, std=std, num_classes=num_classes)
 
 
-def _whole_scores(model: nn.Module, image: np.ndarray, spec: InferenceSpec, **kwargs) -> torch.Tensor:
+def _scores(model: nn.Module, image: np.ndarray, *, spec: InferenceSpec, **kwargs) -> torch.Tensor:
     """`engine.segment` as `spec` asks on an (h, w, 3) uint8 array (`kwargs`: mean, std, num_classes):
     float32 scores (1, K, h, w)."""
     from pixelwise.engine import segment
-    from pixelwise.inference import model_device
 
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
     return segment(model, x.to(model_device(model)), spec, **kwargs)
@@ -197,7 +183,7 @@ def upsampled_labels(scores: torch.Tensor, size: tuple[int, int], num_classes: i
     (_, k, h, w), (out_h, out_w) = scores.shape, size
     y0, y1, wy0, wy1 = _linear_taps(h, out_h, scores.device)
     x0, x1, wx0, wx1 = _linear_taps(w, out_w, scores.device)
-    labels = np.empty(size, np.uint8 if num_classes <= 256 else np.int32)
+    labels = np.empty(size, _label_dtype(num_classes))
     rows = max(1, STRIP_VALUES // (k * out_w))
     for r0 in range(0, out_h, rows):
         r = slice(r0, min(r0 + rows, out_h))
@@ -213,30 +199,14 @@ def _overlap_tiled(model: nn.Module) -> bool:
     return hasattr(model, "forward_valid") and int(getattr(model, "margin", 0)) > 0
 
 
-def _scores(
-    model: nn.Module,
-    image: np.ndarray,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    dtype: torch.dtype | None,
-    **kwargs,
-) -> torch.Tensor:
-    """`engine.segment` on an (h, w, 3) uint8 array, one window per forward pass: float32 logits (1, K, h, w).
-
-    `kwargs`: mode, window, stride (the spec's) and num_classes."""
-    from pixelwise.engine import segment
-
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, 3, h, w) uint8
-    num_classes = kwargs.pop("num_classes", None)
-    spec = InferenceSpec(**kwargs, dtype=dtype)
-    return segment(model, x, spec, mean=mean, std=std, num_classes=num_classes, batch_size=1)
-
-
 def _labels(logits: torch.Tensor, num_classes: int) -> np.ndarray:
     """argmax over classes, in the smallest integer type that holds them. (B, K, h, w) -> (B, h, w)."""
-    return logits.argmax(1).cpu().numpy().astype(np.uint8 if num_classes <= 256 else np.int32)
+    return logits.argmax(1).cpu().numpy().astype(_label_dtype(num_classes))
+
+
+def _label_dtype(num_classes: int) -> type:
+    """The smallest integer type of the label maps: uint8 up to 256 classes, else int32."""
+    return np.uint8 if num_classes <= 256 else np.int32
 
 
 # output columns of one band of the rolling slide, in strides: the strips hold window height x (this many
@@ -273,30 +243,20 @@ class _Strip:
         return mean
 
 
-def _rolling_slide(
-    model: nn.Module,
-    image: np.ndarray,
-    *,
-    window: tuple[int, int],
-    stride: tuple[int, int],
-    num_classes: int,
-    **kwargs,
-) -> np.ndarray:
-    """Sliding-window labels, one band of `_BAND_STRIDES` strides' columns at a time (a single band up to
-    that width), each band one row of windows at a time (module docstring). `kwargs`: flip, device,
-    mean, std and dtype.
+def _rolling_slide(model: nn.Module, image: np.ndarray, spec: InferenceSpec, **kwargs) -> np.ndarray:
+    """Sliding-window labels as `spec` (mode "slide", its window and stride) asks, one band of
+    `_BAND_STRIDES` strides' columns at a time (a single band up to that width), each band one row of
+    windows at a time (module docstring). `kwargs`: mean, std and num_classes.
 
     Shape:
         (H, W, 3) uint8 -> (H, W).
     """
     h, w = image.shape[:2]
-    labels = np.empty((h, w), np.uint8 if num_classes <= 256 else np.int32)
-    step = _BAND_STRIDES * stride[1]
+    labels = np.empty((h, w), _label_dtype(kwargs["num_classes"]))
+    step = _BAND_STRIDES * spec.stride[1]
     for x0 in range(0, w, step):
-        columns = (x0, min(x0 + step, w))
-        labels[:, x0 : columns[1]] = _slide_band(
-            model, image, columns, window=window, stride=stride, num_classes=num_classes, **kwargs
-        )
+        x1 = min(x0 + step, w)
+        _slide_band(model, image, spec, (x0, x1), labels[:, x0:x1], **kwargs)
     return labels
 
 
@@ -312,46 +272,31 @@ def covering_span(length: int, window: int, stride: int, out0: int, out1: int) -
 def _slide_band(
     model: nn.Module,
     image: np.ndarray,
+    spec: InferenceSpec,
     columns: tuple[int, int],
-    *,
-    window: tuple[int, int],
-    stride: tuple[int, int],
-    flip: bool,
-    num_classes: int,
-    device: torch.device,
+    out: np.ndarray,
     **kwargs,
-) -> np.ndarray:
-    """Labels of the output columns [x0, x1) from the windows of the whole image's grid that cover them,
-    one row of windows at a time. (H, W, 3) uint8 -> (H, x1 - x0)."""
+) -> None:
+    """Labels of the output columns [x0, x1) into `out` (H, x1 - x0), from the windows of the whole
+    image's grid that cover them, one row of windows at a time. `kwargs`: mean, std and num_classes."""
     h, w = image.shape[:2]
-    x0, x1 = columns
+    (x0, x1), window, stride = columns, spec.window, spec.stride
     b0, b1 = covering_span(w, window[1], stride[1], x0, x1)
     views = [(image[:, b0:b1], x0 - b0)]  # (columns, where the band starts in them)
-    if flip:  # the flipped image is slid on its own grid, in its own coordinates, as predict_logits(flip=True) does
+    if spec.flip:  # the flipped image is slid on its own grid, in its own coordinates, as predict_logits does
         f0, f1 = covering_span(w, window[1], stride[1], w - x1, w - x0)
         views.append((image[:, ::-1][:, f0:f1], w - x1 - f0))
-    strips = [_Strip(min(window[0], h), view.shape[1], device) for view, _ in views]
-    labels = np.empty((h, x1 - x0), np.uint8 if num_classes <= 256 else np.int32)
+    one_window = replace(spec, flip=False)  # on a window's own crop, zero-padded by _slide where it is smaller
+    strips = [_Strip(min(window[0], h), view.shape[1], model_device(model)) for view, _ in views]
     starts = window_starts(h, window[0], stride[0])
     for top, end in zip(starts, [*starts[1:], h], strict=True):  # rows top..end are final after this row of windows
         for (view, _), strip in zip(views, strips, strict=True):
             for c in window_starts(view.shape[1], window[1], stride[1]):
-                crop = view[top : top + window[0], c : c + window[1]]  # zero-padded by _slide if smaller
-                y = _scores(
-                    model,
-                    crop,
-                    mode="slide",
-                    window=window,
-                    stride=stride,
-                    num_classes=num_classes,
-                    device=device,
-                    **kwargs,
-                )  # (1, K, wh, ww), less where the image is smaller than the window
-                strip.add(y, c)
+                crop = view[top : top + window[0], c : c + window[1]]
+                strip.add(_scores(model, crop, spec=one_window, **kwargs), c)  # (1, K, <= wh, <= ww)
         y, *flipped = [
             strip.pop(end - top)[..., at : at + x1 - x0] for (_, at), strip in zip(views, strips, strict=True)
         ]
         if flipped:
             y = (y + flipped[0].flip(-1)) / 2
-        labels[top:end] = _labels(y, num_classes)[0]
-    return labels
+        out[top:end] = _labels(y, kwargs["num_classes"])[0]
